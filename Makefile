@@ -1,0 +1,35 @@
+# One-command set-up: `make test` (venv + install + suite) and `make demo` (end-to-end tiny run).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint demo bench bench-quality clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import torch, diffusers, peft, open_clip, safetensors"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/python -m train demo --out demo_out
+
+bench: $(STAMP)
+	$(BIN)/python bench/layer.py
+	$(BIN)/python bench/unet_step.py
+	$(BIN)/python bench/train_step.py
+
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out bench/out

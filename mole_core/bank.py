@@ -1,0 +1,149 @@
+"""Stacked expert banks: all experts of one target layer as one rank-R LoRA.
+
+``A_cat (R, in[, kh, kw])`` and ``B_cat (out, R[, 1, 1])`` concatenate the experts along the
+rank axis (ragged ranks welcome, R = Σ r_i); each expert's ``alpha / r`` is folded into its
+columns of ``B_cat``; ``seg (R,)`` says which expert owns each rank row. Per-sample gates
+scale the rank rows, so mixing N experts costs two GEMMs (Linear) or a conv plus a 1×1 conv
+(Conv) — the FLOPs of one LoRA of rank R, with no Python loop over experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MoleError
+from .expert import LoraFactor, factor_from_delta
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Geometry of the base conv that the ``A_cat`` conv must share."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int, tuple[int, int] | None, ConvSpec | None]:
+    """``(in, out, kernel, conv spec)`` of a Linear or Conv2d (including ComfyUI's op subclasses)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, None, None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise MoleError(f"conv layer with groups={module.groups}, padding_mode={module.padding_mode!r} "
+                            "is not supported as a LoRA target")
+        spec = ConvSpec(tuple(module.stride), module.padding if isinstance(module.padding, str)
+                        else tuple(module.padding), tuple(module.dilation))
+        return module.in_channels, module.out_channels, tuple(module.kernel_size), spec  # type: ignore[return-value]
+    raise MoleError(f"LoRA targets must be Linear or Conv2d layers, got {type(module).__name__}")
+
+
+def fit_factor(f: LoraFactor, in_dim: int, out_dim: int, kernel: tuple[int, int] | None,
+               where: str) -> LoraFactor:
+    """Reshape a factor to the layer's kind (Linear ↔ 1×1 conv) and check every dimension."""
+    down, up = f.down, f.up
+    if f.dense and kernel is not None and down.dim() == 2:  # dense 2-D delta meant for a conv
+        delta = f.delta().reshape(out_dim, in_dim, *kernel)
+        return fit_factor(factor_from_delta(delta), in_dim, out_dim, kernel, where)
+    if kernel is None and down.dim() == 4:
+        if down.shape[2:] != (1, 1):
+            raise MoleError(f"{where}: conv LoRA with kernel {tuple(down.shape[2:])} on a Linear layer")
+        down, up = down.flatten(1), up.flatten(1)
+    elif kernel is not None and down.dim() == 2:
+        if kernel != (1, 1):
+            raise MoleError(f"{where}: Linear LoRA on a {kernel[0]}×{kernel[1]} conv layer")
+        down, up = down[:, :, None, None], up[:, :, None, None]
+    got_in = down.shape[1]
+    if got_in != in_dim or up.shape[0] != out_dim:
+        raise MoleError(f"{where}: LoRA is {got_in}→{up.shape[0]} but the model layer is {in_dim}→{out_dim}")
+    if kernel is not None and tuple(down.shape[2:]) != kernel:
+        raise MoleError(f"{where}: LoRA kernel {tuple(down.shape[2:])} ≠ layer kernel {kernel}")
+    if kernel is not None and tuple(up.shape[2:]) != (1, 1):
+        raise MoleError(f"{where}: LoRA up must be a 1×1 conv, got kernel {tuple(up.shape[2:])}")
+    return LoraFactor(down=down, up=up, alpha=f.alpha, scale_override=f.scale_override, dense=f.dense)
+
+
+class ExpertBank:
+    """All experts of one target layer, stacked along the rank axis.
+
+    Semantics (plain torch; ``coef (B, R)`` already holds gate × strength × λ per rank row)::
+
+        h = x @ A_cat.T                      # (B, ..., R)   shrink
+        y = (h * coef[:, seg]) @ B_cat.T     # (B, ..., out) expand
+    """
+
+    def __init__(self, target: str, members: list[tuple[int, LoraFactor]], module: nn.Module):
+        if not members:
+            raise MoleError(f"{target}: an expert bank needs at least one expert")
+        self.target = target
+        in_dim, out_dim, kernel, conv = layer_shape(module)
+        fitted = [(i, fit_factor(f, in_dim, out_dim, kernel, target)) for i, f in members]
+        self.in_dim, self.out_dim, self.kernel, self.conv = in_dim, out_dim, kernel, conv
+        self.experts = [i for i, _ in fitted]
+        self.a_cat = torch.cat([f.down.float() for _, f in fitted], 0)
+        self.b_cat = torch.cat([f.up.float() * f.scale for _, f in fitted], 1)
+        self.seg = torch.cat([torch.full((f.rank,), i, dtype=torch.long) for i, f in fitted])
+        self.rank = int(self.seg.numel())
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kernel is not None
+
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A_cat, B_cat, seg)`` on a device/dtype, copied once and cached."""
+        key = (device, dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = (self.a_cat.to(device=device, dtype=dtype), self.b_cat.to(device=device, dtype=dtype),
+                   self.seg.to(device))
+            self._cache[key] = hit
+        return hit
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def shrink(self, x: torch.Tensor) -> torch.Tensor:
+        """``h = x A_catᵀ``: Linear ``(B, ..., R)``; Conv ``(B, R, H', W')``."""
+        a, _, _ = self.tensors(x.device, x.dtype)
+        if self.conv is None:
+            return F.linear(x, a)
+        return F.conv2d(x, a, None, self.conv.stride, self.conv.padding, self.conv.dilation)
+
+    def expand(self, h: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """``(h · coef) B_catᵀ`` with ``coef (B, R)`` or ``(1, R)`` broadcast over tokens/pixels."""
+        _, b, _ = self.tensors(h.device, h.dtype)
+        coef = coef.to(h.dtype)
+        if self.conv is None:
+            coef = _match_batch(coef, h.shape[0], self.target)
+            coef = coef.reshape(coef.shape[0], *([1] * (h.dim() - 2)), coef.shape[-1])
+            return F.linear(h * coef, b)
+        coef = _match_batch(coef, h.shape[0], self.target)[:, :, None, None]
+        return F.conv2d(h * coef, b)
+
+    def pooled_expert_outputs(self, h: torch.Tensor, n_experts: int) -> torch.Tensor:
+        """Mean over tokens/pixels of every expert's output, ``(B, N, out)`` (paper Eq. 9).
+
+        Uses ``mean_L(B_i A_i x) = B_i mean_L(A_i x)``: only the rank-R activations are pooled.
+        """
+        _, b, seg = self.tensors(h.device, h.dtype)
+        pooled = h.mean(dim=(2, 3)) if self.conv is not None else h.reshape(h.shape[0], -1, h.shape[-1]).mean(1)
+        onehot = F.one_hot(seg, n_experts).T.to(h.dtype)  # (N, R)
+        return (pooled[:, None, :] * onehot[None]) @ b.flatten(1).T
+
+    def delta_weight(self, coef: torch.Tensor) -> torch.Tensor:
+        """Merged ``Σ_r coef_r · B_r A_r`` as a dense weight delta in fp32 (``coef (R,)``)."""
+        d = (self.b_cat.flatten(1) * coef.float()[None, :]) @ self.a_cat.flatten(1)
+        return d.reshape(self.out_dim, self.in_dim, *(self.kernel or ()))
+
+
+def _match_batch(coef: torch.Tensor, batch: int, target: str) -> torch.Tensor:
+    if coef.shape[0] in (1, batch):
+        return coef
+    if batch % coef.shape[0] == 0:
+        return coef.repeat_interleave(batch // coef.shape[0], 0)
+    raise MoleError(f"{target}: gates are for batch {coef.shape[0]} but the layer input has batch {batch}")

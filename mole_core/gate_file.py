@@ -1,0 +1,144 @@
+"""Gate files: ``.safetensors`` with the gate tensors and JSON metadata that names the experts.
+
+Tensors: ``gates.<scope>.weight (N, d)``, ``gates.<scope>.bias (N,)``, ``gates.<scope>.log_tau ()``.
+Metadata key ``mole`` (JSON): format version, experts (name, sha256, ranks, order), gate
+config, scopes (lead target, feature size), base-model family, training config, metrics.
+Loading refuses a different expert set/order/hash with one line naming the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import MoleError
+from .gates import GateConfig
+from .lora_files import read_safetensors
+from .mixture import Mixture
+
+FORMAT = "mole-gates"
+VERSION = 1
+
+
+@dataclass
+class GateFile:
+    """A gate file read from disk (not yet bound to a model)."""
+
+    path: str
+    config: GateConfig
+    experts: list[dict]
+    scopes: dict[str, dict]
+    tensors: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write a safetensors file via a temp file + rename, so a crash never leaves half a file."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise MoleError(f"{p}: directory {p.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_gates(mix: Mixture, path: str | os.PathLike, *, training: dict | None = None,
+               metrics: dict | None = None, extra: dict | None = None) -> Path:
+    """Save a mixture's gates with the metadata that identifies its experts."""
+    tensors: dict[str, torch.Tensor] = {}
+    scopes: dict[str, dict] = {}
+    for i, (name, scope) in enumerate(mix.scopes.items()):
+        g = mix.gates[f"s{i}"]
+        tensors[f"gates.{name}.weight"] = g.weight.float()
+        tensors[f"gates.{name}.bias"] = g.bias.float()
+        tensors[f"gates.{name}.log_tau"] = g.log_tau.float()
+        scopes[name] = {"lead": scope.lead, "feature_dim": scope.feature_dim, "targets": len(scope.targets)}
+    info = {"format": FORMAT, "version": VERSION, "experts": [dict(e.summary(), order=i)
+                                                              for i, e in enumerate(mix.experts)],
+            "gate_config": mix.config.to_dict(), "scopes": scopes, "family": mix.index.family,
+            "training": training or {}, "metrics": metrics or {}, **(extra or {})}
+    atomic_save(tensors, path, {"format": "pt", "mole": json.dumps(info)})
+    return Path(path)
+
+
+def read_gate_file(path: str | os.PathLike) -> GateFile:
+    """Read and validate the structure of a gate file (one-line MoleError on anything wrong)."""
+    tensors, meta = read_safetensors(path)
+    name = Path(path).name
+    try:
+        info = json.loads(meta["mole"])
+    except (KeyError, json.JSONDecodeError):
+        raise MoleError(f"{name}: not a MoLE gate file (no 'mole' metadata)") from None
+    if info.get("format") != FORMAT:
+        raise MoleError(f"{name}: not a MoLE gate file (format {info.get('format')!r})")
+    if int(info.get("version", 0)) > VERSION:
+        raise MoleError(f"{name}: gate file version {info['version']} is newer than this MoLE ({VERSION})")
+    try:
+        cfg = GateConfig(**info["gate_config"])
+        experts, scopes = list(info["experts"]), dict(info["scopes"])
+    except (KeyError, TypeError) as exc:
+        raise MoleError(f"{name}: malformed gate metadata ({exc})") from None
+    for s in scopes:
+        for part in ("weight", "bias", "log_tau"):
+            key = f"gates.{s}.{part}"
+            if key not in tensors:
+                raise MoleError(f"{name}: tensor {key} missing")
+            if not torch.isfinite(tensors[key]).all():
+                raise MoleError(f"{name}: tensor {key} contains NaN/inf")
+    return GateFile(str(path), cfg, experts, scopes, tensors, info)
+
+
+def check_experts_match(gf: GateFile, mix: Mixture, match: str = "hash") -> None:
+    """Raise MoleError naming the first difference between the file's experts and the mixture's."""
+    name = Path(gf.path).name
+    want = [(e["name"], e.get("sha256", "")) for e in gf.experts]
+    have = [(e.name, e.sha256) for e in mix.experts]
+    if len(want) != len(have):
+        raise MoleError(f"{name}: gates are for {len(want)} experts {[w[0] for w in want]}, "
+                        f"got {len(have)} {[h[0] for h in have]}")
+    for i, ((wn, wh), (hn, hh)) in enumerate(zip(want, have)):
+        if match == "name":
+            if wn != hn:
+                raise MoleError(f"{name}: expert {i + 1} should be {wn!r}, got {hn!r}")
+        elif wh != hh:
+            moved = [j for j, (_, h) in enumerate(have) if h == wh]
+            where = f" (it is expert {moved[0] + 1} here: order differs)" if moved else ""
+            raise MoleError(f"{name}: expert {i + 1} should be {wn!r} sha256 {wh[:12]}, got {hn!r} "
+                            f"sha256 {hh[:12]}{where}")
+
+
+def load_gates(mix: Mixture, path: str | os.PathLike, *, match: str = "hash") -> GateFile:
+    """Load gate tensors into an attached mixture after checking experts, config and scopes."""
+    gf = read_gate_file(path)
+    name = Path(path).name
+    check_experts_match(gf, mix, match)
+    for attr in ("granularity", "gate_input"):
+        if getattr(gf.config, attr) != getattr(mix.config, attr):
+            raise MoleError(f"{name}: {attr} is {getattr(gf.config, attr)!r}, the mixture uses "
+                            f"{getattr(mix.config, attr)!r}")
+    comps = {s.split(':', 1)[0] for s in mix.scopes}
+    for s in mix.scopes:
+        if s not in gf.scopes:
+            raise MoleError(f"{name}: no gate for scope {s} (the file has {len(gf.scopes)} scopes)")
+    with torch.no_grad():
+        for i, (s, scope) in enumerate(mix.scopes.items()):
+            dim = int(gf.scopes[s]["feature_dim"])
+            if dim != scope.feature_dim:
+                raise MoleError(f"{name}: scope {s} has feature size {dim}, the model gives {scope.feature_dim}")
+            g = mix.gates[f"s{i}"]
+            g.weight.copy_(gf.tensors[f"gates.{s}.weight"])
+            g.bias.copy_(gf.tensors[f"gates.{s}.bias"])
+            g.log_tau.copy_(gf.tensors[f"gates.{s}.log_tau"])
+    gf.info["ignored_scopes"] = [s for s in gf.scopes if s.split(":", 1)[0] not in comps]
+    return gf

@@ -1,0 +1,291 @@
+"""Read LoRA files of every common format into :class:`Expert` objects.
+
+Formats: kohya (``lora_unet_*``/``lora_te*_`` + ``.lora_down/.lora_up/.alpha``), diffusers
+(``unet.*``/``text_encoder*.`` with ``.lora.down/up``, ``.lora_A/B`` or the old ``to_q_lora``
+processor layout; alphas from ``lora_adapter_metadata``), PEFT (``base_model.model.*`` with
+``lora_A/lora_B``; a folder with ``adapter_config.json`` gives r and lora_alpha, also
+``unet/``, ``text_encoder/``, ``text_encoder_2/`` sub-folders) and ComfyUI
+(``diffusion_model.*.lora_up/down``). LoHa, LoKr and full ``diff`` patches become exact dense
+experts (with a warning); DoRA is refused. Only ``.safetensors`` files are read, never pickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import MoleError, MoleWarning
+from .expert import Expert, LoraFactor, factor_from_delta
+from .naming import canonical_from_prefix
+
+_ROLE_SUFFIXES = (
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    ("_lora.down.weight", "down_old"), ("_lora.up.weight", "up_old"),
+    (".alpha", "alpha"), (".dora_scale", "dora"), (".lora_magnitude_vector", "dora"),
+    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
+    (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_w1_a", "lokr_w1_a"),
+    (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_t2", "lokr_t2"), (".diff", "diff"), (".diff_b", "diff_b"),
+)
+_PEFT_NAMED = re.compile(r"^(.+)\.lora_([AB])\.([A-Za-z0-9_-]+)\.weight$")
+_SUBFOLDERS = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file (or of a folder's safetensors/json files), cached by size and mtime."""
+    p = Path(path)
+    files = sorted(q for q in p.rglob("*") if q.suffix in (".safetensors", ".json")) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _HASH_CACHE:
+            fh = hashlib.sha256()
+            with open(f, "rb") as fp:
+                for chunk in iter(lambda: fp.read(1 << 20), b""):
+                    fh.update(chunk)
+            _HASH_CACHE[key] = fh.hexdigest()
+        h.update(_HASH_CACHE[key].encode())
+    return h.hexdigest() if p.is_dir() else _HASH_CACHE[(str(files[0].resolve()), files[0].stat().st_size,
+                                                          files[0].stat().st_mtime_ns)]
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a ``.safetensors`` file with one-line errors for missing, pickled or broken files."""
+    p = Path(path)
+    if not p.exists():
+        raise MoleError(f"{p}: file not found")
+    if p.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+        raise MoleError(f"{p.name}: only .safetensors files are loaded (pickle formats can run code)")
+    size = p.stat().st_size
+    with open(p, "rb") as fp:
+        head = fp.read(9)
+    if len(head) < 9:
+        raise MoleError(f"{p.name}: not a safetensors file (only {size} bytes)")
+    (hlen,) = struct.unpack("<Q", head[:8])
+    if head[8:9] != b"{" or hlen > size - 8:
+        hint = "truncated" if head[8:9] == b"{" else "not a safetensors file"
+        raise MoleError(f"{p.name}: {hint} (header says {hlen} bytes, file has {size})")
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except Exception as exc:  # safetensors raises its own error types
+        raise MoleError(f"{p.name}: unreadable safetensors file ({str(exc).splitlines()[0]})") from exc
+    return tensors, meta
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    m = _PEFT_NAMED.match(key)
+    if m and m[3] != "weight":
+        return m[1], "down" if m[2] == "A" else "up"
+    for suffix, role in _ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            prefix = key[: -len(suffix)]
+            if role.endswith("_old"):  # diffusers attn-processor layout: "<...>.to_q_lora.down.weight"
+                return prefix + "_lora", role[:-4]
+            return prefix, role
+    return None
+
+
+class _PeftConfig:
+    """The parts of a PEFT ``LoraConfig`` that decide scales (r, lora_alpha, patterns, rsLoRA)."""
+
+    def __init__(self, cfg: dict | None):
+        cfg = cfg or {}
+        self.alpha = cfg.get("lora_alpha")
+        self.alpha_pattern: dict = cfg.get("alpha_pattern") or {}
+        self.rslora = bool(cfg.get("use_rslora", False))
+        self.dora = bool(cfg.get("use_dora", False))
+
+    def scale(self, module: str, rank: int) -> float | None:
+        alpha = self.alpha
+        for pat, val in self.alpha_pattern.items():
+            if module == pat or module.endswith("." + pat) or re.fullmatch(rf"(.*\.)?{pat}", module):
+                alpha = val
+                break
+        if alpha is None:
+            return None
+        return float(alpha) / (rank ** 0.5 if self.rslora else rank)
+
+
+def _dense_delta(name: str, key: str, roles: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Exact dense delta of a LoHa / LoKr / diff module (ComfyUI's conventions)."""
+    if "diff" in roles:
+        return roles["diff"].float()
+    alpha = roles.get("alpha")
+    if "hada_w1_a" in roles:
+        if "hada_t1" in roles:
+            raise MoleError(f"expert {name!r}: {key}: LoHa with Tucker cores (hada_t1) is not supported")
+        w1a, w1b, w2a, w2b = (roles[k].float() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        scale = float(alpha) / w1b.shape[0] if alpha is not None else 1.0
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+    w1 = roles["lokr_w1"].float() if "lokr_w1" in roles else roles["lokr_w1_a"].float() @ roles["lokr_w1_b"].float()
+    if "lokr_t2" in roles:
+        raise MoleError(f"expert {name!r}: {key}: LoKr with Tucker core (lokr_t2) is not supported")
+    w2 = roles["lokr_w2"].float() if "lokr_w2" in roles else roles["lokr_w2_a"].float() @ roles["lokr_w2_b"].float()
+    scale = 1.0
+    if alpha is not None and ("lokr_w1_b" in roles or "lokr_w2_b" in roles):
+        dim = roles["lokr_w1_b" if "lokr_w1_b" in roles else "lokr_w2_b"].shape[0]
+        scale = float(alpha) / dim
+    if w2.dim() == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    return torch.kron(w1, w2) * scale
+
+
+def _fold_tucker(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """LoCon Tucker form: 1×1 ``down`` then k×k ``mid`` equals one k×k conv of rank r."""
+    return torch.einsum("rsij,sc->rcij", mid.float(), down.float().flatten(1))
+
+
+def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_config: dict | None = None,
+                            adapter_metadata: dict | None = None, component_hint: str | None = None,
+                            ) -> tuple[dict[str, LoraFactor], list[str], str]:
+    """Parse a LoRA state dict. Returns ``(factors by canonical name, skipped keys, format)``."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    skipped: list[str] = []
+    for key, t in sd.items():
+        split = _split_key(key)
+        if split is None:
+            skipped.append(key)
+            continue
+        modules.setdefault(split[0], {})[split[1]] = t
+    fmt = _guess_format(modules)
+    factors: dict[str, LoraFactor] = {}
+    dense_kinds: set[str] = set()
+    for prefix, roles in modules.items():
+        canon = canonical_from_prefix(prefix, component_hint)
+        if canon is None:
+            skipped.extend(f"{prefix}.{r}" for r in roles)
+            continue
+        if "dora" in roles:
+            raise MoleError(f"expert {name!r}: {prefix} is a DoRA module (dora_scale); DoRA experts are not supported")
+        alpha_t = roles.get("alpha")
+        alpha = float(alpha_t.float().item()) if alpha_t is not None else None
+        if "down" in roles and "up" in roles:
+            down, up = roles["down"], roles["up"]
+            if "mid" in roles:
+                down = _fold_tucker(down, roles["mid"])
+            f = LoraFactor(down=down, up=up, alpha=alpha)
+            cfg = _peft_cfg_for(canon, peft_config, adapter_metadata)
+            if alpha is None and cfg is not None:
+                f.scale_override = cfg.scale(canon.split(":", 1)[1], f.rank)
+        elif {"hada_w1_a", "lokr_w1", "lokr_w1_a", "diff"} & roles.keys():
+            dense_kinds.add("LoHa" if "hada_w1_a" in roles else "LoKr" if "lokr_w1" in roles or "lokr_w1_a" in roles else "diff")
+            f = factor_from_delta(_dense_delta(name, prefix, roles))
+        elif roles.keys() <= {"alpha", "diff_b"}:
+            skipped.extend(f"{prefix}.{r}" for r in roles)
+            continue
+        else:
+            raise MoleError(f"expert {name!r}: incomplete LoRA module {prefix} (has {sorted(roles)}; needs down and up)")
+        if canon in factors:
+            raise MoleError(f"expert {name!r}: two keys map to the same target {canon} (e.g. {prefix})")
+        factors[canon] = f
+    if dense_kinds:
+        warnings.warn(f"expert {name!r}: {'/'.join(sorted(dense_kinds))} modules are applied through an exact "
+                      "dense delta (slower, more memory than LoRA)", MoleWarning, stacklevel=3)
+    return factors, skipped, fmt
+
+
+def _peft_cfg_for(canon: str, peft_config: dict | None, adapter_metadata: dict | None) -> _PeftConfig | None:
+    if peft_config is not None:
+        return _PeftConfig(peft_config)
+    if adapter_metadata:
+        comp = canon.split(":", 1)[0]
+        prefix = {"unet": "unet.", "te": "text_encoder.", "te2": "text_encoder_2."}[comp]
+        sub = {k[len(prefix):]: v for k, v in adapter_metadata.items() if k.startswith(prefix)}
+        if sub:
+            return _PeftConfig(sub)
+    return None
+
+
+def _guess_format(modules: dict[str, dict]) -> str:
+    prefixes = list(modules)
+    if any(p.startswith(("lora_unet_", "lora_te", "lycoris_")) for p in prefixes):
+        return "kohya"
+    if any(p.startswith("diffusion_model.") or p.startswith("text_encoders.") for p in prefixes):
+        return "comfyui"
+    if any(p.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for p in prefixes):
+        return "diffusers"
+    if any(p.startswith("base_model.model.") for p in prefixes):
+        return "peft"
+    return "diffusers-peft" if prefixes else "unknown"
+
+
+def load_expert(path: str | os.PathLike, *, strength: float = 1.0, name: str | None = None) -> Expert:
+    """Read one LoRA (a ``.safetensors`` file or a PEFT folder) into an :class:`Expert`.
+
+    Raises:
+        MoleError: missing/pickled/truncated file, no LoRA keys, DoRA, malformed modules.
+    """
+    p = Path(path)
+    label = name or p.name
+    factors: dict[str, LoraFactor] = {}
+    skipped: list[str] = []
+    meta: dict[str, str] = {}
+    if p.is_dir():
+        parts = [(p / sub, hint) for sub, hint in _SUBFOLDERS.items() if (p / sub).is_dir()] or [(p, None)]
+        fmt = "peft"
+        for folder, hint in parts:
+            weights = folder / "adapter_model.safetensors"
+            if not weights.exists():
+                pickled = folder / "adapter_model.bin"
+                why = "only .safetensors are loaded (found adapter_model.bin)" if pickled.exists() else \
+                    "no adapter_model.safetensors"
+                raise MoleError(f"{folder}: {why}")
+            cfg_path = folder / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+            sd, m = read_safetensors(weights)
+            meta.update(m)
+            f, s, _ = factors_from_state_dict(sd, label, peft_config=cfg, component_hint=hint)
+            factors.update(f)
+            skipped += s
+    else:
+        sd, meta = read_safetensors(p)
+        adapter_meta = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else None
+        factors, skipped, fmt = factors_from_state_dict(sd, label, adapter_metadata=adapter_meta)
+    if not factors:
+        example = f" (e.g. {skipped[0]})" if skipped else ""
+        raise MoleError(f"{label}: no LoRA keys for a Stable Diffusion UNet or CLIP text encoder found{example}")
+    return Expert(name=label, factors=factors, sha256=file_sha256(p), path=str(p), format=fmt,
+                  strength=strength, metadata=meta, skipped_keys=skipped)
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``"path/to/a.safetensors:0.8"`` → ``("path/to/a.safetensors", 0.8)``; strength defaults to 1."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and re.fullmatch(r"-?\d+(\.\d*)?([eE]-?\d+)?", tail):
+        return head, float(tail)
+    return spec, 1.0
+
+
+def load_experts(specs: list[str | os.PathLike], strengths: list[float] | None = None) -> list[Expert]:
+    """Load several LoRAs (``path`` or ``path:strength``); warn about duplicate files."""
+    experts: list[Expert] = []
+    for i, spec in enumerate(specs):
+        path, strength = parse_lora_spec(str(spec))
+        if strengths is not None:
+            strength = strengths[i]
+        experts.append(load_expert(path, strength=strength))
+    seen: dict[str, str] = {}
+    for e in experts:
+        if e.sha256 in seen:
+            warnings.warn(f"experts {seen[e.sha256]!r} and {e.name!r} are the same file (sha256 {e.sha256[:12]})",
+                          MoleWarning, stacklevel=2)
+        seen.setdefault(e.sha256, e.name)
+    return experts

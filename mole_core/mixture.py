@@ -1,0 +1,344 @@
+"""Attach a gated mixture of LoRA experts to any torch model through forward hooks.
+
+Every target layer computes ``y = W x + λ Σ_i g_i s_i E_i(x)`` (DESIGN.md §1). The gate of a
+scope is computed at the scope's *lead* target (the first to run, by canonical execution
+order) from its pooled input or its pooled expert outputs, and reused by the scope's other
+targets in the same forward pass. Module tree and state dict are never changed; detach
+removes every hook so outputs are bit-identical to the bare model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .bank import ExpertBank
+from .errors import MoleError, MoleWarning
+from .expert import Expert, check_experts
+from .gates import MODES, GateConfig, ScopeGate, apply_mask, balance_loss, pool_input, static_gates
+from .model_index import ModelIndex, index_model
+from .naming import execution_key, scope_of
+from .stats import GateStats
+
+
+@dataclass
+class MatchReport:
+    """How many of an expert's targets exist in the model."""
+
+    expert: str
+    matched: int
+    total: int
+    missing: list[str]
+
+    def line(self) -> str:
+        return f"{self.expert}: {self.matched}/{self.total} targets matched"
+
+
+@dataclass
+class _Scope:
+    name: str
+    lead: str
+    targets: list[str]
+    component: str
+    feature_dim: int
+    gate: torch.Tensor | None = None
+    gen: int = -1
+
+
+class Mixture:
+    """A MoLE attached to a model. Create with :func:`attach`.
+
+    Attributes:
+        experts: the experts, in gate order.
+        banks: canonical target → :class:`ExpertBank`.
+        scopes: scope name → lead target, targets, feature size.
+        gates: ``nn.Module`` holding every trainable gate parameter.
+        stats: :class:`GateStats` of the gates seen since the last reset.
+    """
+
+    def __init__(self, index: ModelIndex, experts: list[Expert], gate_config: GateConfig | None = None, *,
+                 mode: str = "gated", weights: list[float] | None = None, mask: list[bool] | None = None,
+                 strength: float = 1.0, components: list[str] | None = None):
+        check_experts(experts)
+        self.index = index
+        self.experts = experts
+        self.n = len(experts)
+        self.config = gate_config or GateConfig()
+        comps = set(components or index.components())
+        self.reports = self._match(comps)
+        self.banks: dict[str, ExpertBank] = {}
+        for target in sorted({t for e in experts for t in e.factors if t in index.modules
+                              and t.split(":", 1)[0] in comps}, key=execution_key):
+            members = [(i, e.factors[target]) for i, e in enumerate(experts) if target in e.factors]
+            self.banks[target] = ExpertBank(target, members, index.modules[target])
+        self.scopes = self._build_scopes()
+        self.scope_names = list(self.scopes)
+        self.gates = nn.ModuleDict({f"s{i}": ScopeGate(s.feature_dim, self.n, self.config)
+                                    for i, s in enumerate(self.scopes.values())})
+        device = next(iter(index.modules[next(iter(self.banks))].parameters()), torch.empty(0)).device
+        self.gates.to(device)
+        self.stats = GateStats(self.n)
+        self.live_gates: dict[str, torch.Tensor] = {}
+        self._gen = {c: 0 for c in comps}
+        self._handles: list[RemovableHandle] = []
+        self._mode = "gated"
+        self._weights: torch.Tensor | None = None
+        self._mask = torch.ones(self.n)
+        self._strength = 1.0
+        self.set_mode(mode, weights)
+        self.set_mask(mask)
+        self.strength = strength
+        self._attach_hooks()
+
+    # ----- construction -----
+    def _match(self, comps: set[str]) -> list[MatchReport]:
+        reports = []
+        for e in self.experts:
+            own = [t for t in e.factors if t.split(":", 1)[0] in comps]
+            missing = [t for t in own if t not in self.index.modules]
+            reports.append(MatchReport(e.name, len(own) - len(missing), len(own), missing))
+        for r in reports:
+            if r.matched == 0:
+                example = f" (e.g. {r.missing[0]})" if r.missing else ""
+                raise MoleError(f"expert {r.expert!r}: 0 of {r.total} LoRA targets match this model — "
+                                f"a LoRA for another architecture?{example}")
+            if r.missing:
+                warnings.warn(f"expert {r.expert!r}: {len(r.missing)} of {r.total} targets not in the model "
+                              f"(e.g. {r.missing[0]})", MoleWarning, stacklevel=3)
+        return reports
+
+    def _build_scopes(self) -> dict[str, _Scope]:
+        groups: dict[str, list[str]] = {}
+        for t in self.banks:
+            groups.setdefault(scope_of(t, self.config.granularity), []).append(t)
+        scopes = {}
+        for name in sorted(groups, key=lambda s: execution_key(groups[s][0])):
+            targets = sorted(groups[name], key=execution_key)
+            lead = self.banks[targets[0]]
+            dim = lead.in_dim if self.config.gate_input == "input" else self.n * lead.out_dim
+            scopes[name] = _Scope(name, targets[0], targets, name.split(":", 1)[0], dim)
+        return scopes
+
+    def _attach_hooks(self) -> None:
+        for comp, root in self.index.roots.items():
+            if comp in self._gen:
+                self._handles.append(root.register_forward_pre_hook(self._root_hook(comp)))
+        for scope_i, scope in enumerate(self.scopes.values()):
+            gate = self.gates[f"s{scope_i}"]
+            for t in scope.targets:
+                hook = self._target_hook(self.banks[t], scope, gate, t == scope.lead)
+                self._handles.append(self.index.modules[t].register_forward_hook(hook))
+
+    def _root_hook(self, comp: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._gen[comp] += 1
+        return hook
+
+    def _target_hook(self, bank: ExpertBank, scope: _Scope, gate: ScopeGate, is_lead: bool):
+        is_conv = bank.is_conv
+        experts_input = self.config.gate_input == "experts"
+
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            h = bank.shrink(x)
+            if self._mode == "gated":
+                if is_lead:
+                    feats = bank.pooled_expert_outputs(h, self.n).flatten(1) if experts_input else pool_input(x, is_conv)
+                    g = gate(feats.to(gate.weight.device, torch.float32))
+                    if self._masked:
+                        g = apply_mask(g, self._mask_dev(g.device))
+                    scope.gate, scope.gen = g, self._gen.get(scope.component, 0)
+                    self.live_gates[scope.name] = g
+                    self.stats.record(scope.name, g)
+                else:
+                    g = scope.gate
+                    if g is None or scope.gen != self._gen.get(scope.component, 0):
+                        raise MoleError(f"{bank.target} ran before {scope.lead}, the layer that computes the gate "
+                                        f"of scope {scope.name}, in this forward pass")
+                g = g.to(h.device)
+            else:
+                g = self._static.to(h.device)
+            coef = (g * self._scale_n_dev(h.device))[:, bank.tensors(h.device, h.dtype)[2]]
+            return out + bank.expand(h, coef)
+        return hook
+
+    # ----- runtime state -----
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def set_mode(self, mode: str, weights: list[float] | None = None) -> None:
+        """``gated`` (learned gates), ``uniform`` (NLA, 1/N) or ``static`` (fixed ``weights``)."""
+        if mode not in MODES:
+            raise MoleError(f"`mode` must be one of {MODES}, got {mode!r}")
+        if weights is not None:
+            if len(weights) != self.n:
+                raise MoleError(f"`weights` must have one value per expert ({self.n}), got {len(weights)}")
+            self._weights = torch.tensor([float(w) for w in weights])
+        if mode == "static" and self._weights is None:
+            raise MoleError("static mode needs `weights` (one per expert)")
+        self._mode = mode
+        self._refresh()
+
+    def set_mask(self, mask: list[bool] | list[int] | None) -> None:
+        """Which experts are on (masking mode renormalises the remaining gates)."""
+        if mask is None:
+            mask = [e.enabled for e in self.experts]
+        if len(mask) != self.n:
+            raise MoleError(f"`mask` must have one value per expert ({self.n}), got {len(mask)}")
+        if not any(mask):
+            raise MoleError("`mask` switches every expert off; keep at least one")
+        self._mask = torch.tensor([1.0 if m else 0.0 for m in mask])
+        self._refresh()
+
+    @property
+    def mask(self) -> list[bool]:
+        return [bool(m) for m in self._mask.tolist()]
+
+    @property
+    def strength(self) -> float:
+        """Mixture strength λ (multiplies the whole mixture)."""
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        self._strength = float(value)
+        self._refresh()
+
+    def set_expert_strengths(self, strengths: list[float]) -> None:
+        if len(strengths) != self.n:
+            raise MoleError(f"`strengths` must have one value per expert ({self.n}), got {len(strengths)}")
+        for e, s in zip(self.experts, strengths):
+            e.strength = float(s)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        strengths = torch.tensor([e.strength for e in self.experts])
+        self._scale_n = self._strength * strengths
+        self._masked = bool((self._mask == 0).any())
+        self._static = static_gates(self._mode, self.n, self._mask, self._weights) if self._mode != "gated" else None
+        self._dev_cache: dict = {}
+
+    def _scale_n_dev(self, device: torch.device) -> torch.Tensor:
+        key = ("scale", device)
+        if key not in self._dev_cache:
+            self._dev_cache[key] = self._scale_n.to(device)
+        return self._dev_cache[key]
+
+    def _mask_dev(self, device: torch.device) -> torch.Tensor:
+        key = ("mask", device)
+        if key not in self._dev_cache:
+            self._dev_cache[key] = self._mask.to(device)
+        return self._dev_cache[key]
+
+    # ----- training helpers -----
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The only trainable parameters of MoLE (gate weights, biases, temperatures)."""
+        return [p for p in self.gates.parameters() if p.requires_grad]
+
+    def balance_loss(self) -> torch.Tensor:
+        """Eq. 14–15 over the gates of the last forward pass (α applied by the caller)."""
+        return balance_loss(list(self.live_gates.values()), self._mask.bool())
+
+    def clear_live_gates(self) -> None:
+        self.live_gates.clear()
+
+    def scope_gate(self, scope: str) -> ScopeGate:
+        return self.gates[f"s{self.scope_names.index(scope)}"]
+
+    # ----- static weights per scope (bake / export) -----
+    def scope_weights(self, per_scope: dict[str, list[float]] | None = None) -> dict[str, torch.Tensor]:
+        """Gate vector ``(N,)`` per scope for merging: static/uniform mode, given ``per_scope``,
+        or (gated mode) the mean gates recorded in :attr:`stats` (calibration)."""
+        if per_scope is None and self._mode != "gated":
+            return {s: self._static[0].clone() for s in self.scopes}
+        if per_scope is None:
+            per_scope = self.stats.mean_gates()
+            if not per_scope:
+                raise MoleError("gated mixture has no recorded gate statistics: run a few sampling steps "
+                                "(calibration) or give per-scope weights")
+        missing = [s for s in self.scopes if s not in per_scope]
+        if missing:
+            raise MoleError(f"no weights for scope {missing[0]} ({len(missing)} scopes missing)")
+        return {s: torch.tensor(per_scope[s], dtype=torch.float32) for s in self.scopes}
+
+    def rank_coefficients(self, per_scope: dict[str, list[float]] | None = None) -> dict[str, torch.Tensor]:
+        """Per target, the coefficient ``(R,)`` of every rank row: λ · w_scope · strength."""
+        weights = self.scope_weights(per_scope)
+        out = {}
+        for scope in self.scopes.values():
+            w = weights[scope.name] * self._scale_n
+            for t in scope.targets:
+                out[t] = w[self.banks[t].seg]
+        return out
+
+    def merged_deltas(self, per_scope: dict[str, list[float]] | None = None) -> dict[str, torch.Tensor]:
+        """Dense weight deltas (fp32) per target that reproduce the static mixture exactly."""
+        coefs = self.rank_coefficients(per_scope)
+        return {t: self.banks[t].delta_weight(c) for t, c in coefs.items()}
+
+    # ----- lifecycle -----
+    def to(self, device: torch.device | str) -> Mixture:
+        self.gates.to(device)
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook (idempotent). Outputs become bit-identical to the bare model."""
+        while self._handles:
+            self._handles.pop().remove()
+        self.live_gates.clear()
+        for s in self.scopes.values():
+            s.gate = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> Mixture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def describe(self) -> dict:
+        """JSON-able summary (experts, targets, scopes) for logs, gate files and UIs."""
+        return {"experts": [e.summary() for e in self.experts], "granularity": self.config.granularity,
+                "gate_input": self.config.gate_input, "targets": len(self.banks), "scopes": len(self.scopes),
+                "family": self.index.family, "matches": [r.line() for r in self.reports]}
+
+
+def attach(model: object, experts: list[Expert], gate_config: GateConfig | None = None, *,
+           gates: str | None = None, mode: str = "gated", weights: list[float] | None = None,
+           mask: list[bool] | None = None, strength: float = 1.0, components: list[str] | None = None,
+           match: str = "hash") -> Mixture:
+    """Attach experts to a model (diffusers pipeline, UNet, text encoder, dict or ModelIndex).
+
+    Args:
+        model: what to attach to; see :func:`mole_core.model_index.index_model`.
+        experts: loaded experts (:func:`mole_core.load_experts`), in gate order.
+        gate_config: gate shape; ignored when ``gates`` is given (the file's config is used).
+        gates: path of a gate file to load (checked against the experts).
+        mode: ``gated`` | ``uniform`` (NLA) | ``static`` (``weights``).
+        mask: experts on/off (masking mode renormalises the gates).
+        strength: mixture strength λ.
+        components: subset of ``unet``, ``te``, ``te2`` to attach to (default: all found).
+        match: how a gate file's experts are checked: ``hash`` (default) or ``name``.
+    """
+    from .gate_file import load_gates, read_gate_file  # local: gate_file imports Mixture
+
+    index = index_model(model)
+    if gates is not None:
+        gate_config = read_gate_file(gates).config
+    mix = Mixture(index, experts, gate_config, mode=mode, weights=weights, mask=mask, strength=strength,
+                  components=components)
+    if gates is not None:
+        try:
+            load_gates(mix, gates, match=match)
+        except Exception:
+            mix.detach()
+            raise
+    return mix

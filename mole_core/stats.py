@@ -1,0 +1,73 @@
+"""Gate statistics recorded during forward passes, outside the parameter set."""
+
+from __future__ import annotations
+
+import torch
+
+from .gates import entropy
+
+
+class GateStats:
+    """Running mean gate per expert and mean entropy, per scope and timestep bucket.
+
+    Sums stay on the compute device (no host sync per call); :meth:`summary` reads them.
+    Set :attr:`bucket` before a forward pass to bucket by timestep (ComfyUI: from sigma).
+    """
+
+    def __init__(self, n_experts: int):
+        self.n = n_experts
+        self.enabled = True
+        self.bucket = 0
+        self._sums: dict[tuple[str, int], torch.Tensor] = {}
+        self._ent: dict[tuple[str, int], torch.Tensor] = {}
+        self._count: dict[tuple[str, int], int] = {}
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self._ent.clear()
+        self._count.clear()
+
+    def record(self, scope: str, g: torch.Tensor) -> None:
+        """Add gate rows ``g (B, N)`` of one scope."""
+        if not self.enabled:
+            return
+        key = (scope, self.bucket)
+        g = g.detach().float()
+        if key in self._sums:
+            self._sums[key] += g.sum(0)
+            self._ent[key] += entropy(g).sum()
+            self._count[key] += g.shape[0]
+        else:
+            self._sums[key] = g.sum(0)
+            self._ent[key] = entropy(g).sum()
+            self._count[key] = g.shape[0]
+
+    @property
+    def empty(self) -> bool:
+        return not self._count
+
+    def buckets(self) -> list[int]:
+        return sorted({b for _, b in self._count})
+
+    def mean_gates(self, bucket: int | None = None) -> dict[str, list[float]]:
+        """Mean gate vector per scope (all buckets pooled when ``bucket`` is None)."""
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for (scope, b), s in self._sums.items():
+            if bucket is not None and b != bucket:
+                continue
+            sums[scope] = sums.get(scope, 0) + s.cpu()
+            counts[scope] = counts.get(scope, 0) + self._count[(scope, b)]
+        return {k: (v / counts[k]).tolist() for k, v in sums.items()}
+
+    def mean_entropy(self) -> float:
+        total = sum(self._count.values())
+        if not total:
+            return float("nan")
+        return float(sum(e.cpu() for e in self._ent.values()) / total)
+
+    def summary(self) -> dict:
+        """JSON-able: ``{"buckets": [...], "mean": {scope: [N]}, "by_bucket": {b: {scope: [N]}}, "entropy"}``."""
+        return {"buckets": self.buckets(), "mean": self.mean_gates(),
+                "by_bucket": {str(b): self.mean_gates(b) for b in self.buckets()},
+                "entropy": self.mean_entropy(), "samples": sum(self._count.values())}
