@@ -107,4 +107,5 @@ def check_experts(experts: list[Expert]) -> None:
                 if not torch.isfinite(t).all():
                     raise MoleError(f"expert {e.name!r}: {role} tensor of {key} contains NaN/inf")
             if f.up.shape[1] != f.down.shape[0]:
-                raise MoleError(f"expert {e.name!r}: {key}: up has rank {f.up.shape[1]}, down has rank {f.down.shape[0]}")
+                raise MoleError(f"expert {e.name!r}: {key}: up has rank {f.up.shape[1]}, "
+                                f"down has rank {f.down.shape[0]}")

@@ -186,13 +186,15 @@ def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_conf
             if alpha is None and cfg is not None:
                 f.scale_override = cfg.scale(canon.split(":", 1)[1], f.rank)
         elif {"hada_w1_a", "lokr_w1", "lokr_w1_a", "diff"} & roles.keys():
-            dense_kinds.add("LoHa" if "hada_w1_a" in roles else "LoKr" if "lokr_w1" in roles or "lokr_w1_a" in roles else "diff")
+            kind = "LoHa" if "hada_w1_a" in roles else "diff" if "diff" in roles else "LoKr"
+            dense_kinds.add(kind)
             f = factor_from_delta(_dense_delta(name, prefix, roles))
         elif roles.keys() <= {"alpha", "diff_b"}:
             skipped.extend(f"{prefix}.{r}" for r in roles)
             continue
         else:
-            raise MoleError(f"expert {name!r}: incomplete LoRA module {prefix} (has {sorted(roles)}; needs down and up)")
+            raise MoleError(f"expert {name!r}: incomplete LoRA module {prefix} "
+                            f"(has {sorted(roles)}; needs down and up)")
         if canon in factors:
             raise MoleError(f"expert {name!r}: two keys map to the same target {canon} (e.g. {prefix})")
         factors[canon] = f

@@ -147,7 +147,10 @@ class Mixture:
             h = bank.shrink(x)
             if self._mode == "gated":
                 if is_lead:
-                    feats = bank.pooled_expert_outputs(h, self.n).flatten(1) if experts_input else pool_input(x, is_conv)
+                    if experts_input:
+                        feats = bank.pooled_expert_outputs(h, self.n).flatten(1)
+                    else:
+                        feats = pool_input(x, is_conv)
                     g = gate(feats.to(gate.weight.device, torch.float32))
                     if self._masked:
                         g = apply_mask(g, self._mask_dev(g.device))
