@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench bench-quality clean
+.PHONY: venv test lint demo bench bench-quality clean comfy-deps
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,3 +33,11 @@ bench-quality: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out bench/out
+
+# Local ComfyUI checkout for the integration tests (never committed): see README "Testing with ComfyUI".
+COMFYUI_PATH ?= $(HOME)/ComfyUI
+comfy-deps: $(STAMP)
+	test -f $(COMFYUI_PATH)/requirements.txt || (echo "no ComfyUI checkout at $(COMFYUI_PATH)"; exit 1)
+	grep -vE '^(torch|torchvision|torchaudio)$$|^#|^$$' $(COMFYUI_PATH)/requirements.txt > $(VENV)/comfy-reqs.txt
+	echo requests >> $(VENV)/comfy-reqs.txt
+	$(BIN)/pip install -q --disable-pip-version-check -r $(VENV)/comfy-reqs.txt 2>&1 | grep -v "is ignored: it is neither" || true

@@ -53,9 +53,9 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
             os.unlink(tmp)
 
 
-def save_gates(mix: Mixture, path: str | os.PathLike, *, training: dict | None = None,
-               metrics: dict | None = None, extra: dict | None = None) -> Path:
-    """Save a mixture's gates with the metadata that identifies its experts."""
+def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None = None,
+             extra: dict | None = None) -> GateFile:
+    """The mixture's gates as an in-memory :class:`GateFile` (CPU copies; nothing written)."""
     tensors: dict[str, torch.Tensor] = {}
     scopes: dict[str, dict] = {}
     for i, (name, scope) in enumerate(mix.scopes.items()):
@@ -68,8 +68,20 @@ def save_gates(mix: Mixture, path: str | os.PathLike, *, training: dict | None =
                                                               for i, e in enumerate(mix.experts)],
             "gate_config": mix.config.to_dict(), "scopes": scopes, "family": mix.index.family,
             "training": training or {}, "metrics": metrics or {}, **(extra or {})}
-    atomic_save(tensors, path, {"format": "pt", "mole": json.dumps(info)})
+    tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}
+    return GateFile("<memory>", mix.config, info["experts"], scopes, tensors, info)
+
+
+def write_gate_file(gf: GateFile, path: str | os.PathLike) -> Path:
+    """Write an in-memory gate file atomically (temp file + rename)."""
+    atomic_save(gf.tensors, path, {"format": "pt", "mole": json.dumps(gf.info)})
     return Path(path)
+
+
+def save_gates(mix: Mixture, path: str | os.PathLike, *, training: dict | None = None,
+               metrics: dict | None = None, extra: dict | None = None) -> Path:
+    """Save a mixture's gates with the metadata that identifies its experts."""
+    return write_gate_file(snapshot(mix, training=training, metrics=metrics, extra=extra), path)
 
 
 def read_gate_file(path: str | os.PathLike) -> GateFile:
@@ -120,8 +132,12 @@ def check_experts_match(gf: GateFile, mix: Mixture, match: str = "hash") -> None
 
 def load_gates(mix: Mixture, path: str | os.PathLike, *, match: str = "hash") -> GateFile:
     """Load gate tensors into an attached mixture after checking experts, config and scopes."""
-    gf = read_gate_file(path)
-    name = Path(path).name
+    return apply_gate_file(mix, read_gate_file(path), match=match)
+
+
+def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateFile:
+    """Copy a gate file's tensors into a mixture after checking experts, config and scopes."""
+    name = Path(gf.path).name
     check_experts_match(gf, mix, match)
     for attr in ("granularity", "gate_input"):
         if getattr(gf.config, attr) != getattr(mix.config, attr):

@@ -124,6 +124,8 @@ class Mixture:
         return scopes
 
     def _attach_hooks(self) -> None:
+        if self._handles:
+            return
         for comp, root in self.index.roots.items():
             if comp in self._gen:
                 self._handles.append(root.register_forward_pre_hook(self._root_hook(comp)))
@@ -297,6 +299,11 @@ class Mixture:
         for s in self.scopes.values():
             s.gate = None
 
+    def reattach(self) -> None:
+        """Install the hooks again after :meth:`detach` (idempotent; hosts that inject/eject
+        around each use, like ComfyUI's ``PatcherInjection``, keep one Mixture and call this)."""
+        self._attach_hooks()
+
     @property
     def attached(self) -> bool:
         return bool(self._handles)
@@ -315,7 +322,7 @@ class Mixture:
 
 
 def attach(model: object, experts: list[Expert], gate_config: GateConfig | None = None, *,
-           gates: str | None = None, mode: str = "gated", weights: list[float] | None = None,
+           gates: object | None = None, mode: str = "gated", weights: list[float] | None = None,
            mask: list[bool] | None = None, strength: float = 1.0, components: list[str] | None = None,
            match: str = "hash") -> Mixture:
     """Attach experts to a model (diffusers pipeline, UNet, text encoder, dict or ModelIndex).
@@ -324,23 +331,25 @@ def attach(model: object, experts: list[Expert], gate_config: GateConfig | None 
         model: what to attach to; see :func:`mole_core.model_index.index_model`.
         experts: loaded experts (:func:`mole_core.load_experts`), in gate order.
         gate_config: gate shape; ignored when ``gates`` is given (the file's config is used).
-        gates: path of a gate file to load (checked against the experts).
+        gates: a gate file path or a :class:`~mole_core.gate_file.GateFile` (checked against the experts).
         mode: ``gated`` | ``uniform`` (NLA) | ``static`` (``weights``).
         mask: experts on/off (masking mode renormalises the gates).
         strength: mixture strength λ.
         components: subset of ``unet``, ``te``, ``te2`` to attach to (default: all found).
         match: how a gate file's experts are checked: ``hash`` (default) or ``name``.
     """
-    from .gate_file import load_gates, read_gate_file  # local: gate_file imports Mixture
+    from .gate_file import GateFile, apply_gate_file, read_gate_file  # local: gate_file imports Mixture
 
     index = index_model(model)
+    gf = None
     if gates is not None:
-        gate_config = read_gate_file(gates).config
+        gf = gates if isinstance(gates, GateFile) else read_gate_file(gates)
+        gate_config = gf.config
     mix = Mixture(index, experts, gate_config, mode=mode, weights=weights, mask=mask, strength=strength,
                   components=components)
-    if gates is not None:
+    if gf is not None:
         try:
-            load_gates(mix, gates, match=match)
+            apply_gate_file(mix, gf, match=match)
         except Exception:
             mix.detach()
             raise
