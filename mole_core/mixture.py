@@ -101,8 +101,10 @@ class Mixture:
             own = [t for t in e.factors if t.split(":", 1)[0] in comps]
             missing = [t for t in own if t not in self.index.modules]
             reports.append(MatchReport(e.name, len(own) - len(missing), len(own), missing))
+        if not any(r.total for r in reports):
+            raise MoleError(f"no expert has LoRA targets in {sorted(comps)}")
         for r in reports:
-            if r.matched == 0:
+            if r.matched == 0 and r.total > 0:
                 example = f" (e.g. {r.missing[0]})" if r.missing else ""
                 raise MoleError(f"expert {r.expert!r}: 0 of {r.total} LoRA targets match this model — "
                                 f"a LoRA for another architecture?{example}")

@@ -1,0 +1,159 @@
+"""Command line: ``python -m train {train,sample,eval,compare,inspect,demo}`` (console script ``mole-train``).
+
+Train MoLE gates on a diffusers Stable Diffusion model from a folder of reference images,
+sample with the learned mixture, evaluate with CLIP, compare against NLA, inspect files.
+Errors print one line naming the bad input and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mole_core import MoleError
+
+from .config import TrainConfig, config_fields
+
+EXIT_ERROR = 2
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _mask(text: str) -> list[bool]:
+    vals = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if any(v not in ("0", "1", "true", "false", "on", "off") for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated 1/0 values, got {text!r}")
+    return [v in ("1", "true", "on") for v in vals]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="diffusers model folder (or a .safetensors checkpoint "
+                   "diffusers can load offline)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a LoRA file or PEFT folder, optional :strength; repeat for every expert (order = gate order)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train gates from reference images",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--images", required=True, help="folder of reference images (flat or one sub-folder per concept)")
+    p.add_argument("--out", default="gates.safetensors", help="gate file to write")
+    p.add_argument("--resume", default=None, help="resume from this training checkpoint")
+    p.add_argument("--checkpoint", default=None, help="checkpoint path (default: <out stem>.state.safetensors)")
+    p.add_argument("--clip-model", default=None, help="local open_clip .safetensors checkpoint (clip objective)")
+    p.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-model")
+    for name, default, help_, choices in config_fields():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=help_, choices=choices)
+
+
+def _add_sample_parser(sub: argparse._SubParsersAction, name: str, help_: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="prompt")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (then +1 per image)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--size", type=int, default=512, help="image size in pixels (square)")
+    p.add_argument("--num", type=int, default=1, help="number of images")
+    p.add_argument("--mask", type=_mask, default=None, help="experts on/off, e.g. 1,0,1 (gates renormalised)")
+    p.add_argument("--strength", type=float, default=1.0, help="mixture strength λ")
+    p.add_argument("--out", default="mole_samples", help="output folder")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mole-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+    s = _add_sample_parser(sub, "sample", "generate images with learned gates, static weights or NLA")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gates", default=None, help="gate file from `train`")
+    g.add_argument("--weights", type=_floats, default=None, help="static weights w1,w2,... (one per expert)")
+    g.add_argument("--uniform", action="store_true", help="NLA: 1/N each")
+    c = _add_sample_parser(sub, "compare", "MoLE vs NLA vs each single expert, same seeds → table + grid")
+    c.add_argument("--gates", required=True, help="gate file from `train`")
+    c.add_argument("--references", default=None, help="reference folder for CLIP image alignment")
+    c.add_argument("--clip-model", default=None, help="local open_clip .safetensors checkpoint for metrics")
+    c.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture")
+    e = sub.add_parser("eval", help="CLIP text and image alignment of a folder of images",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--images", required=True, help="folder of generated images")
+    e.add_argument("--prompt", required=True, help="prompt they were generated from")
+    e.add_argument("--references", default=None, help="reference folder (one sub-folder per concept)")
+    e.add_argument("--clip-model", required=True, help="local open_clip .safetensors checkpoint")
+    e.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture")
+    e.add_argument("--out", default=None, help="write the metrics JSON here")
+    i = sub.add_parser("inspect", help="describe LoRA or gate files")
+    i.add_argument("files", nargs="+", help="LoRA files, PEFT folders or gate files")
+    i.add_argument("--base", default=None, help="diffusers model folder to count matched targets")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    d = sub.add_parser("demo", help="end-to-end run on the embedded tiny default (no downloads)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--out", default="demo_out", help="output folder")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    d.add_argument("--rebuild", action="store_true", help="rebuild the toy assets instead of using cached ones")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from . import commands
+
+    try:
+        return commands.COMMANDS[args.command](args)
+    except MoleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _outdir(path: str) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise MoleError(f"--out {p}: exists and is not a directory")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _json(obj: object) -> str:
+    return json.dumps(obj, indent=1, default=str)
+
+
+def device_of(spec: str) -> str:
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise MoleError(f"--device {spec}: CUDA is not available here")
+    return spec
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+__all__ = ["main", "build_parser", "TrainConfig"]

@@ -1,0 +1,224 @@
+"""Implementations of the CLI sub-commands (argument parsing lives in :mod:`train.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import time
+from pathlib import Path
+
+import mole_core as mole
+from mole_core import MoleError
+
+from .cli import _json, _outdir, device_of, world
+from .config import TrainConfig, config_fields
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    """Pipeline and experts for --base/--lora (validated before any heavy work)."""
+    from .diffusers_backend import load_pipeline
+
+    if not args.lora:
+        raise MoleError("no LoRAs: give at least one --lora FILE")
+    experts = mole.load_experts(args.lora)
+    pipe = load_pipeline(args.base, device_of(args.device))
+    return pipe, experts
+
+
+def _check_out_file(path: str) -> Path:
+    p = Path(path)
+    if not p.parent.exists():
+        raise MoleError(f"--out {p}: directory {p.parent} does not exist")
+    if p.suffix != ".safetensors":
+        raise MoleError(f"--out {p}: gate files are .safetensors")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mole_core.viz import heatmap_payload, save_heatmap
+
+    from .data import scan_folder
+    from .diffusers_backend import DiffusersBackend
+    from .engine import gate_statistics, prepare_references, train
+    from .plots import training_curves
+    from .worker import Worker
+
+    cfg = TrainConfig.from_dict({name: getattr(args, name) for name, *_ in config_fields()})
+    out = _check_out_file(args.out)
+    ckpt = args.checkpoint or str(out.with_name(out.stem + ".state.safetensors"))
+    if args.resume:
+        from .checkpoint import read_checkpoint
+
+        read_checkpoint(args.resume)  # fail fast on a corrupt checkpoint, before loading the model
+    refs = scan_folder(args.images, cfg.prompt)
+    rank, size = world()
+    pipe, experts = _load(args)
+    if size > 1:
+        _init_distributed(pipe.device.type)
+    guide = None
+    if "clip" in cfg.objectives:
+        if not args.clip_model:
+            raise MoleError("objective 'clip' needs --clip-model FILE (a local open_clip .safetensors)")
+        from .evaluate import load_clip
+
+        guide = load_clip(args.clip_model, args.clip_arch, str(pipe.device))
+    backend = DiffusersBackend(pipe, cfg.resolution)
+    cache = prepare_references(backend, refs, cfg)
+    bar = _progress_bar(cfg.steps) if rank == 0 else None
+
+    def job(ctx):  # noqa: ANN001, ANN202
+        return train(cfg, backend, experts, refs, progress=ctx.progress, should_stop=ctx.should_stop,
+                     checkpoint_path=ckpt, resume_from=args.resume, out_path=str(out), clip_guide=guide, cache=cache)
+
+    worker = Worker(on_event=lambda kind, p: _on_event(bar, kind, p))
+    handle = worker.submit("train", job, checkpoint=ckpt)
+    previous = signal.signal(signal.SIGINT, lambda *_: worker.cancel(handle.id))
+    try:
+        worker.wait(handle.id)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+    if handle.status == "failed":
+        raise MoleError(handle.error or "training failed")
+    result = handle.result
+    if rank == 0:
+        stats = gate_statistics(backend, experts, result.gates, cache)
+        payload = heatmap_payload(stats["mean"], [e.name for e in experts], by_bucket=stats["by_bucket"])
+        save_heatmap(payload, str(out.with_name(out.stem + "_heatmap.png")))
+        training_curves(result.history).save(out.with_name(out.stem + "_curves.png"))
+        state = "cancelled — resume with --resume " + ckpt if result.cancelled else "done"
+        print(f"{state}: {result.steps_done}/{cfg.steps} steps; gates → {out}; checkpoint → {ckpt}")
+        print(f"final: {json.dumps({k: v for k, v in result.metrics.items() if k != 'lr'})}")
+    return 0
+
+
+def _init_distributed(device_type: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def _progress_bar(total: int):  # noqa: ANN202
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="gates", unit="step", dynamic_ncols=True)
+
+
+def _on_event(bar, kind: str, payload: dict) -> None:  # noqa: ANN001
+    if bar is None or kind != "progress":
+        return
+    bar.n = payload["step"]
+    bar.set_postfix(loss=f"{payload['loss']:.4f}", H=f"{payload['gate_entropy']:.3f}", refresh=False)
+    bar.refresh()
+
+
+def _spec(args: argparse.Namespace, **over):  # noqa: ANN202
+    from .sampling import SampleSpec
+
+    kw = dict(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
+              size=args.size, num=args.num, mask=args.mask, strength=args.strength)
+    kw.update(over)
+    return SampleSpec(**kw)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import sample_images, save_png
+
+    spec = _spec(args, gates=args.gates, weights=args.weights, uniform=args.uniform)
+    if args.gates:
+        mole.read_gate_file(args.gates)  # fail fast: corrupt gate file
+    out = _outdir(args.out)
+    pipe, experts = _load(args)
+    if spec.mask is not None and len(spec.mask) != len(experts):
+        raise MoleError(f"--mask has {len(spec.mask)} values for {len(experts)} experts")
+    for image, info in sample_images(pipe, experts, spec):
+        path = save_png(image, info, out / f"{spec.mode}_{info['seed']:06d}.png")
+        print(path)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .sampling import image_grid, sample_images, save_png
+
+    out = _outdir(args.out)
+    pipe, experts = _load(args)
+    runs = [("mole", _spec(args, gates=args.gates)), ("nla", _spec(args, uniform=True))]
+    for i, e in enumerate(experts):
+        runs.append((f"only_{Path(e.name).stem}", _spec(args, weights=[1.0 if j == i else 0.0
+                                                                           for j in range(len(experts))])))
+    guide = None
+    if args.clip_model:
+        from .evaluate import load_clip
+
+        guide = load_clip(args.clip_model, args.clip_arch)
+    rows, tiles, labels = [], [], []
+    for name, spec in runs:
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        for image, info in sample_images(pipe, experts, spec):
+            save_png(image, info, folder / f"{info['seed']:06d}.png")
+            tiles.append(image)
+            labels.append(f"{name} s{info['seed']}")
+        row = {"method": name}
+        if guide is not None:
+            from .evaluate import evaluate_folder
+
+            row.update(evaluate_folder(guide, folder, args.prompt, args.references))
+        rows.append(row)
+    image_grid(tiles, cols=args.num, labels=labels).save(out / "grid.png")
+    (out / "compare.json").write_text(_json(rows))
+    (out / "compare.md").write_text(_table(rows))
+    print(_table(rows))
+    return 0
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| method | text (CLIPScore) | text (cos) | image alignment (CLIPScore) |", "|---|---|---|---|"]
+    for r in rows:
+        ta = r.get("text_alignment", {})
+        ia = ", ".join(f"{k}: {v['clipscore']:.3f}" for k, v in r.get("image_alignment", {}).items())
+        lines.append(f"| {r['method']} | {ta.get('clipscore', float('nan')):.3f} | {ta.get('cosine', float('nan')):.3f}"
+                     f" | {ia or '–'} |")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_folder, load_clip
+
+    guide = load_clip(args.clip_model, args.clip_arch)
+    res = evaluate_folder(guide, args.images, args.prompt, args.references)
+    text = _json(res)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import describe, format_description
+
+    model = None
+    if args.base:
+        from .diffusers_backend import load_pipeline
+
+        model = load_pipeline(args.base)
+    out = [describe(f, model) for f in args.files]
+    print(_json(out) if args.json else "\n".join(format_description(d) for d in out))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    t0 = time.time()
+    summary = run_demo(Path(args.out), steps=args.steps, rebuild=args.rebuild)
+    print(json.dumps(summary, indent=1))
+    print(f"demo finished in {time.time() - t0:.0f} s → {args.out}/")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "compare": cmd_compare, "eval": cmd_eval,
+            "inspect": cmd_inspect, "demo": cmd_demo}

@@ -1,0 +1,94 @@
+"""TrainConfig: the single source of gate-training options for the CLI, the worker and the nodes."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from mole_core import MoleError
+from mole_core.gates import GATE_INPUTS
+from mole_core.naming import GRANULARITIES
+
+OBJECTIVES = ("denoise", "clip")
+DTYPES = ("fp32", "bf16")
+
+
+def _opt(default, help_: str, **extra):  # noqa: ANN001
+    return field(default=default, metadata={"help": help_, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Options of one gate-training run (paper §3.3/Eq. 16: only gates train)."""
+
+    steps: int = _opt(200, "optimizer steps")
+    lr: float = _opt(5e-3, "AdamW learning rate of the gates")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(10, "linear learning-rate warm-up steps")
+    grad_clip: float = _opt(1.0, "clip the gates' gradient norm to this (0: off)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    batch_size: int = _opt(2, "images per micro-batch (global, split across torchrun ranks)")
+    alpha: float = _opt(0.5, "weight α of the gating balance loss (paper Eq. 16)")
+    granularity: str = _opt("block", "gate scope: matrix | layer | block | network", choices=GRANULARITIES)
+    gate_input: str = _opt("input", "gate features: input (pooled block input) | experts (pooled expert outputs)",
+                           choices=GATE_INPUTS)
+    tau_init: float = _opt(1.0, "initial softmax temperature τ")
+    objective: str = _opt("denoise", "comma list of objectives: denoise, clip")
+    denoise_weight: float = _opt(1.0, "weight of the denoising loss")
+    clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
+    clip_text_weight: float = _opt(1.0, "weight of the CLIP image–text term")
+    clip_max_t: float = _opt(0.4, "CLIP terms only for timesteps t/T below this (low-noise window)")
+    clip_decode_size: int = _opt(128, "pixel size the predicted x0 is decoded at for CLIP")
+    t_min: float = _opt(0.0, "lowest training timestep, as a fraction of T")
+    t_max: float = _opt(1.0, "highest training timestep, as a fraction of T")
+    resolution: int = _opt(512, "training resolution in pixels (images are resized and center-cropped)")
+    random_crop: bool = _opt(False, "random instead of center crop")
+    seed: int = _opt(0, "seed: same seed, same data ⇒ bit-identical gates on CPU")
+    dtype: str = _opt("fp32", "autocast dtype of the denoiser: fp32 | bf16", choices=DTYPES)
+    gradient_checkpointing: bool = _opt(False, "recompute denoiser activations in backward (less memory)")
+    train_text_gates: bool = _opt(False, "also gate the text encoder (re-encodes prompts every step)")
+    checkpoint_every: int = _opt(50, "write a resumable checkpoint every K steps (0: only at the end)")
+    prompt: str = _opt("", "global prompt for images without a caption file or folder prompt")
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise MoleError(f"`steps` must be > 0, got {self.steps}")
+        if self.lr <= 0:
+            raise MoleError(f"`lr` must be > 0, got {self.lr}")
+        if self.batch_size <= 0 or self.grad_accum <= 0:
+            raise MoleError(f"`batch_size` and `grad_accum` must be > 0, got {self.batch_size}, {self.grad_accum}")
+        if self.granularity not in GRANULARITIES:
+            raise MoleError(f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.gate_input not in GATE_INPUTS:
+            raise MoleError(f"`gate_input` must be one of {GATE_INPUTS}, got {self.gate_input!r}")
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad or not self.objectives:
+            raise MoleError(f"`objective` must be a comma list of {OBJECTIVES}, got {self.objective!r}")
+        if self.dtype not in DTYPES:
+            raise MoleError(f"`dtype` must be one of {DTYPES}, got {self.dtype!r}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise MoleError(f"need 0 ≤ t_min < t_max ≤ 1, got {self.t_min}, {self.t_max}")
+        if self.resolution < 8 or self.resolution % 8:
+            raise MoleError(f"`resolution` must be a positive multiple of 8, got {self.resolution}")
+        if self.alpha < 0:
+            raise MoleError(f"`alpha` must be ≥ 0, got {self.alpha}")
+
+    @property
+    def objectives(self) -> list[str]:
+        return [o.strip() for o in self.objective.split(",") if o.strip()]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def config_fields() -> list[tuple[str, object, str, tuple | None]]:
+    """``(name, default, help, choices)`` of every option (CLI flags are built from these)."""
+    out = []
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        out.append((f.name, default, f.metadata.get("help", ""), f.metadata.get("choices")))
+    return out

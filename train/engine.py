@@ -1,0 +1,328 @@
+"""The gate-training loop: backend-agnostic, resumable, cancellable, torchrun-ready.
+
+``train(cfg, backend, experts, refs)`` attaches the experts (UNet gated; text encoders in NLA
+mode unless ``train_text_gates``), caches reference latents and prompt conditioning once,
+and optimises only the gates with AdamW on ``Σ objectives + α · balance``. Under ``torchrun``
+the gates are wrapped in torch DDP (the only synchronised parameters), each rank takes its
+slice of the global batch, and only rank 0 writes files and reports progress.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import mole_core as mole
+from mole_core import GateConfig, Mixture, MoleError
+from mole_core.gate_file import GateFile
+
+from .backend import Backend, add_noise
+from .checkpoint import read_checkpoint, restore, save_checkpoint
+from .config import TrainConfig
+from .data import CachedSet, Reference, load_image, to_tensor
+from .objectives import ClipGuide, StepContext, build_objectives
+
+ProgressFn = Callable[[dict], None]
+
+
+class TrainingDiverged(MoleError):
+    """Loss or gradients became NaN/inf; the last good gates were kept."""
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`."""
+
+    gates: GateFile
+    history: list[dict] = field(default_factory=list)
+    steps_done: int = 0
+    cancelled: bool = False
+    metrics: dict = field(default_factory=dict)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def prepare_references(backend: Backend, refs: list[Reference], cfg: TrainConfig) -> CachedSet:
+    """Encode every reference image once (latents) and every distinct caption once (conditioning)."""
+    latents = []
+    for ref in refs:
+        img = to_tensor(load_image(ref), cfg.resolution, crop=not cfg.random_crop)
+        latents.append(backend.encode_images(img[None].to(backend.device))[0])
+    captions = sorted({r.caption for r in refs})
+    conds = [backend.encode_prompts([c]) for c in captions]
+    crop = cfg.resolution // int(getattr(backend, "vae_scale_factor", 8))
+    return CachedSet(latents, [captions.index(r.caption) for r in refs], conds, [r.caption for r in refs],
+                     [r.concept for r in refs], crop)
+
+
+def attach_for_training(backend: Backend, experts: list[mole.Expert], cfg: TrainConfig
+                        ) -> tuple[Mixture, Mixture | None]:
+    """Gated mixture on the UNet (and text encoders if ``train_text_gates``), NLA on the rest."""
+    target = backend.mixture_target()
+    comps = mole.index_model(target).components()
+    text = [c for c in comps if c != "unet"]
+    text_experts = any(k.split(":", 1)[0] in text for e in experts for k in e.factors)
+    gate_cfg = GateConfig(granularity=cfg.granularity, gate_input=cfg.gate_input, tau_init=cfg.tau_init)
+    if cfg.train_text_gates:
+        return mole.attach(target, experts, gate_cfg), None
+    gated = mole.attach(target, experts, gate_cfg, components=["unet"])
+    static = mole.attach(target, experts, mode="uniform", components=text) if text and text_experts else None
+    return gated, static
+
+
+def _batch_cond(cache: CachedSet, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    keys = cache.conds[0].keys()
+    return {k: torch.cat([cache.conds[cache.cond_index[i]][k] for i in idx.tolist()]) for k in keys}
+
+
+def _crop(lat: torch.Tensor, size: int, gen: torch.Generator, random: bool) -> torch.Tensor:
+    h, w = lat.shape[-2:]
+    if h == w == size:
+        return lat
+    if random:
+        top = int(torch.randint(h - size + 1, (1,), generator=gen))
+        left = int(torch.randint(w - size + 1, (1,), generator=gen))
+    else:
+        top, left = (h - size) // 2, (w - size) // 2
+    return lat[..., top:top + size, left:left + size]
+
+
+def _balance(mix: Mixture, world: int) -> torch.Tensor:
+    """Eq. 14–15 with q averaged over the *global* batch (exact under DDP)."""
+    gates = list(mix.live_gates.values())
+    if not gates:
+        raise MoleError("no gates were computed in the forward pass (are the LoRAs on the UNet?)")
+    q = torch.stack([g.float().mean(0) for g in gates]).mean(0)
+    if world > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        q = torch.stack(all_gather(q)).mean(0)
+    active = torch.tensor(mix.mask, device=q.device)
+    return -q[active].clamp_min(1e-12).log().sum()
+
+
+def _gate_metrics(mix: Mixture) -> dict:
+    gates = [g.detach().float() for g in mix.live_gates.values()]
+    if not gates:
+        return {"gate_entropy": float("nan"), "mean_gates": [], "mean_gate_entropy": float("nan")}
+    q = torch.stack([g.mean(0) for g in gates]).mean(0)
+    ent = torch.stack([mole.entropy(g).mean() for g in gates]).mean()
+    return {"gate_entropy": float(ent), "mean_gates": [round(float(v), 5) for v in q],
+            "mean_gate_entropy": float(mole.entropy(q))}
+
+
+class _GateStep(nn.Module):
+    """Holds the gates as its only parameters, so DDP synchronises exactly those."""
+
+    def __init__(self, gates: nn.Module):
+        super().__init__()
+        self.gates = gates
+
+    def forward(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return fn()
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+
+
+def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: list[Reference], *,
+          progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
+          checkpoint_path: str | None = None, resume_from: str | None = None, out_path: str | None = None,
+          clip_guide: ClipGuide | None = None, cache: CachedSet | None = None) -> TrainResult:
+    """Train MoLE gates; see the module docstring. Returns the gates in memory (and writes them
+    to ``out_path`` on rank 0). Raises :class:`TrainingDiverged` on NaN/inf (last good gates kept)."""
+    rank, world = _dist()
+    if cfg.batch_size % world:
+        raise MoleError(f"`batch_size` {cfg.batch_size} must be divisible by the number of processes ({world})")
+    objectives = build_objectives(cfg, clip_guide)
+    frozen = [(p, p.requires_grad) for m in backend.denoiser_modules() for p in m.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    gated = static = None
+    try:
+        if cache is None:
+            cache = prepare_references(backend, refs, cfg)
+        if clip_guide is not None and "clip" in cfg.objectives:
+            clip_guide.prepare([to_tensor(load_image(r), cfg.resolution) for r in refs],
+                               [r.concept for r in refs], [r.caption for r in refs])
+        gated, static = attach_for_training(backend, experts, cfg)
+        gated.stats.enabled = False
+        backend.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        return _run(cfg, backend, experts, cache, gated, objectives, rank, world, progress, should_stop,
+                    checkpoint_path, resume_from, out_path)
+    finally:
+        for m in (gated, static):
+            if m is not None:
+                m.detach()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        backend.set_gradient_checkpointing(False)
+
+
+def _run(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], cache: CachedSet, mix: Mixture,
+         objectives: list, rank: int, world: int, progress: ProgressFn | None,
+         should_stop: Callable[[], bool] | None, checkpoint_path: str | None, resume_from: str | None,
+         out_path: str | None) -> TrainResult:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = mix.gate_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step_module: nn.Module = _GateStep(mix.gates)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, broadcast_buffers=False)
+    history: list[dict] = []
+    start = 0
+    identity = {"experts": [e.summary() for e in experts], "config": cfg.to_dict()}
+    if resume_from:
+        state = read_checkpoint(resume_from)
+        if [e["sha256"] for e in state.info.get("experts", [])] != [e.sha256 for e in experts]:
+            raise MoleError(f"{resume_from}: checkpoint was made with other experts")
+        restore(state, [mix], opt, gen, resume_from)
+        start, history = state.step, list(state.info.get("history", []))
+    T = len(backend.alphas_cumprod)
+    lo, hi = int(cfg.t_min * T), max(int(cfg.t_min * T) + 1, int(cfg.t_max * T))
+    local = cfg.batch_size // world
+    mine = slice(rank * local, (rank + 1) * local)
+    amp = torch.autocast(backend.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
+    t0, cancelled, step = time.perf_counter(), False, start
+    for step in range(start, cfg.steps):
+        if should_stop is not None and should_stop():
+            cancelled = True
+            break
+        terms_acc: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            idx = torch.randint(len(cache), (cfg.batch_size,), generator=gen)
+            t = torch.randint(lo, hi, (cfg.batch_size,), generator=gen)
+            x0 = torch.stack([_crop(cache.latents[i], cache.crop, gen, cfg.random_crop) for i in idx.tolist()])
+            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
+            idx, t, x0, noise = idx[mine], t[mine], x0[mine], noise[mine].to(x0.device, x0.dtype)
+            t_dev = t.to(backend.device)
+
+            def forward(idx=idx, t=t_dev, x0=x0, noise=noise) -> tuple[torch.Tensor, dict]:
+                mix.clear_live_gates()
+                x_t = add_noise(backend.alphas_cumprod, x0, noise, t)
+                cond = (backend.encode_prompts([cache.captions[i] for i in idx.tolist()]) if cfg.train_text_gates
+                        else _batch_cond(cache, idx))
+                with amp:
+                    out = backend.predict(x_t, t, cond)
+                ctx = StepContext(backend, cfg, x0, noise, t, x_t, out, idx)
+                terms: dict[str, torch.Tensor] = {}
+                for obj in objectives:
+                    terms.update(obj(ctx))
+                if cfg.alpha > 0:
+                    terms["balance"] = cfg.alpha * _balance(mix, world)
+                return sum(terms.values()) / cfg.grad_accum, terms
+
+            box: dict = {}
+            sync = world > 1 and micro < cfg.grad_accum - 1
+            with step_module.no_sync() if sync else nullcontext():  # type: ignore[operator]
+                loss = step_module(lambda box=box: _keep(box, forward()))
+                loss.backward()
+            for k, v in box["terms"].items():
+                terms_acc[k] = terms_acc.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        total = sum(terms_acc.values())
+        bad_grad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
+        if not torch.isfinite(torch.tensor(total)) or bad_grad:
+            _save_last_good(mix, out_path, cfg, history, step, rank)
+            where = "gradient" if bad_grad else "loss"
+            raise TrainingDiverged(f"non-finite {where} at step {step + 1} ({_fmt(terms_acc)}); training stopped, "
+                                   f"last good gates kept{' in ' + out_path if out_path else ''}")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "loss": total, **terms_acc, "lr": _lr(cfg, step), **_gate_metrics(mix)}
+        history.append(record)
+        elapsed = time.perf_counter() - t0
+        done = step + 1 - start
+        if progress is not None and rank == 0:
+            progress({**record, "steps": cfg.steps, "terms": dict(terms_acc), "elapsed_s": elapsed,
+                      "eta_s": elapsed / done * (cfg.steps - step - 1)})
+        if checkpoint_path and rank == 0 and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(checkpoint_path, [mix], opt, gen, step + 1, {**identity, "history": history})
+    else:
+        step = cfg.steps
+    steps_done = step if cancelled else cfg.steps
+    if checkpoint_path and rank == 0:
+        save_checkpoint(checkpoint_path, [mix], opt, gen, steps_done, {**identity, "history": history})
+    metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
+    gf = mole.snapshot(mix, training={**cfg.to_dict(), "steps_done": steps_done, "world_size": world},
+                       metrics=metrics)
+    if out_path and rank == 0:
+        mole.write_gate_file(gf, out_path)
+    return TrainResult(gf, history, steps_done, cancelled, metrics)
+
+
+def _keep(box: dict, result: tuple[torch.Tensor, dict]) -> torch.Tensor:
+    box["terms"] = result[1]
+    return result[0]
+
+
+def _fmt(terms: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+
+
+def _save_last_good(mix: Mixture, out_path: str | None, cfg: TrainConfig, history: list, step: int,
+                    rank: int) -> None:
+    if out_path and rank == 0:
+        mole.save_gates(mix, out_path, training={**cfg.to_dict(), "steps_done": step, "diverged": True},
+                        metrics=history[-1] if history else {})
+
+
+@torch.no_grad()
+def evaluate_denoise(backend: Backend, cache: CachedSet, *, draws: int = 8, seed: int = 1234,
+                     t_range: tuple[float, float] = (0.0, 1.0)) -> dict[str, float]:
+    """Mean denoising loss per concept on fixed noise and timesteps (held-out evaluation)."""
+    from .backend import training_target
+
+    gen = torch.Generator().manual_seed(seed)
+    T = len(backend.alphas_cumprod)
+    lo, hi = int(t_range[0] * T), max(int(t_range[0] * T) + 1, int(t_range[1] * T))
+    sums: dict[str, list[float]] = {}
+    for i in range(len(cache)):
+        x0 = _crop(cache.latents[i], cache.crop, gen, False)[None].expand(draws, -1, -1, -1)
+        t = torch.randint(lo, hi, (draws,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+        cond = _batch_cond(cache, torch.full((draws,), i))
+        t_dev = t.to(backend.device)
+        out = backend.predict(add_noise(backend.alphas_cumprod, x0, noise, t_dev), t_dev, cond)
+        target = training_target(backend.prediction_type, backend.alphas_cumprod, x0, noise, t_dev)
+        sums.setdefault(cache.concepts[i], []).append(float((out.float() - target.float()).pow(2).mean()))
+    return {c: sum(v) / len(v) for c, v in sums.items()}
+
+
+
+@torch.no_grad()
+def gate_statistics(backend: Backend, experts: list[mole.Expert], gates: GateFile, cache: CachedSet, *,
+                    fractions: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0) -> dict:
+    """Mean gate per expert and block on the references at a few noise levels (for heatmaps).
+
+    Returns :meth:`mole_core.GateStats.summary` with one bucket per noise level."""
+    gen = torch.Generator().manual_seed(seed)
+    comps = sorted({s.split(":", 1)[0] for s in gates.scopes})
+    mix = mole.attach(backend.mixture_target(), experts, gates=gates, components=comps)
+    try:
+        T = len(backend.alphas_cumprod)
+        for b, frac in enumerate(fractions):
+            mix.stats.bucket = b
+            for i in range(len(cache)):
+                x0 = _crop(cache.latents[i], cache.crop, gen, False)[None]
+                t = torch.full((1,), int(frac * (T - 1)), device=backend.device)
+                noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+                x_t = add_noise(backend.alphas_cumprod, x0, noise, t)
+                backend.predict(x_t, t, _batch_cond(cache, torch.tensor([i])))
+        return mix.stats.summary()
+    finally:
+        mix.detach()
