@@ -262,6 +262,10 @@ def load_expert(path: str | os.PathLike, *, strength: float = 1.0, name: str | N
         adapter_meta = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else None
         factors, skipped, fmt = factors_from_state_dict(sd, label, adapter_metadata=adapter_meta)
     if not factors:
+        lora_like = sorted({k.rsplit(".", 2)[0] for k in skipped if _split_key(k) is not None})
+        if lora_like:
+            raise MoleError(f"{label}: 0 of {len(lora_like)} LoRA modules map to a Stable Diffusion UNet or CLIP "
+                            f"text encoder (e.g. {lora_like[0]}) — a LoRA for another model family?")
         example = f" (e.g. {skipped[0]})" if skipped else ""
         raise MoleError(f"{label}: no LoRA keys for a Stable Diffusion UNet or CLIP text encoder found{example}")
     return Expert(name=label, factors=factors, sha256=file_sha256(p), path=str(p), format=fmt,
