@@ -9,6 +9,7 @@ slice of the global batch, and only rank 0 writes files and reports progress.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -232,9 +233,9 @@ def _run(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], cache: 
                 terms_acc[k] = terms_acc.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         total = sum(terms_acc.values())
         bad_grad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
-        if not torch.isfinite(torch.tensor(total)) or bad_grad:
+        if not math.isfinite(total) or bad_grad:
             _save_last_good(mix, out_path, cfg, history, step, rank)
-            where = "gradient" if bad_grad else "loss"
+            where = "loss" if not math.isfinite(total) else "gradient"
             raise TrainingDiverged(f"non-finite {where} at step {step + 1} ({_fmt(terms_acc)}); training stopped, "
                                    f"last good gates kept{' in ' + out_path if out_path else ''}")
         if cfg.grad_clip > 0:

@@ -1,0 +1,130 @@
+"""The CLI round trip (train → sample → eval → inspect → compare) and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from tests.fixtures.oracle import diffusers_lora_pipeline
+from tests.train.test_engine import tiny_clip
+from train.cli import main
+
+STEPS = ["--steps", "3", "--resolution", "64", "--batch-size", "2", "--checkpoint-every", "2"]
+
+
+def _loras(lora_set) -> list[str]:
+    return [a for p in lora_set.paths for a in ("--lora", str(p))]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_sd15_dir, lora_set, refs_dir):
+    out = tmp_path_factory.mktemp("cli") / "gates.safetensors"
+    rc = main(["train", "--base", str(tiny_sd15_dir), *_loras(lora_set), "--images", str(refs_dir), "--out",
+               str(out), *STEPS])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_gates_heatmap_curves_and_checkpoint(trained):
+    folder = trained.parent
+    names = {p.name for p in folder.iterdir()}
+    assert {"gates.safetensors", "gates_heatmap.png", "gates_curves.png", "gates.state.safetensors"} <= names
+    assert Image.open(folder / "gates_heatmap.png").size[0] > 200
+
+
+def test_sample_with_gates_writes_pngs_with_settings_and_gates(trained, tiny_sd15_dir, lora_set, tmp_path, capsys):
+    rc = main(["sample", "--base", str(tiny_sd15_dir), *_loras(lora_set), "--gates", str(trained), "--prompt",
+               "a photo of a red ball", "--steps", "3", "--size", "64", "--num", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    files = sorted(tmp_path.glob("*.png"))
+    assert len(files) == 2
+    info = json.loads(Image.open(files[0]).text["mole"])
+    assert info["mode"] == "gated" and info["seed"] == 0 and info["gates"] == "gates.safetensors"
+    assert info["mean_gates"] and all(abs(sum(v) - 1) < 1e-4 for v in info["mean_gates"].values())
+    assert info["mean_gates_by_bucket"]
+
+
+def test_sample_weights_equals_diffusers_set_adapters(tiny_sd15_dir, lora_set, tmp_path):
+    weights = [0.5, 1.0, 0.25]
+    rc = main(["sample", "--base", str(tiny_sd15_dir), *_loras(lora_set), "--weights", ",".join(map(str, weights)),
+               "--prompt", "a photo of a cat", "--negative", "blurry", "--seed", "7", "--steps", "3", "--size", "64",
+               "--cfg", "5", "--out", str(tmp_path)])
+    assert rc == 0
+    ours = np.asarray(Image.open(tmp_path / "static_000007.png"), dtype=np.int16)
+    pipe = diffusers_lora_pipeline(tiny_sd15_dir, lora_set.paths, weights)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=3, guidance_scale=5, height=64,
+                  width=64, generator=torch.Generator().manual_seed(7)).images[0]
+    diff = np.abs(ours - np.asarray(theirs, dtype=np.int16))
+    assert diff.max() <= 1, diff.max()  # identical up to 8-bit rounding of ~1e-6 float differences
+
+
+def test_eval_and_inspect(trained, tmp_path, refs_dir, lora_set, capsys):
+    model, _, cfg = tiny_clip()
+    ckpt = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
+    arch = tmp_path / "mole-test-tiny.json"
+    arch.write_text(json.dumps(cfg))
+    out = tmp_path / "metrics.json"
+    rc = main(["eval", "--images", str(refs_dir / "red"), "--prompt", "a red ball", "--references", str(refs_dir),
+               "--clip-model", str(ckpt), "--clip-arch", str(arch), "--out", str(out)])
+    assert rc == 0
+    m = json.loads(out.read_text())
+    assert m["images"] == 2 and set(m["image_alignment"]) == {"red", "green", "blue"}
+    for v in (m["text_alignment"], *m["image_alignment"].values()):
+        assert -1 <= v["cosine"] <= 1 and 0 <= v["clipscore"] <= 2.5
+    ia = {k: v["cosine"] for k, v in m["image_alignment"].items()}
+    assert max(ia, key=ia.get) == "red"  # red images are closest to the red references
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(trained), str(lora_set.paths[0]), str(lora_set.paths[1])]) == 0
+    desc = json.loads(capsys.readouterr().out)
+    assert desc[0]["kind"] == "mole-gates" and len(desc[0]["experts"]) == 3
+    assert desc[1]["format"] == "kohya" and desc[1]["conv_targets"] > 0 and desc[2]["format"] == "peft"
+
+
+def test_compare_runs_every_method_with_the_same_seeds(trained, tiny_sd15_dir, lora_set, tmp_path):
+    rc = main(["compare", "--base", str(tiny_sd15_dir), *_loras(lora_set), "--gates", str(trained), "--prompt",
+               "a photo of a ball", "--steps", "2", "--size", "64", "--num", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"mole", "nla", "only_expert0_kohya", "grid.png", "compare.json"}
+
+
+def _bad(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and err.startswith("error: ") and "\n" not in err, (rc, err)
+    return err
+
+
+def test_bad_input_one_line_errors_and_nothing_overwritten(capsys, trained, tiny_sd15_dir, lora_set, refs_dir,
+                                                          tmp_path):
+    keep = tmp_path / "keep.safetensors"
+    shutil.copy(trained, keep)
+    before = keep.read_bytes()
+    base = ["train", "--base", str(tiny_sd15_dir), *_loras(lora_set), "--out", str(keep), *STEPS]
+    (tmp_path / "empty").mkdir()
+    assert "no images" in _bad(capsys, [*base, "--images", str(tmp_path / "empty")])
+    assert "not a directory" in _bad(capsys, [*base, "--images", str(tmp_path / "nope")])
+    broken = tmp_path / "broken"
+    shutil.copytree(refs_dir, broken)
+    (broken / "red" / "0.png").write_bytes(b"not a png")
+    assert "0.png: unreadable image" in _bad(capsys, [*base, "--images", str(broken)])
+    assert "no LoRAs" in _bad(capsys, ["train", "--base", str(tiny_sd15_dir), "--images", str(refs_dir), "--out",
+                                       str(keep), *STEPS])
+    assert "does not exist" in _bad(capsys, [*base[:-len(STEPS) - 2], "--out", str(tmp_path / "no" / "g.safetensors"),
+                                             "--images", str(refs_dir), *STEPS])
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    assert "corrupt.safetensors" in _bad(capsys, [*base, "--images", str(refs_dir), "--resume", str(corrupt)])
+    assert "`steps` must be > 0" in _bad(capsys, [*base, "--images", str(refs_dir), "--steps", "0"])
+    other = ["sample", "--base", str(tiny_sd15_dir), "--lora", str(lora_set.paths[1]), "--lora",
+             str(lora_set.paths[0]), "--lora", str(lora_set.paths[2]), "--gates", str(trained), "--prompt", "x",
+             "--steps", "2", "--size", "64", "--out", str(tmp_path / "s")]
+    assert "expert 1 should be" in _bad(capsys, other)
+    assert keep.read_bytes() == before
