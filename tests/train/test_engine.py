@@ -23,7 +23,8 @@ def test_training_changes_only_gates_and_restores_model(backend, lora_set, refs_
     experts = mole.load_experts(lora_set.paths)
     before = {k: v.clone() for k, v in backend.unet.state_dict().items()}
     flags = [p.requires_grad for p in backend.unet.parameters()]
-    res = train(TrainConfig(steps=4, **CFG), backend, experts, scan_folder(refs_dir), out_path=str(tmp_path / "g.safetensors"))
+    res = train(TrainConfig(steps=4, **CFG), backend, experts, scan_folder(refs_dir),
+                out_path=str(tmp_path / "g.safetensors"))
     assert res.steps_done == 4 and not res.cancelled and len(res.history) == 4
     assert all(torch.equal(v, backend.unet.state_dict()[k]) for k, v in before.items())
     assert flags == [p.requires_grad for p in backend.unet.parameters()]
@@ -143,9 +144,9 @@ def test_reference_folder_captions_and_errors(tmp_path, refs_dir):
         scan_folder(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("kw,pattern", [({"steps": 0}, "`steps` must be > 0"), ({"objective": "l2"}, "objective"),
-                                         ({"granularity": "cell"}, "granularity"), ({"resolution": 30}, "multiple of 8"),
-                                         ({"t_min": 0.9, "t_max": 0.1}, "t_min < t_max")])
+@pytest.mark.parametrize("kw,pattern", [
+    ({"steps": 0}, "`steps` must be > 0"), ({"objective": "l2"}, "objective"), ({"granularity": "cell"}, "granularity"),
+    ({"resolution": 30}, "multiple of 8"), ({"t_min": 0.9, "t_max": 0.1}, "t_min < t_max")])
 def test_config_validation(kw, pattern):
     with pytest.raises(mole.MoleError, match=pattern):
         TrainConfig(**kw)
