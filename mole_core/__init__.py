@@ -19,7 +19,7 @@ from .errors import MoleError, MoleWarning
 from .expert import Expert, LoraFactor
 from .gate_file import GateFile, apply_gate_file, load_gates, read_gate_file, save_gates, snapshot, write_gate_file
 from .gates import GateConfig, balance_loss, entropy
-from .lora_files import load_expert, load_experts, parse_lora_spec
+from .lora_files import load_expert, load_experts, parse_lora_spec, peft_scale
 from .mixture import Mixture, attach
 from .model_index import ModelIndex, index_model
 from .naming import block_label, canonical_from_prefix, scope_of
@@ -27,9 +27,9 @@ from .stats import GateStats
 
 __all__ = [
     "BakedWeights", "Expert", "ExpertBank", "GateConfig", "GateFile", "GateStats", "LoraFactor", "Mixture",
-    "ModelIndex", "MoleError", "MoleWarning", "attach", "bake_into_model", "balance_loss", "block_label",
-    "canonical_from_prefix", "entropy", "export_lora", "index_model", "load_expert", "load_experts",
-    "apply_gate_file", "load_gates", "parse_lora_spec", "read_gate_file", "save_gates", "scope_of", "snapshot",
+    "ModelIndex", "MoleError", "MoleWarning", "apply_gate_file", "attach", "bake_into_model", "balance_loss",
+    "block_label", "canonical_from_prefix", "entropy", "export_lora", "index_model", "load_expert", "load_experts",
+    "load_gates", "parse_lora_spec", "peft_scale", "read_gate_file", "save_gates", "scope_of", "snapshot",
     "write_gate_file",
 ]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ Loading refuses a different expert set/order/hash with one line naming the diffe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -136,7 +137,10 @@ def load_gates(mix: Mixture, path: str | os.PathLike, *, match: str = "hash") ->
 
 
 def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateFile:
-    """Copy a gate file's tensors into a mixture after checking experts, config and scopes."""
+    """Copy a gate file's tensors into a mixture after checking experts, config and scopes.
+
+    Returns a copy of ``gf`` whose ``info["ignored_scopes"]`` lists scopes of components the mixture
+    does not cover (``gf`` itself is not modified: hosts share it)."""
     name = Path(gf.path).name
     check_experts_match(gf, mix, match)
     for attr in ("granularity", "gate_input"):
@@ -156,5 +160,5 @@ def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateF
             g.weight.copy_(gf.tensors[f"gates.{s}.weight"])
             g.bias.copy_(gf.tensors[f"gates.{s}.bias"])
             g.log_tau.copy_(gf.tensors[f"gates.{s}.log_tau"])
-    gf.info["ignored_scopes"] = [s for s in gf.scopes if s.split(":", 1)[0] not in comps]
-    return gf
+    ignored = [s for s in gf.scopes if s.split(":", 1)[0] not in comps]
+    return dataclasses.replace(gf, info={**gf.info, "ignored_scopes": ignored})

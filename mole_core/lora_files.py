@@ -124,6 +124,12 @@ class _PeftConfig:
         return float(alpha) / (rank ** 0.5 if self.rslora else rank)
 
 
+def peft_scale(config: dict, module: str, rank: int) -> float | None:
+    """``alpha / r`` (``alpha / √r`` with rsLoRA) that a PEFT ``LoraConfig`` dict gives ``module``
+    (``alpha_pattern`` honoured); None when the config has no alpha."""
+    return _PeftConfig(config).scale(module, rank)
+
+
 def _dense_delta(name: str, key: str, roles: dict[str, torch.Tensor]) -> torch.Tensor:
     """Exact dense delta of a LoHa / LoKr / diff module (ComfyUI's conventions)."""
     if "diff" in roles:

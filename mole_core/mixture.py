@@ -62,7 +62,7 @@ class Mixture:
 
     def __init__(self, index: ModelIndex, experts: list[Expert], gate_config: GateConfig | None = None, *,
                  mode: str = "gated", weights: list[float] | None = None, mask: list[bool] | None = None,
-                 strength: float = 1.0, components: list[str] | None = None):
+                 strength: float = 1.0, components: list[str] | None = None, hooks: bool = True):
         check_experts(experts)
         self.index = index
         self.experts = experts
@@ -92,7 +92,8 @@ class Mixture:
         self.set_mode(mode, weights)
         self.set_mask(mask)
         self.strength = strength
-        self._attach_hooks()
+        if hooks:
+            self._attach_hooks()
 
     # ----- construction -----
     def _match(self, comps: set[str]) -> list[MatchReport]:
@@ -326,7 +327,7 @@ class Mixture:
 def attach(model: object, experts: list[Expert], gate_config: GateConfig | None = None, *,
            gates: object | None = None, mode: str = "gated", weights: list[float] | None = None,
            mask: list[bool] | None = None, strength: float = 1.0, components: list[str] | None = None,
-           match: str = "hash") -> Mixture:
+           match: str = "hash", hooks: bool = True) -> Mixture:
     """Attach experts to a model (diffusers pipeline, UNet, text encoder, dict or ModelIndex).
 
     Args:
@@ -339,6 +340,7 @@ def attach(model: object, experts: list[Expert], gate_config: GateConfig | None 
         strength: mixture strength λ.
         components: subset of ``unet``, ``te``, ``te2`` to attach to (default: all found).
         match: how a gate file's experts are checked: ``hash`` (default) or ``name``.
+        hooks: install the hooks now (False: build only; hosts call :meth:`Mixture.reattach` later).
     """
     from .gate_file import GateFile, apply_gate_file, read_gate_file  # local: gate_file imports Mixture
 
@@ -348,7 +350,7 @@ def attach(model: object, experts: list[Expert], gate_config: GateConfig | None 
         gf = gates if isinstance(gates, GateFile) else read_gate_file(gates)
         gate_config = gf.config
     mix = Mixture(index, experts, gate_config, mode=mode, weights=weights, mask=mask, strength=strength,
-                  components=components)
+                  components=components, hooks=hooks)
     if gf is not None:
         try:
             apply_gate_file(mix, gf, match=match)

@@ -50,7 +50,8 @@ def _color(v: float) -> tuple[int, int, int]:
 def render_heatmap(payload: dict, *, scale: int = 1) -> Image.Image:
     """Draw the payload as an RGB image: experts as rows, blocks as columns, values in cells."""
     font = ImageFont.load_default()
-    experts, labels, values = payload["experts"], payload["labels"], np.asarray(payload["values"], dtype=float)
+    experts, labels = payload["experts"], payload["labels"]
+    values = np.asarray([[np.nan if v is None else v for v in row] for row in payload["values"]], dtype=float)
     left = 8 + 7 * max((len(e) for e in experts), default=4)
     label_h = 8 + 6 * max((len(lab) for lab in labels), default=4)
     top = 24
@@ -63,8 +64,12 @@ def render_heatmap(payload: dict, *, scale: int = 1) -> Image.Image:
         y = top + i * _CELL_H
         d.text((6, y + 5), name, fill="black", font=font)
         for j in range(len(labels)):
-            v = values[i, j] if values.size else 0.0
+            v = values[i, j] if values.size else float("nan")
             x = left + j * _CELL_W
+            if not np.isfinite(v):  # scope not seen (e.g. in this timestep bucket): empty cell
+                d.rectangle([x, y, x + _CELL_W - 1, y + _CELL_H - 1], fill="white", outline=(230, 230, 230))
+                d.text((x + 11, y + 5), "·", fill=(150, 150, 150), font=font)
+                continue
             d.rectangle([x, y, x + _CELL_W - 1, y + _CELL_H - 1], fill=_color(v), outline=(230, 230, 230))
             d.text((x + 3, y + 5), f"{v:.2f}"[1:] if 0 <= v < 1 else f"{v:.1f}",
                    fill="white" if v > 0.55 else "black", font=font)

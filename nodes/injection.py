@@ -1,0 +1,138 @@
+"""Gated MoLE on a ComfyUI ``ModelPatcher`` clone: injection life cycle and gate statistics.
+
+Life cycle (comfyui-internals.md §2.5): one :class:`mole_core.Mixture` is built over the modules of
+the shared ``BaseModel`` and immediately detached. The clone carries a ``PatcherInjection`` whose
+``inject`` re-installs the mixture's forward hooks and whose ``eject`` removes them; ComfyUI calls
+them when *this* clone is loaded / unloaded (``load_models_gpu``, ``detach``, lowvram reloads,
+state-dict operations through ``use_ejected``). Every other clone of the model, the input model
+included, therefore runs without hooks. Weights, state-dict keys and the module tree never change.
+
+Statistics: an ``OUTER_SAMPLE`` wrapper resets :attr:`Mixture.stats` at the start of every sampling
+run and stores its summary at the end (:attr:`MoleHolder.last_summary`, plus :data:`LAST_RUNS` keyed
+by the MoLE Apply node id); a ``DIFFUSION_MODEL`` wrapper sets the timestep bucket before every
+UNet call. All three are keyed ``"mole"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from comfy.patcher_extension import PatcherInjection, WrappersMP
+
+import mole_core
+
+log = logging.getLogger(__name__)
+
+KEY = "mole"
+T_MAX = 1000.0  # ComfyUI's UNet timesteps run over [0, 1000) for SD-family models
+LAST_RUNS: dict[str, dict] = {}  # MoLE Apply node id → summary of that node's last sampling run
+
+
+def timestep_bucket(timesteps: torch.Tensor | float, buckets: int) -> int:
+    """Bucket 0 = the noisiest steps (t near 1000) … ``buckets - 1`` = the last steps (t near 0)."""
+    if buckets <= 1:
+        return 0
+    t = float(timesteps.flatten()[0]) if isinstance(timesteps, torch.Tensor) else float(timesteps)
+    return min(buckets - 1, max(0, int((1.0 - t / T_MAX) * buckets)))
+
+
+def bucket_label(bucket: int, buckets: int) -> str:
+    """``"t 1000-750"`` for bucket 0 of 4."""
+    hi = round(T_MAX * (buckets - bucket) / buckets)
+    lo = round(T_MAX * (buckets - bucket - 1) / buckets)
+    return f"t {hi}-{lo}"
+
+
+class MoleHolder:
+    """Runtime state of one gated mixture on a patcher (and on the clones made from it).
+
+    Clones of the patcher share the holder on purpose: a MoLE model passed through another
+    model node (sampling shift, CFG tweaks…) still records into the same statistics.
+    """
+
+    def __init__(self, mix: mole_core.Mixture, component: str, node_id: str | None = None, buckets: int = 4,
+                 expert_names: list[str] | None = None):
+        self.mix = mix
+        self.component = component
+        self.node_id = node_id
+        self.buckets = max(1, int(buckets))
+        self.expert_names = expert_names or [e.name for e in mix.experts]
+        self.last_summary: dict | None = None
+        self.runs = 0
+        self.sampling = component == "unet"
+
+    def __repr__(self) -> str:
+        return f"MoleHolder({self.component}, MoLE Apply #{self.node_id}, {len(self.expert_names)} experts)"
+
+    # ----- ComfyUI plumbing -----
+    def clone(self) -> MoleHolder:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> MoleHolder:  # model_options are deep-copied on clone()
+        return self
+
+    def reset(self) -> None:
+        """Forget recorded statistics (start of a sampling run)."""
+        self.mix.stats.reset()
+        self.mix.stats.bucket = 0
+
+    def inject(self, patcher: Any) -> None:
+        self.mix.to(patcher.load_device)
+        self.mix.reattach()
+
+    def eject(self, patcher: Any) -> None:
+        self.mix.detach()  # idempotent: clones share this injection and ComfyUI may eject twice
+
+    def install(self, patcher: Any, *, sampling: bool = True) -> None:
+        """Put the injection (and, for the UNet, the statistics wrappers) on a fresh clone."""
+        self.sampling = sampling
+        patcher.set_injections(KEY, [PatcherInjection(self.inject, self.eject)])
+        patcher.set_attachments(KEY, self)
+        if sampling:
+            patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, self.outer_sample_wrapper)
+            patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, self.diffusion_model_wrapper)
+
+    # ----- wrappers -----
+    def outer_sample_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        self.reset()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.finish_run()
+
+    def diffusion_model_wrapper(self, executor: Any, x: torch.Tensor, timesteps: Any, *args: Any,
+                                **kwargs: Any) -> Any:
+        if timesteps is not None:
+            self.mix.stats.bucket = timestep_bucket(timesteps, self.buckets)
+        return executor(x, timesteps, *args, **kwargs)
+
+    def summary(self) -> dict | None:
+        """Statistics to show: the last sampling run (UNet) or everything encoded so far (CLIP)."""
+        if self.sampling:
+            return self.last_summary
+        return None if self.mix.stats.empty else self.mix.stats.summary()
+
+    def finish_run(self) -> dict:
+        """Store the summary of the statistics recorded since :meth:`reset`."""
+        summary = self.mix.stats.summary()
+        summary["bucket_labels"] = {str(b): bucket_label(b, self.buckets) for b in range(self.buckets)}
+        self.last_summary = summary
+        self.runs += 1
+        if self.node_id is not None:
+            LAST_RUNS[str(self.node_id)] = {"experts": list(self.expert_names), "summary": summary,
+                                            "time": time.time(), "component": self.component}
+        return summary
+
+
+def holder_of(patcher: Any) -> MoleHolder | None:
+    """The gated MoLE holder of a MODEL/CLIP patcher, if any."""
+    get = getattr(patcher, "get_attachment", None)
+    return get(KEY) if get is not None else None
+
+
+def last_run(node_id: str) -> dict | None:
+    """Summary of the last sampling run of the MoLE Apply node ``node_id`` (for routes and widgets)."""
+    return LAST_RUNS.get(str(node_id))

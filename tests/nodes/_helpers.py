@@ -1,0 +1,46 @@
+"""Sampling and node-calling helpers for the in-process ComfyUI tests."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.sd
+import comfy.utils
+import torch
+
+from tests.nodes.testing_pack.tiny_comfy import tiny_cond
+
+
+def sample(model, pos=None, neg=None, size: int = 16, steps: int = 3, cfg: float = 5.0, seed: int = 0,
+           batch: int = 1) -> torch.Tensor:
+    """``comfy.sample.sample`` with euler/normal on a zero latent ``(batch, 4, size, size)``."""
+    pos = pos if pos is not None else tiny_cond(10)
+    neg = neg if neg is not None else tiny_cond(11)
+    latent = torch.zeros(batch, 4, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", pos, neg, latent, disable_pbar=True,
+                               seed=seed)
+
+
+def lora_loader(model, clip, path, strength_model: float, strength_clip: float | None = None):
+    """Core ``LoraLoader`` (``comfy.sd.load_lora_for_models``): the oracle."""
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    return comfy.sd.load_lora_for_models(model, clip, lora, strength_model,
+                                         strength_model if strength_clip is None else strength_clip)
+
+
+def encode(clip, text: str = "a photo of a cat") -> torch.Tensor:
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))[0][0]
+
+
+def unload_all() -> None:
+    comfy.model_management.unload_all_models()
+
+
+def slots(*picks) -> dict:
+    """LoadExperts slot kwargs from ``(name, strength, on)`` tuples."""
+    out = {}
+    for i in range(1, 5):
+        name, strength, on = picks[i - 1] if i <= len(picks) else ("None", 1.0, True)
+        out.update({f"lora_{i}": name, f"strength_{i}": strength, f"on_{i}": on})
+    return out

@@ -1,0 +1,147 @@
+"""LoRA files for the tiny ComfyUI model, written directly with safetensors.
+
+A LoRA is a dict ``{canonical name: (down, up)}`` (canonical = ``unet:<diffusers path>`` or
+``te:text_model.…``) plus rank and alpha; writers turn it into the three layouts the nodes must
+accept: kohya (``lora_unet_<diffusers path>``), ComfyUI (``diffusion_model.<LDM path>``,
+``text_encoders.clip_l.transformer.…``) and PEFT style (``base_model.model.<diffusers path>`` /
+``unet.<diffusers path>`` with ``lora_A/lora_B``, which core ComfyUI does not map).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.utils
+import torch
+from safetensors.torch import save_file
+
+ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+        "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+CONV_TARGETS = ("down_blocks.0.resnets.0.conv1", "up_blocks.3.resnets.2.conv2")  # 3×3 convs (LoCon)
+TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass
+class Lora:
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    alpha: float | None
+
+    def components(self) -> set[str]:
+        return {k.split(":", 1)[0] for k in self.factors}
+
+
+def unet_names(model) -> dict[str, str]:
+    """diffusers module path → LDM module path of the tiny model's Linear/Conv weights."""
+    out = {}
+    for diff, ldm in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
+        if diff.endswith(".weight"):
+            out[diff[: -len(".weight")]] = ldm[: -len(".weight")]
+    return out
+
+
+def _targets(model, clip, attn: bool, conv: bool, te: bool) -> dict[str, torch.Size]:
+    names = unet_names(model)
+    sd = model.model.diffusion_model.state_dict()
+    out = {}
+    for diff, ldm in names.items():
+        is_attn = ".attentions." in diff and (diff.endswith(("proj_in", "proj_out")) or diff.endswith(ATTN))
+        if (attn and is_attn) or (conv and diff in CONV_TARGETS):
+            out[f"unet:{diff}"] = sd[f"{ldm}.weight"].shape
+    if te and clip is not None:
+        csd = clip.cond_stage_model.state_dict()
+        for k, v in csd.items():
+            if k.startswith("clip_l.transformer.text_model.encoder.layers.") and k.endswith(".weight") \
+                    and k[: -len(".weight")].endswith(TE_TARGETS):
+                out["te:" + k[len("clip_l.transformer."): -len(".weight")]] = v.shape
+    return out
+
+
+def random_lora(model, clip=None, seed: int = 0, rank: int = 4, alpha: float | None = 2.0, attn: bool = True,
+                conv: bool = True, te: bool = True, scale: float = 1.0) -> Lora:
+    """Random factors for the tiny model; ``|ΔW|`` about ``scale`` × 30 % of a weight's size."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, shape in sorted(_targets(model, clip, attn, conv, te).items()):
+        out_dim, fan_in = shape[0], math.prod(shape[1:])
+        down = torch.randn(rank, *shape[1:], generator=gen) / math.sqrt(fan_in)
+        up = torch.randn(out_dim, rank, *([1, 1] if len(shape) == 4 else []), generator=gen)
+        up *= scale * 0.3 / math.sqrt(rank) * (rank / alpha if alpha else 1.0)
+        factors[name] = (down.contiguous(), up.contiguous())
+    return Lora(factors, rank, alpha)
+
+
+def _split(name: str) -> tuple[str, str]:
+    comp, path = name.split(":", 1)
+    return comp, path
+
+
+def write_kohya(lora: Lora, path: str | Path) -> Path:
+    sd = {}
+    for name, (down, up) in lora.factors.items():
+        comp, p = _split(name)
+        key = ("lora_unet_" if comp == "unet" else "lora_te_") + p.replace(".", "_")
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+        if lora.alpha is not None:
+            sd[f"{key}.alpha"] = torch.tensor(float(lora.alpha))
+    save_file(sd, str(path))
+    return Path(path)
+
+
+def write_comfy(lora: Lora, model, path: str | Path) -> Path:
+    names = unet_names(model)
+    sd = {}
+    for name, (down, up) in lora.factors.items():
+        comp, p = _split(name)
+        key = f"diffusion_model.{names[p]}" if comp == "unet" else f"text_encoders.clip_l.transformer.{p}"
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+        if lora.alpha is not None:
+            sd[f"{key}.alpha"] = torch.tensor(float(lora.alpha))
+    save_file(sd, str(path))
+    return Path(path)
+
+
+def write_peft(lora: Lora, path: str | Path, unet_prefix: str = "base_model.model.") -> Path:
+    """PEFT/diffusers style, no alphas (scale 1): only valid for LoRAs made with ``alpha=None``
+    or ``alpha == rank``."""
+    assert lora.alpha in (None, lora.rank), "PEFT-style files carry no alpha"
+    sd = {}
+    for name, (down, up) in lora.factors.items():
+        comp, p = _split(name)
+        key = f"{unet_prefix}{p}" if comp == "unet" else f"text_encoder.{p}"
+        sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = down, up
+    save_file(sd, str(path))
+    return Path(path)
+
+
+def write_other_family(path: str | Path, seed: int = 0) -> Path:
+    """A kohya LoRA for an SDXL-sized model: layer names SD1.5 lacks, and 640-wide layers where the
+    names exist (``lora_unet_down_blocks_1_attentions_0_proj_in``) — 0 targets fit the tiny SD1.5."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, dim in (("lora_unet_down_blocks_1_attentions_0_proj_in", 640),
+                     ("lora_unet_down_blocks_2_attentions_1_transformer_blocks_7_attn1_to_q", 1280),
+                     ("lora_te2_text_model_encoder_layers_30_self_attn_q_proj", 1280)):
+        sd[f"{key}.lora_down.weight"] = torch.randn(4, dim, generator=gen)
+        sd[f"{key}.lora_up.weight"] = torch.randn(dim, 4, generator=gen)
+        sd[f"{key}.alpha"] = torch.tensor(4.0)
+    save_file(sd, str(path))
+    return Path(path)
+
+
+def write_loha(model, path: str | Path, seed: int = 0) -> Path:
+    """A LoHa (kohya names) on two attention layers of the tiny model."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for module in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.proj_in"):
+        weight = model.model.diffusion_model.state_dict()[f"{unet_names(model)[module]}.weight"]
+        out_dim, in_dim = weight.shape[0], math.prod(weight.shape[1:])
+        key = "lora_unet_" + module.replace(".", "_")
+        for i in (1, 2):
+            sd[f"{key}.hada_w{i}_a"] = torch.randn(out_dim, 2, generator=gen) * 0.3
+            sd[f"{key}.hada_w{i}_b"] = torch.randn(2, in_dim, generator=gen) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(1.0)
+    save_file(sd, str(path))
+    return Path(path)

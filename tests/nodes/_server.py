@@ -1,0 +1,96 @@
+"""A headless ComfyUI server (``main.py --cpu``) for the end-to-end tests, driven over HTTP."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+
+def prepare_base(base: Path, repo: Path, pack: Path) -> None:
+    """``custom_nodes/`` with this repository (symlink, as users install it) and the test-only pack."""
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "comfyui-mole").symlink_to(repo, target_is_directory=True)
+    shutil.copytree(pack, base / "custom_nodes" / "mole_testing_pack", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+class Server:
+    """``python main.py --cpu --base-directory <base>`` on a free port; :meth:`stop` sends SIGINT."""
+
+    def __init__(self, comfyui: Path, base: Path, log: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--base-directory", str(base), "--disable-api-nodes",
+               "--database-url", "sqlite:///:memory:"]
+        if importlib.util.find_spec("comfyui_frontend_package") is None:
+            (base / "frontend").mkdir(exist_ok=True)
+            cmd += ["--front-end-root", str(base / "frontend")]
+        self.log = log
+        self._log_file = open(log, "wb")  # noqa: SIM115 (closed in stop())
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+        self.proc = subprocess.Popen(cmd, cwd=comfyui, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+        self.client_id = str(uuid.uuid4())
+
+    def wait_ready(self, timeout: float = 150.0) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                if self.get("/system_stats") is not None:
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.3)
+        raise TimeoutError(f"ComfyUI did not start in {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_bytes()[-n:].decode(errors="replace")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, prompt: dict) -> tuple[int, dict]:
+        data = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
+        req = urllib.request.Request(self.url + "/prompt", data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def run(self, prompt: dict, timeout: float = 120.0) -> dict:
+        """Queue a prompt and wait for its /history entry."""
+        status, body = self.post(prompt)
+        assert status == 200, body
+        pid, end = body["prompt_id"], time.time() + timeout
+        while time.time() < end:
+            entry = self.get(f"/history/{pid}").get(pid)
+            if entry and entry.get("status", {}).get("completed") is not None and \
+                    entry["status"].get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {pid} did not finish:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log_file.close()

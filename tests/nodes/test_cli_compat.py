@@ -1,0 +1,88 @@
+"""Gate files cross between the CLI side (engine on a diffusers UNet) and the ComfyUI nodes.
+
+The diffusers UNet has the tiny ComfyUI model's topology and, through ``comfy.utils.unet_to_diffusers``,
+its very weights, so not only names and feature sizes but the outputs of both mixtures are compared.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.utils
+import pytest
+import torch
+
+from tests.nodes._nodes import apply, load_gates, random_gates, rel
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture(scope="module")
+def diffusers_unet(tiny):
+    diffusers = pytest.importorskip("diffusers")
+    model, _ = tiny
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=2,
+        norm_num_groups=32, use_linear_projection=False).eval().requires_grad_(False)
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    comfy.model_management.unload_all_models()  # a loaded LoRA clone keeps its patches merged in place
+    comfy_sd = model.model.diffusion_model.state_dict()
+    unet.load_state_dict({k: comfy_sd[mapping[k]].reshape(v.shape).clone() for k, v in unet.state_dict().items()})
+    return unet
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    gen = torch.Generator().manual_seed(21)
+    return torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([700.0, 300.0]), torch.randn(2, 7, 32, generator=gen)
+
+
+def comfy_forward(m, inputs):
+    x, t, ctx = inputs
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        comfy.model_management.load_models_gpu([m])
+        try:
+            return m.model.diffusion_model(x, timesteps=t, context=ctx)
+        finally:
+            comfy.model_management.unload_all_models()
+
+
+def diffusers_forward(unet, inputs):
+    x, t, ctx = inputs
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ctx).sample
+
+
+def test_cli_gate_file_loads_in_mole_load_gates(mole, tiny, files, experts, comfy_dirs, diffusers_unet, inputs):
+    import mole_core
+
+    cli_experts = mole_core.load_experts([files["a"], files["b"]])
+    mix = mole_core.attach(diffusers_unet, cli_experts, mole_core.GateConfig(init_std=0.5))
+    try:
+        mole_core.save_gates(mix, comfy_dirs["mole_gates"] / "cli.safetensors")
+        reference = diffusers_forward(diffusers_unet, inputs)
+    finally:
+        mix.detach()
+    gates = load_gates(mole, "cli.safetensors")
+    m, _, live = apply(mole, tiny[0], experts, "gated", gates=gates)
+    comfy_mix = live.holders[0].mix
+    assert {s: v.feature_dim for s, v in comfy_mix.scopes.items()} == \
+        {s: int(v["feature_dim"]) for s, v in gates.gate_file.scopes.items()}
+    assert rel(comfy_forward(m, inputs), reference) <= 1e-4
+    assert rel(diffusers_forward(diffusers_unet, inputs), reference) > 1e-3  # hooks gone: bare UNet differs
+
+
+def test_gate_file_saved_by_comfy_loads_in_the_cli(mole, tiny, files, experts, comfy_dirs, diffusers_unet, inputs):
+    import mole_core
+
+    gates = random_gates(mole, tiny[0], experts, comfy_dirs["mole_gates"], "for_cli_in.safetensors", std=0.5)
+    m, _, live = apply(mole, tiny[0], experts, "gated", gates=gates)
+    with torch.inference_mode():
+        mole.gates.MoleSaveGates.execute(gates=live, filename="for_cli", overwrite=True)
+    ours = comfy_forward(m, inputs)
+    cli_experts = mole_core.load_experts([files["a"], files["b"]])
+    with mole_core.attach(diffusers_unet, cli_experts, gates=comfy_dirs["mole_gates"] / "for_cli.safetensors"):
+        reference = diffusers_forward(diffusers_unet, inputs)
+    assert rel(ours, reference) <= 1e-4

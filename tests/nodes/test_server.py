@@ -1,0 +1,135 @@
+"""Headless ComfyUI server with MoLE in ``custom_nodes``: /object_info, an API-format graph end to
+end (Load Experts → Apply → KSampler → Visualize → Save Gates, then Load Gates → Apply → KSampler),
+and bad inputs that must fail on their node while the server keeps serving."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.nodes import _loras
+from tests.nodes._nodes import apply, load
+
+pytestmark = [pytest.mark.slow, pytest.mark.comfy]
+NODE_IDS = ["MoLE_LoadExperts", "MoLE_Apply", "MoLE_SaveGates", "MoLE_LoadGates", "MoLE_VisualizeGates", "MoLE_Bake"]
+
+
+def execution_error(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    return next(data for kind, data in entry["status"]["messages"] if kind == "execution_error")
+
+
+def graph(loras=("a.safetensors", "b.safetensors"), mode="gated", weights="", gates_file=None,
+          save_as="e2e/run1", sample=True) -> dict:
+    """The acceptance graph in API format."""
+    picks = list(loras) + ["None"] * (4 - len(loras))
+    g = {
+        "1": {"class_type": "MoLETestTinyModel", "inputs": {"seed": 0}},
+        "2": {"class_type": "MoLE_LoadExperts", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1],
+            **{k: v for i, name in enumerate(picks, 1)
+               for k, v in ((f"lora_{i}", name), (f"strength_{i}", 1.0), (f"on_{i}", True))}}},
+        "3": {"class_type": "MoLE_Apply", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": mode, "strength": 1.0,
+            "weights": weights, "mask": "", "timestep_buckets": 2}},
+        "8": {"class_type": "MoLE_VisualizeGates", "inputs": {"gates": ["3", 2], "by_timestep": True, "scale": 1}},
+    }
+    if gates_file is not None:
+        g["10"] = {"class_type": "MoLE_LoadGates", "inputs": {"gate_file": gates_file}}
+        g["3"]["inputs"]["gates"] = ["10", 0]
+    if sample:
+        g.update({
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 1], "text": "a photo of a cat"}},
+            "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 1], "text": ""}},
+            "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+            "7": {"class_type": "KSampler", "inputs": {
+                "model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "seed": 0,
+                "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        })
+        g["8"]["inputs"]["samples"] = ["7", 0]
+    if save_as:
+        g["9"] = {"class_type": "MoLE_SaveGates", "inputs": {"gates": ["8", 3], "filename": save_as,
+                                                             "overwrite": True}}
+    return g
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server, mole, tiny, files):
+    """The session's headless server (started early by ``comfy_server``) with LoRAs and gate files."""
+    srv, base = comfy_server
+    loras, gates = base / "models" / "loras", base / "models" / "mole_gates"
+    loras.mkdir(parents=True, exist_ok=True)
+    gates.mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b", "c"):
+        shutil.copy(files[name], loras / f"{name}.safetensors")
+    _loras.write_other_family(loras / "sdxl_style.safetensors")
+    import mole_core
+
+    model = tiny[0]
+    _, _, other = apply(mole, model, load(mole, model, None, ("a.safetensors", 1.0, True),
+                                          ("c.safetensors", 1.0, True)), "gated")
+    mole_core.write_gate_file(other.gate_file, gates / "other.safetensors")
+    (gates / "corrupt.safetensors").write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{not json")
+    srv.wait_ready()
+    return srv, base
+
+
+def test_object_info_lists_every_node_with_inputs(server):
+    srv, _ = server
+    info = srv.get("/object_info")
+    for node_id in NODE_IDS:
+        node = info[node_id]
+        assert node["category"] == "MoLE" and node["experimental"] is True, node_id
+        inputs = {**node["input"]["required"], **node["input"].get("optional", {})}
+        assert inputs and all(spec[1].get("tooltip") for spec in inputs.values()), node_id
+    assert "a.safetensors" in info["MoLE_LoadExperts"]["input"]["required"]["lora_1"][1]["options"]
+    assert "other.safetensors" in info["MoLE_LoadGates"]["input"]["required"]["gate_file"][1]["options"]
+    assert info["MoLE_Apply"]["output"] == ["MODEL", "CLIP", "MOLE_GATES"]
+
+
+def test_graph_runs_end_to_end_and_gates_round_trip(server):
+    srv, base = server
+    entry = srv.run(graph())
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    payload = entry["outputs"]["8"]["mole_gates"][0]
+    assert payload["experts"] == ["a.safetensors", "b.safetensors"] and entry["outputs"]["8"]["images"]
+    assert set(payload["buckets"]) == {"0", "1"} and "mid.attn0" in payload["labels"]
+    saved = base / "models" / "mole_gates" / "e2e" / "run1.safetensors"
+    assert saved.is_file()
+    import mole_core
+
+    assert mole_core.read_gate_file(saved).info["calibration"]["samples"] > 0
+    again = srv.run(graph(gates_file="e2e/run1.safetensors", save_as="e2e/run2"))
+    assert again["status"]["status_str"] == "success", again["status"]
+    assert (base / "models" / "mole_gates" / "e2e" / "run2.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case, node, message", [
+    ({"loras": ()}, "2", "pick at least one LoRA"),
+    ({"loras": ("sdxl_style.safetensors",)}, "2", "0 of its LoRA modules match"),
+    ({"gates_file": "other.safetensors"}, "3", "expert 2 should be 'c.safetensors'"),
+    ({"mode": "static weights", "weights": "0.5"}, "3", "`weights` has 1 values but there are 2 experts"),
+    ({"gates_file": "corrupt.safetensors"}, "10", "corrupt.safetensors"),
+    ({"save_as": "../escape"}, "9", "must be a file name inside models/mole_gates"),
+])
+def test_bad_inputs_fail_on_their_node_and_the_server_keeps_serving(server, case, node, message):
+    srv, base = server
+    kwargs = {"sample": False, "save_as": None, **case}
+    err = execution_error(srv.run(graph(**kwargs)))
+    assert err["node_id"] == node and message in err["exception_message"], err
+    assert srv.get("/system_stats")["system"]
+    assert not (base / "models" / "escape.safetensors").exists()
+
+
+def test_dotdot_gate_file_name_is_rejected_at_validation(server):
+    srv, _ = server
+    status, body = srv.post(graph(gates_file="../secret.safetensors", sample=False, save_as=None))
+    assert status == 400
+    errors = body["node_errors"]["10"]["errors"]
+    assert any("no '..'" in e.get("details", "") for e in errors), errors
+    assert srv.get("/system_stats")["system"]
+    entry = srv.run(graph(mode="uniform (NLA)", sample=False, save_as=None))
+    assert entry["status"]["status_str"] == "success"
+    assert torch.tensor(entry["outputs"]["8"]["mole_gates"][0]["values"]).eq(0.5).all()

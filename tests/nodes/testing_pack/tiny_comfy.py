@@ -1,0 +1,75 @@
+"""Tiny ComfyUI models with the real SD1.5 topology (block names), built from a seed, no files.
+
+UNet: ``channel_mult [1, 2, 2, 2]``, 2 res blocks per level, spatial transformers at
+``input_blocks 1,2,4,5,7,8 / middle_block / output_blocks 3…11`` (depth 1), conv ``proj_in``,
+model_channels 32, context 32 — the same layer names as SD1.5 at a width of 32.
+CLIP: ``comfy.sd1_clip.SD1ClipModel`` (clip_l, 2 layers, hidden 32) with ComfyUI's bundled SD1
+tokenizer, wrapped in a real ``comfy.sd.CLIP``.
+
+Used both in-process by ``tests/nodes`` and by the test-only node pack in a headless server.
+"""
+
+from __future__ import annotations
+
+import math
+
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import torch
+
+UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "channel_mult": [1, 2, 2, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 32, "num_heads": 2, "num_head_channels": -1, "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+CLIP_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+               "projection_dim": 32}
+CONTEXT_DIM = 32
+
+
+def fill_(module: torch.nn.Module, seed: int) -> None:
+    """Deterministic weights (ComfyUI's ops leave them uninitialised): fan-in scaled normals, norms ≈ 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, sub in sorted(module.named_modules(), key=lambda kv: kv[0]):
+            for pname, p in sorted(sub.named_parameters(recurse=False), key=lambda kv: kv[0]):
+                noise = torch.randn(p.shape, generator=gen)
+                if isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and pname == "weight":
+                    p.copy_(1.0 + 0.05 * noise)
+                elif p.dim() >= 2:
+                    fan_in = math.prod(p.shape[1:]) if not isinstance(sub, torch.nn.Embedding) else 50
+                    p.copy_(noise / math.sqrt(fan_in))
+                else:
+                    p.copy_(0.05 * noise)
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """A ``ModelPatcher`` over a tiny SD1.5-topology ``BaseModel`` (about 3.2 M parameters)."""
+    cfg = comfy.supported_models.SD15({**UNET_CONFIG, "dtype": dtype})
+    cfg.unet_config["num_heads"] = 2  # SD15.unet_extra_config forces 8
+    model = comfy.model_base.BaseModel(cfg, device=torch.device("cpu"))
+    fill_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_clip(seed: int = 1) -> comfy.sd.CLIP:
+    """A real ``comfy.sd.CLIP`` (SD1 tokenizer, clip_l) at hidden size 32, fp32."""
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(CLIP_CONFIG), "dtype": torch.float32})
+    fill_(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_cond(seed: int, tokens: int = 7) -> list:
+    """A CONDITIONING with a random context ``(1, tokens, 32)``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, CONTEXT_DIM, generator=gen), {}]]
