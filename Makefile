@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench bench-quality clean comfy-deps
+.PHONY: venv test lint demo bench bench-quality clean comfy-deps ui-deps
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,3 +41,8 @@ comfy-deps: $(STAMP)
 	grep -vE '^(torch|torchvision|torchaudio)$$|^#|^$$' $(COMFYUI_PATH)/requirements.txt > $(VENV)/comfy-reqs.txt
 	echo requests >> $(VENV)/comfy-reqs.txt
 	$(BIN)/pip install -q --disable-pip-version-check -r $(VENV)/comfy-reqs.txt 2>&1 | grep -v "is ignored: it is neither" || true
+
+# Real-browser test of the web extension (tests/nodes/test_training_browser.py): playwright-core + Debian chromium.
+ui-deps:
+	cd tests/ui && npm install --no-audit --no-fund
+	test -x /usr/bin/chromium || echo "also needed: apt-get install -y chromium"

@@ -30,8 +30,9 @@ def _register_mole_core() -> None:
 
 
 async def comfy_entrypoint():
-    """Called by ComfyUI (V3 node API): returns the MoLE extension with all nodes."""
+    """Called by ComfyUI (V3 node API): registers the ``/mole/…`` routes and returns the MoLE extension."""
     _register_mole_core()
-    from .nodes import MoleExtension
+    from .nodes import MoleExtension, register_routes
 
+    register_routes()
     return MoleExtension()

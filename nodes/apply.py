@@ -82,6 +82,14 @@ def apply_static(model: Any, clip: Any, experts: MoleExperts, vector: list[float
     return m, c
 
 
+def static_clip(clip: Any, experts: MoleExperts, vector: list[float], strength: float = 1.0) -> Any:
+    """A clone of ``clip`` with only the experts' text-encoder parts merged at fixed weights."""
+    scales = [strength * e.strength * w for e, w in zip(experts.entries, vector)]
+    c = clip.clone()
+    add_expert_patches(c, experts, lambda i, canon: scales[i] if canon.split(":", 1)[0] in TE else 0.0)
+    return c
+
+
 def _mixture(index: mole_core.ModelIndex, experts: MoleExperts, gate_file: mole_core.GateFile | None,
              mask: list[bool], strength: float, components: list[str]) -> mole_core.Mixture:
     # hooks go on only while the MoLE clone is loaded (PatcherInjection)
@@ -110,12 +118,14 @@ def apply_gated(model: Any, clip: Any, experts: MoleExperts, gates: MoleGates | 
         index = build_index(clip=clip)[0]
         comps = [k for k in TE if k in index.roots]
         if gate_file is not None and not any(s.split(":", 1)[0] in comps for s in gate_file.scopes):
-            raise mole_core.MoleError(f"{_file_name(gate_file)} has no text-encoder gates: disconnect `clip` "
-                                      "from MoLE Apply (or apply the CLIP part with static weights)")
-        holders.append(MoleHolder(_mixture(index, experts, gate_file, mask, strength, comps), "te", nid, 1,
-                                  experts.names))
-        c = clip.clone()
-        holders[1].install(c.patcher, sampling=False)
+            # UNet-only gates (MoLE Train Gates, the CLI): the text-encoder parts are mixed at uniform
+            # weights, exactly as the trainer mixed them while the gates learned
+            c = static_clip(clip, experts, static_vector("uniform", None, mask), strength)
+        else:
+            holders.append(MoleHolder(_mixture(index, experts, gate_file, mask, strength, comps), "te", nid, 1,
+                                      experts.names))
+            c = clip.clone()
+            holders[1].install(c.patcher, sampling=False)
     snapshot = merge_gate_files([mole_core.snapshot(h.mix) for h in holders])
     if gate_file is not None:
         snapshot = carry_over(snapshot, gate_file)
@@ -130,10 +140,6 @@ def fixed_gates(experts: MoleExperts, vector: list[float], with_clip: bool, nid:
               if c.split(":", 1)[0] in comps}
     fixed = {s: list(vector) for s in sorted(scopes, key=execution_key)}
     return MoleGates(None, experts.names, fixed=fixed, source=f"MoLE Apply #{nid}" if nid else "MoLE Apply")
-
-
-def _file_name(gf: mole_core.GateFile) -> str:
-    return gf.path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 class MoleApply(io.ComfyNode):
@@ -164,7 +170,9 @@ class MoleApply(io.ComfyNode):
                              tooltip="Gated mode: the gate statistics of the last sampling run are grouped into "
                                      "this many timestep ranges (shown by MoLE Visualize Gates)."),
                 io.Clip.Input("clip", optional=True,
-                              tooltip="Optional CLIP: the experts' text-encoder parts are applied to it as well."),
+                              tooltip="Optional CLIP: the experts' text-encoder parts are applied to it as well "
+                                      "(at uniform weights when the gates have no text-encoder gates, as "
+                                      "MoLE Train Gates trains them)."),
                 GatesIO.Input("gates", optional=True,
                               tooltip="Trained gates for gated mode (MoLE Load Gates); they must be for these "
                                       "experts, in this order."),

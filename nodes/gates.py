@@ -93,7 +93,8 @@ def gate_table(gates: MoleGates, by_timestep: bool) -> dict:
     stats = gates.statistics()
     by_bucket, labels = None, {}
     if stats and stats.get("mean"):
-        mean, title = stats["mean"], "mean gate per expert and block (recorded while sampling)"
+        mean = stats["mean"]
+        title = f"mean gate per expert and block ({stats.get('recorded', 'recorded while sampling')})"
         if by_timestep and len(stats.get("by_bucket", {})) > 0:
             by_bucket, labels = stats["by_bucket"], stats.get("bucket_labels", {})
     elif gates.fixed:

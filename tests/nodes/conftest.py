@@ -19,6 +19,7 @@ from types import ModuleType
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+SERVER_TESTS = {"test_server.py", "test_training_server.py", "test_training_browser.py"}  # share one server
 
 
 def find_comfyui() -> Path | None:
@@ -106,7 +107,7 @@ def comfy_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     Started at session start when server tests are selected, so its start-up (about 20 s of
     imports) overlaps the in-process tests; stopped with SIGINT at the end.
     """
-    if not any(item.path.name == "test_server.py" for item in request.session.items):
+    if not any(item.path.name in SERVER_TESTS for item in request.session.items):
         yield None
         return
     from tests.nodes._server import Server, prepare_base

@@ -9,7 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.comfy
 
-NODE_IDS = {"MoLE_LoadExperts", "MoLE_Apply", "MoLE_SaveGates", "MoLE_LoadGates", "MoLE_VisualizeGates", "MoLE_Bake"}
+NODE_IDS = {"MoLE_LoadExperts", "MoLE_Apply", "MoLE_SaveGates", "MoLE_LoadGates", "MoLE_VisualizeGates", "MoLE_Bake",
+            "MoLE_TrainGates"}
 
 
 def test_entrypoint_lists_every_node(mole):

@@ -13,7 +13,8 @@ from tests.nodes import _loras
 from tests.nodes._nodes import apply, load
 
 pytestmark = [pytest.mark.slow, pytest.mark.comfy]
-NODE_IDS = ["MoLE_LoadExperts", "MoLE_Apply", "MoLE_SaveGates", "MoLE_LoadGates", "MoLE_VisualizeGates", "MoLE_Bake"]
+NODE_IDS = ["MoLE_LoadExperts", "MoLE_Apply", "MoLE_SaveGates", "MoLE_LoadGates", "MoLE_VisualizeGates", "MoLE_Bake",
+            "MoLE_TrainGates"]
 
 
 def execution_error(entry: dict) -> dict:

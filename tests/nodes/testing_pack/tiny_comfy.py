@@ -5,6 +5,8 @@ UNet: ``channel_mult [1, 2, 2, 2]``, 2 res blocks per level, spatial transformer
 model_channels 32, context 32 — the same layer names as SD1.5 at a width of 32.
 CLIP: ``comfy.sd1_clip.SD1ClipModel`` (clip_l, 2 layers, hidden 32) with ComfyUI's bundled SD1
 tokenizer, wrapped in a real ``comfy.sd.CLIP``.
+VAE: ComfyUI's own ``AutoencoderKL`` (4 levels, 8× downscale, 4 latent channels like SD) at width 32,
+wrapped in a real ``comfy.sd.VAE``.
 
 Used both in-process by ``tests/nodes`` and by the test-only node pack in a headless server.
 """
@@ -33,6 +35,9 @@ UNET_CONFIG = {
 CLIP_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
                "projection_dim": 32}
 CONTEXT_DIM = 32
+VAE_CONFIG = {"embed_dim": 4, "ddconfig": {
+    "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}
 
 
 def fill_(module: torch.nn.Module, seed: int) -> None:
@@ -51,11 +56,13 @@ def fill_(module: torch.nn.Module, seed: int) -> None:
                     p.copy_(0.05 * noise)
 
 
-def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32,
+               model_type: comfy.model_base.ModelType = comfy.model_base.ModelType.EPS
+               ) -> comfy.model_patcher.ModelPatcher:
     """A ``ModelPatcher`` over a tiny SD1.5-topology ``BaseModel`` (about 3.2 M parameters)."""
     cfg = comfy.supported_models.SD15({**UNET_CONFIG, "dtype": dtype})
     cfg.unet_config["num_heads"] = 2  # SD15.unet_extra_config forces 8
-    model = comfy.model_base.BaseModel(cfg, device=torch.device("cpu"))
+    model = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
     fill_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
@@ -67,6 +74,28 @@ def tiny_clip(seed: int = 1) -> comfy.sd.CLIP:
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(CLIP_CONFIG), "dtype": torch.float32})
     fill_(clip.cond_stage_model, seed)
     return clip
+
+
+def tiny_vae(seed: int = 2) -> comfy.sd.VAE:
+    """A real ``comfy.sd.VAE`` over a small ``AutoencoderKL`` (about 0.4 M parameters), fp32."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ae = AutoencoderKL(**VAE_CONFIG)
+    fill_(ae, seed)
+    return comfy.sd.VAE(sd=ae.state_dict(), config={"params": VAE_CONFIG}, dtype=torch.float32)
+
+
+def blob_images(count: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """``count`` reference images ``(count, size, size, 3)`` in [0, 1]: a coloured disc on a light background."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images = torch.full((count, size, size, 3), 235 / 255)
+    for i in range(count):
+        color = torch.rand(3, generator=gen) * 0.8 + 0.1
+        r = int(torch.randint(size // 6, size // 3, (1,), generator=gen))
+        cy, cx = (int(v) for v in torch.randint(r, size - r, (2,), generator=gen))
+        images[i][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = color
+    return images
 
 
 def tiny_cond(seed: int, tokens: int = 7) -> list:

@@ -1,0 +1,250 @@
+"""The trainer's :class:`train.backend.Backend` over ComfyUI objects.
+
+Two halves, one per thread:
+
+* :class:`ComfyEncoder` runs in the prompt thread (inside the node, under the executor's inference
+  mode): reference images through the ``VAE`` and the model's ``process_latent_in``; prompts through
+  the ``CLIP`` and the model's own ``extra_conds`` (cross-attention context, SDXL's ADM vector ``y``).
+  These are ordinary ComfyUI operations, run where ComfyUI runs them.
+* :class:`ComfyBackend` runs in the training thread over a **private copy** of the diffusion model
+  (:func:`private_copy`), so the queue and other prompts can load, patch or unload the shared model
+  while the gates train.
+
+Maths (VP ↔ VE). The trainer draws integer timesteps ``t`` and thinks in variance-preserving terms,
+``x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε``. ComfyUI's ``BaseModel.apply_model(x, σ)`` takes k-diffusion inputs
+``x = x0 + σ ε`` and returns the denoised ``x0`` for every ε-family prediction type (ε, v, x0). With
+``σ_t`` the model's own schedule (``model_sampling.sigmas``, including a sampling patch such as
+ModelSamplingDiscrete), ``ᾱ_t = 1 / (1 + σ_t²)``, ``x_VE = x_t / √ᾱ_t`` and ``ε̂ = (x_VE − x̂0) / σ_t``:
+exact for ε- and v-prediction models alike, so the backend reports ``prediction_type = "epsilon"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.model_sampling
+import torch
+from torch import nn
+
+import mole_core
+
+from ..train.data import CachedSet
+from .comfy_index import build_index, unet_key_map
+from .injection import holder_of
+
+log = logging.getLogger(__name__)
+
+
+# ----- checks and schedule -----
+def check_trainable(patcher: Any) -> None:
+    """One-line MoleError when the model cannot be trained by this backend.
+
+    Supported: UNet models (SD1.x, SD2.x, SDXL) with an ε-family prediction (ε, v, x0) and a
+    discrete noise schedule; not inpainting models (their input has extra channels) and not a
+    model that already carries a gated MoLE.
+    """
+    base = patcher.model
+    unet_key_map(base)  # raises for non-UNet models
+    ms = base.model_sampling
+    if not isinstance(ms, comfy.model_sampling.EPS) or isinstance(ms, comfy.model_sampling.IMG_TO_IMG):
+        kinds = [c.__name__ for c in type(ms).__mro__ if c.__module__ == comfy.model_sampling.__name__]
+        raise mole_core.MoleError(f"gate training needs an ε- or v-prediction model; this one samples with "
+                                  f"{'/'.join(kinds)} (flow models are not supported)")
+    sigmas = getattr(ms, "sigmas", None)
+    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or len(sigmas) < 2:
+        raise mole_core.MoleError("gate training needs a model with a discrete noise schedule (model_sampling.sigmas)")
+    if base.concat_keys:
+        raise mole_core.MoleError("inpainting/instruct models (extra input channels) are not supported for training")
+    holder = holder_of(patcher)
+    if holder is not None:
+        raise mole_core.MoleError(f"`model` already carries a gated MoLE (MoLE Apply #{holder.node_id}); connect the "
+                                  "model from before MoLE Apply")
+
+
+def schedule(base: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigmas, alphas_cumprod)`` ``(T,)`` float32 on CPU, ``ᾱ_t = 1 / (1 + σ_t²)``."""
+    sigmas = base.model_sampling.sigmas.detach().float().cpu().clone()
+    return sigmas, 1.0 / (1.0 + sigmas * sigmas)
+
+
+def training_memory(patcher: Any, resolution: int, batch_size: int) -> int:
+    """Bytes to ask model management for before the copy: the copy itself plus activations.
+
+    Activations are kept for backward, so three times ComfyUI's own inference estimate for the batch
+    (a heuristic; gate parameters and optimizer state are negligible).
+    """
+    base = patcher.model
+    latent = base.latent_format.latent_channels
+    side = max(1, resolution // 8)
+    activations = base.memory_required([batch_size, latent, side, side])
+    return int(patcher.model_size() + 3 * activations)
+
+
+# ----- the private copy -----
+def normalize_copy_(module: nn.Module) -> nn.Module:
+    """Make a deep copy usable for autograd and free of foreign hooks, in place.
+
+    Replaces every inference-mode parameter or buffer by a normal clone (ComfyUI loads weights under
+    inference mode, and inference tensors cannot be saved for backward) and drops forward hooks the copy
+    inherited from the original (e.g. another extension's injections): they belong to the original.
+    """
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub.named_parameters(recurse=False)):
+                if p.is_inference():
+                    setattr(sub, name, nn.Parameter(p.detach().clone(), requires_grad=False))
+            for name, b in list(sub.named_buffers(recurse=False)):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.detach().clone()
+            for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._forward_hooks_with_kwargs,
+                          sub._forward_pre_hooks_with_kwargs, sub._forward_hooks_always_called):
+                hooks.clear()
+    return module
+
+
+def private_copy(patcher: Any, memory_required: int) -> Any:
+    """A copy of ``patcher``'s ``BaseModel`` with its own weights, made in the prompt thread.
+
+    ComfyUI first loads the patcher in full (its LoRA patches and object patches applied, no lowvram
+    deferral) after freeing ``memory_required`` bytes beyond it; then the module is deep-copied outside
+    inference mode (references to patchers are cut) and normalised by :func:`normalize_copy_`. The copy
+    lives on the patcher's load device; nothing of the shared model or of other clones changes.
+    """
+    mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+    base = patcher.model
+    memo: dict[int, Any] = {id(patcher): None}
+    if base.current_patcher is not None:
+        memo[id(base.current_patcher)] = None
+    with torch.inference_mode(False):
+        clone = copy.deepcopy(base, memo)
+    clone.current_patcher = None
+    return normalize_copy_(clone).requires_grad_(False)
+
+
+def private_module(module: nn.Module, patcher: Any | None = None) -> nn.Module:
+    """A normalised deep copy of any module (the VAE decoder for the CLIP objective)."""
+    if patcher is not None:
+        mm.load_models_gpu([patcher], force_full_load=True)
+    with torch.inference_mode(False):
+        clone = copy.deepcopy(module)
+    return normalize_copy_(clone).requires_grad_(False)
+
+
+# ----- prompt thread: encoding -----
+class ComfyEncoder:
+    """Encodes references and prompts with ComfyUI's VAE and CLIP (the first half of the backend).
+
+    ``base`` is the *shared* ``BaseModel``: only its latent format and ``extra_conds`` are used.
+    """
+
+    def __init__(self, base: Any, vae: Any, clip: Any, resolution: int):
+        self.base, self.vae, self.clip, self.resolution = base, vae, clip, resolution
+        self.device = mm.intermediate_device()
+        ratio = getattr(vae, "downscale_ratio", 8)
+        if not isinstance(ratio, int):
+            raise mole_core.MoleError("`vae` is a video/audio VAE; gate training needs an image VAE")
+        self.vae_scale_factor = ratio
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] → latents ``(B, C, h, w)`` as the UNet expects them."""
+        pixels = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
+        latents = self.vae.encode(pixels)
+        want = self.base.latent_format.latent_channels
+        if latents.dim() != 4 or latents.shape[1] != want:
+            raise mole_core.MoleError(f"`vae` gives latents of shape {tuple(latents.shape[1:])}, the model expects "
+                                      f"{want} channels: connect the VAE that belongs to this model")
+        return self.base.process_latent_in(latents).to(self.device)
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts → ``{"c_crossattn": (B, L, D), "y": (B, adm) for SDXL, ...}`` via the model's ``extra_conds``."""
+        rows = [self._encode_one(p) for p in prompts]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def _encode_one(self, text: str) -> dict[str, torch.Tensor]:
+        out = self.clip.encode_from_tokens(self.clip.tokenize(text), return_dict=True)
+        cond = out.pop("cond")
+        side = self.resolution // self.vae_scale_factor
+        noise = torch.zeros(1, self.base.latent_format.latent_channels, side, side)
+        conds = self.base.extra_conds(**out, cross_attn=cond, device=self.device, noise=noise, width=self.resolution,
+                                      height=self.resolution, prompt_type="positive")
+        tensors = {k: v.cond for k, v in conds.items() if isinstance(getattr(v, "cond", None), torch.Tensor)}
+        if "c_crossattn" not in tensors:
+            raise mole_core.MoleError("the model produced no cross-attention conditioning from `clip`")
+        return {k: v.to(self.device) for k, v in tensors.items()}
+
+
+def unify_context(cache: CachedSet) -> CachedSet:
+    """Repeat every caption's context to a common token length (ComfyUI's ``CONDCrossAttn`` rule:
+    repetition does not change attention), so the trainer can batch captions of different lengths."""
+    lengths = [c["c_crossattn"].shape[1] for c in cache.conds]
+    common = math.lcm(*lengths)
+    for c in cache.conds:
+        ctx = c["c_crossattn"]
+        if ctx.shape[1] != common:
+            c["c_crossattn"] = ctx.repeat(1, common // ctx.shape[1], 1)
+    return cache
+
+
+def cache_to(cache: CachedSet, device: torch.device) -> CachedSet:
+    """Normal-mode clones of the cached latents and conditioning on ``device`` (training thread)."""
+    with torch.inference_mode(False):
+        latents = [x.detach().clone().to(device) for x in cache.latents]
+        conds = [{k: v.detach().clone().to(device) for k, v in c.items()} for c in cache.conds]
+    return CachedSet(latents, list(cache.cond_index), conds, list(cache.captions), list(cache.concepts), cache.crop)
+
+
+# ----- training thread: the denoiser -----
+class ComfyBackend:
+    """:class:`train.backend.Backend` over a private ``BaseModel`` copy (see the module docstring)."""
+
+    prediction_type = "epsilon"
+
+    def __init__(self, model: Any, vae_model: nn.Module | None = None, vae_scale_factor: int = 8):
+        self.model = model
+        self.vae_model = vae_model
+        self.vae_scale_factor = vae_scale_factor
+        self.sigmas, self.alphas_cumprod = schedule(model)
+        self.device = next(model.diffusion_model.parameters()).device
+        self._sigmas_dev = self.sigmas.to(self.device)
+        self._index = build_index(SimpleNamespace(model=model))[0]
+
+    def mixture_target(self) -> mole_core.ModelIndex:
+        return self._index
+
+    def denoiser_modules(self) -> list[nn.Module]:
+        mods: list[nn.Module] = [self.model.diffusion_model]
+        return mods + ([self.vae_model] if self.vae_model is not None else [])
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            log.warning("MoLE: gradient checkpointing is not available in ComfyUI training; ignored")
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        raise mole_core.MoleError("images are encoded once in the prompt thread (ComfyEncoder)")
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raise mole_core.MoleError("prompts are encoded once in the prompt thread; text-encoder gates are not "
+                                  "trained in ComfyUI")
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ε̂ for VP inputs ``x_t (B, C, h, w)`` at integer timesteps ``t (B,)`` (exact for ε and v models)."""
+        sigma = self._sigmas_dev[t.to(self.device)]
+        s = sigma.reshape(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
+        x_ve = x_t * torch.sqrt(1.0 + s * s)
+        extra = {k: v for k, v in cond.items() if k != "c_crossattn"}
+        denoised = self.model.apply_model(x_ve, sigma, c_crossattn=cond["c_crossattn"], transformer_options={},
+                                          **extra)
+        return (x_ve - denoised.to(x_ve.dtype)) / s
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet latents → images in [-1, 1] through the private VAE copy (CLIP objective only)."""
+        if self.vae_model is None:
+            raise mole_core.MoleError("decoding needs the VAE copy (objective 'denoise + clip')")
+        z = self.model.process_latent_out(latents)
+        dtype = next(self.vae_model.parameters()).dtype
+        return self.vae_model.decode(z.to(dtype)).float()

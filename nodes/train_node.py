@@ -1,0 +1,275 @@
+"""MoLE Train Gates: learn the gates from reference images on a private model copy in a background worker.
+
+The node prepares everything in the prompt thread (ComfyUI's own VAE/CLIP encoding, the private model
+copy, normal-mode tensors; see :mod:`.comfy_backend`) and hands a job to the server-wide worker of
+:mod:`.jobs`. ``wait`` keeps the node running with a progress bar and honours ComfyUI's Cancel;
+``background`` returns at once and leaves the queue free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+import mole_core
+from mole_core.gate_file import GateFile
+from mole_core.gates import GATE_INPUTS
+from mole_core.naming import GRANULARITIES
+
+from ..train.config import TrainConfig
+from ..train.data import references_from_images
+from ..train.engine import prepare_references
+from ..train.plots import training_curves
+from . import jobs
+from .apply import TE, static_clip, static_vector
+from .comfy_backend import (
+    ComfyEncoder,
+    cache_to,
+    check_trainable,
+    private_copy,
+    private_module,
+    training_memory,
+    unify_context,
+)
+from .comfy_index import build_index
+from .common import GATES_FOLDER, check_relative_name, node_id
+from .gates import gate_path_for_save
+from .types import ExpertsIO, GatesIO, MoleExperts, MoleGates
+
+RUN_MODES = ("background", "wait")
+OBJECTIVES = {"denoise": "denoise", "denoise + clip": "denoise,clip"}
+CLIP_FOLDER = "mole_clip"
+NONE = "None"
+POLL_S = 0.05
+
+
+def register_clip_folder() -> None:
+    """``models/mole_clip``: open_clip ``.safetensors`` checkpoints for the CLIP objective."""
+    folder_paths.add_model_folder_path(CLIP_FOLDER, os.path.join(folder_paths.models_dir, CLIP_FOLDER),
+                                       is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths[CLIP_FOLDER]
+    folder_paths.folder_names_and_paths[CLIP_FOLDER] = (paths, {".safetensors"})
+
+
+# ----- preparation (prompt thread) -----
+def split_prompts(text: str) -> list[str]:
+    """One prompt per non-empty line."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        raise mole_core.MoleError("`prompts` is empty: write one prompt for all images, or one line per image")
+    return lines
+
+
+def checkpoint_path(file: str) -> str:
+    """``models/mole_gates/.checkpoints/<name>.<random>.mole-state`` (never listed as a gate file)."""
+    folder = os.path.join(folder_paths.get_folder_paths(GATES_FOLDER)[0], ".checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    stem = file.removesuffix(".safetensors").replace("/", "__")
+    return os.path.join(folder, f"{stem}.{uuid.uuid4().hex[:8]}.mole-state")
+
+
+def nla_clip(clip: Any, experts: MoleExperts) -> Any:
+    """The CLIP with the experts' text-encoder parts merged at uniform weights (NLA), as the trainer
+    treats them; the input CLIP itself is not changed."""
+    if clip is None or not experts.has_component(*TE):
+        return clip
+    return static_clip(clip, experts, static_vector("uniform", None, [e.enabled for e in experts.entries]))
+
+
+def initial_gates(model: Any, experts: MoleExperts, cfg: TrainConfig) -> GateFile:
+    """The untrained (uniform) gates; building them also checks the experts against the model now."""
+    gate_cfg = mole_core.GateConfig(granularity=cfg.granularity, gate_input=cfg.gate_input, tau_init=cfg.tau_init)
+    mix = mole_core.attach(build_index(model=model)[0], experts.experts(), gate_cfg, components=["unet"],
+                           hooks=False)
+    return mole_core.snapshot(mix, training={**cfg.to_dict(), "steps_done": 0})
+
+
+def normal_experts(experts: MoleExperts) -> list[mole_core.Expert]:
+    """Experts whose UNet factors are normal-mode clones (safe to use in autograd in another thread)."""
+    out = []
+    with torch.inference_mode(False):
+        for e in experts.experts():
+            factors = {k: dataclasses.replace(f, down=f.down.clone(), up=f.up.clone()) if k.startswith("unet:")
+                       else f for k, f in e.factors.items()}
+            out.append(dataclasses.replace(e, factors=factors))
+    return out
+
+
+def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch.Tensor, prompts: str,
+            cfg: TrainConfig, name: str, mode: str, node: str | None,
+            clip_guide: tuple[str, str] | None = None) -> tuple[jobs.TrainingSpec, GateFile]:
+    """Everything a job needs, made in the prompt thread; returns ``(spec, initial gates)``.
+
+    Raises:
+        MoleError: bad name, empty batch, prompt count ≠ image count, unsupported model, experts that
+            do not fit the model, missing CLIP guide for the CLIP objective.
+    """
+    file, path = gate_path_for_save(name)
+    check_trainable(model)
+    if "clip" in cfg.objectives and clip_guide is None:
+        raise mole_core.MoleError("objective 'denoise + clip' needs `clip_guide` (an open_clip .safetensors in "
+                                  "models/mole_clip)")
+    refs = references_from_images(images, split_prompts(prompts))
+    start = initial_gates(model, experts, cfg)
+    encoder = ComfyEncoder(model.model, vae, nla_clip(clip, experts), cfg.resolution)
+    cache = unify_context(prepare_references(encoder, refs, cfg))
+    copy_ = private_copy(model, training_memory(model, cfg.resolution, cfg.batch_size))
+    vae_model = private_module(vae.first_stage_model, vae.patcher) if "clip" in cfg.objectives else None
+    spec = jobs.TrainingSpec(
+        file=file, path=path, checkpoint=checkpoint_path(file), cfg=cfg, experts=normal_experts(experts), refs=refs,
+        cache=cache_to(cache, model.load_device), model=copy_, load_device=model.load_device,
+        offload_device=model.offload_device, vae_model=vae_model, vae_scale_factor=encoder.vae_scale_factor,
+        clip_guide=clip_guide, node=node, mode=mode)
+    return spec, start
+
+
+# ----- waiting (prompt thread) -----
+def wait_for(job: Any, steps: int) -> None:
+    """Drive a ProgressBar until the job ends; ComfyUI's Cancel stops the job (checkpoint kept) and
+    interrupts the prompt."""
+    pbar = comfy.utils.ProgressBar(steps)
+    try:
+        while job.status in ("queued", "running"):
+            if mm.processing_interrupted():
+                _stop(job)
+                mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(int(job.progress.get("step", 0) or 0), steps)
+            time.sleep(POLL_S)
+    except mm.InterruptProcessingException:
+        _stop(job)
+        raise
+
+
+def _stop(job: Any) -> None:
+    if job.status in ("queued", "running"):
+        jobs.cancel(job.id)
+    jobs.worker().wait(job.id, timeout=600)
+
+
+def outcome(job: Any) -> GateFile:
+    """The trained gates of a finished job, or a one-line error for a failed or cancelled one."""
+    if job.status == "failed":
+        raise mole_core.MoleError(f"training job {job.id} failed: {job.error}")
+    spec = jobs.spec_of(job)
+    if job.status != "done" or spec is None or spec.result is None:
+        step = (job.progress or {}).get("step", 0)
+        raise mole_core.MoleError(f"training job {job.id} was cancelled at step {step}; its checkpoint is kept "
+                                  "(Resume in the node's panel continues it)")
+    return spec.result.gates
+
+
+def curves_image(history: list[dict]) -> torch.Tensor:
+    arr = np.asarray(training_curves(history), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
+
+
+# ----- the node -----
+class MoleTrainGates(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        guides = [NONE, *folder_paths.get_filename_list(CLIP_FOLDER)]
+        return io.Schema(
+            node_id="MoLE_TrainGates", display_name="MoLE Train Gates", category="MoLE", is_experimental=True,
+            is_output_node=True,
+            description="Trains the MoLE gates on reference images in a background worker, on a private copy of "
+                        "the model (the queue keeps running). wait: the node runs until training ends (progress "
+                        "bar, Cancel stops it and keeps the checkpoint) and outputs the trained gates. background: "
+                        "returns at once; the gates output then holds the untrained (uniform = NLA) gates, and the "
+                        "trained ones are written to models/mole_gates/<name>.safetensors for MoLE Load Gates. "
+                        "Same inputs again do not start a second job (change seed or name to retrain).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x or SDXL). Training uses a private "
+                                                "copy; this model is not changed."),
+                io.Clip.Input("clip", tooltip="Encodes the prompts (the experts' text-encoder parts are applied at "
+                                              "uniform weights, once)."),
+                io.Vae.Input("vae", tooltip="Encodes the reference images into latents (the model's own VAE)."),
+                ExpertsIO.Input("experts", tooltip="The LoRA experts from MoLE Load Experts (their order is the gate "
+                                                   "order)."),
+                io.Image.Input("images", tooltip="Reference images (a batch): what the mixture should reproduce. Any "
+                                                 "size: resized and centre-cropped to `resolution`."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="One prompt for all images, or one line per image (same order as the batch)."),
+                io.Int.Input("steps", default=200, min=1, max=100000,
+                             tooltip="Optimizer steps. Gates are small: 100-300 steps are usually enough."),
+                io.Float.Input("lr", default=5e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6,
+                               tooltip="AdamW learning rate of the gates."),
+                io.Float.Input("alpha", default=0.5, min=0.0, max=10.0, step=0.05,
+                               tooltip="Weight α of the balance loss (paper Eq. 16): higher keeps every expert in "
+                                       "use, 0 lets the gates pick freely."),
+                io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
+                               tooltip="One gate per: matrix (layer), layer (transformer layer), block (attention "
+                                       "block; the paper's best) or network (one gate for the whole UNet)."),
+                io.Combo.Input("gate_input", options=list(GATE_INPUTS), default="input",
+                               tooltip="What the gate looks at: input (pooled block input) or experts (pooled "
+                                       "outputs of the experts, paper Eq. 9-10)."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default="denoise",
+                               tooltip="denoise: the model's own denoising loss on the references. denoise + clip: "
+                                       "plus CLIP image/text similarity of the denoised estimate (needs clip_guide)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of batches, timesteps and noise: same seed and inputs, same gates."),
+                io.String.Input("name", default="mole_trained",
+                                tooltip="Gate file name in models/mole_gates (sub-folders allowed, no '..'); "
+                                        ".safetensors is added. An existing file of that name is replaced when "
+                                        "the job finishes."),
+                io.Combo.Input("run", options=list(RUN_MODES), default="background",
+                               tooltip="background: return at once, train beside the queue (watch and control it in "
+                                       "the panel). wait: keep this node running until the gates are trained."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
+                             tooltip="Training resolution in pixels (512 for SD1.x, 1024 for SDXL)."),
+                io.Int.Input("batch_size", default=2, min=1, max=64,
+                             tooltip="Images per step (more: smoother gradients, more memory)."),
+                io.Combo.Input("clip_guide", options=guides, default=NONE, optional=True,
+                               tooltip="open_clip .safetensors in models/mole_clip, for objective 'denoise + clip'."),
+                io.String.Input("clip_guide_arch", default="ViT-B-32", optional=True,
+                                tooltip="open_clip architecture name of clip_guide (e.g. ViT-B-32, ViT-L-14)."),
+            ],
+            outputs=[GatesIO.Output(display_name="gates",
+                                    tooltip="wait: the trained gates (with their statistics on the references). "
+                                            "background: the untrained uniform gates (the job writes the trained "
+                                            "ones to models/mole_gates)."),
+                     io.Image.Output(display_name="curves", tooltip="Loss and gate-entropy curves (wait mode).")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name: str) -> bool | str:
+        try:
+            check_relative_name(name, "name", "models/mole_gates")
+        except mole_core.MoleError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch.Tensor, prompts: str,
+                steps: int, lr: float, alpha: float, granularity: str, gate_input: str, objective: str, seed: int,
+                name: str, run: str, resolution: int, batch_size: int, clip_guide: str = NONE,
+                clip_guide_arch: str = "ViT-B-32") -> io.NodeOutput:
+        if run not in RUN_MODES or objective not in OBJECTIVES:
+            raise mole_core.MoleError(f"`run` must be one of {RUN_MODES} and `objective` one of {list(OBJECTIVES)}")
+        cfg = TrainConfig(steps=steps, lr=lr, alpha=alpha, granularity=granularity, gate_input=gate_input,
+                          objective=OBJECTIVES[objective], seed=seed, resolution=resolution, batch_size=batch_size,
+                          warmup_steps=min(10, steps // 10), checkpoint_every=max(1, steps // 20))
+        guide = (folder_paths.get_full_path_or_raise(CLIP_FOLDER, clip_guide), clip_guide_arch) \
+            if clip_guide not in (NONE, "", None) else None
+        spec, start = prepare(model, clip, vae, experts, images, prompts, cfg, name, run, node_id(cls), guide)
+        job = jobs.submit(spec)
+        if run == "background":
+            gates = MoleGates(start, experts.names, source=f"MoLE Train Gates job {job.id} (training in the "
+                                                             f"background → {spec.file})")
+            return io.NodeOutput(gates, curves_image([]), ui={"mole_job": [jobs.view(job)]})
+        wait_for(job, steps)
+        trained = outcome(job)
+        gates = MoleGates(trained, experts.names, source=f"MoLE Train Gates → {spec.file}")
+        text = f"trained {spec.file}: {job.progress.get('step', steps)} steps, loss {job.progress.get('loss', 0):.4g}"
+        return io.NodeOutput(gates, curves_image(job.history),
+                             ui={"mole_job": [jobs.view(job)], **ui.PreviewText(text).as_dict()})
