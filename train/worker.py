@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -127,11 +128,11 @@ class Worker:
         return job
 
     def resume(self, job_id: str) -> Job:
-        """Requeue a cancelled or failed job from its last checkpoint."""
+        """Requeue a cancelled or failed job from its last checkpoint (from scratch if none was written)."""
         job = self.get(job_id)
         if job.status not in ("cancelled", "failed"):
             raise ValueError(f"job {job_id!r} is {job.status}; only cancelled or failed jobs can be resumed")
-        job.resume_from = job.checkpoint
+        job.resume_from = job.checkpoint if job.checkpoint and os.path.exists(job.checkpoint) else None
         job.stop = threading.Event()
         job.status, job.error, job.finished = "queued", None, None
         self._queue.put(job)

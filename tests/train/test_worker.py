@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,13 +16,15 @@ from train.worker import Worker
 
 
 def _counting_job(steps: int, delay: float = 0.01, started: threading.Event | None = None):
+    """Counts to ``steps``; on stop writes its position to ``ctx.job.checkpoint`` (a file)."""
     def fn(ctx):
-        start = int(ctx.resume_from or 0)
+        start = int(Path(ctx.resume_from).read_text()) if ctx.resume_from else 0
         for i in range(start, steps):
             if started is not None:
                 started.set()
             if ctx.should_stop():
-                ctx.job.checkpoint = str(i)
+                if ctx.job.checkpoint:
+                    Path(ctx.job.checkpoint).write_text(str(i))
                 return i
             ctx.progress({"step": i + 1, "loss": 1.0 / (i + 1)})
             time.sleep(delay)
@@ -43,18 +46,30 @@ def test_jobs_queue_and_run_one_at_a_time():
     assert a.public()["status"] == "done"
 
 
-def test_cancel_then_resume_continues_from_checkpoint():
+def test_cancel_then_resume_continues_from_checkpoint(tmp_path):
     started = threading.Event()
     w = Worker()
-    job = w.submit("long", _counting_job(200, delay=0.01, started=started))
+    job = w.submit("long", _counting_job(200, delay=0.01, started=started), checkpoint=str(tmp_path / "ck"))
     assert started.wait(5)
     w.cancel(job.id)
     assert w.wait(job.id, timeout=10).status == "cancelled"
     stopped_at = job.result
-    assert 0 <= stopped_at < 200 and job.checkpoint == str(stopped_at)
+    assert 0 <= stopped_at < 200 and (tmp_path / "ck").read_text() == str(stopped_at)
     w.resume(job.id)
+    assert job.resume_from == str(tmp_path / "ck")
     assert w.wait(job.id, timeout=20).status == "done" and job.result == 200
-    assert job.history[-1]["step"] == 200
+    steps = [h["step"] for h in job.history]
+    assert steps == list(range(1, 201))  # resumed where it stopped: no step twice, none missing
+
+
+def test_resume_without_checkpoint_file_starts_fresh(tmp_path):
+    w = Worker()
+    job = w.submit("x", _counting_job(3), checkpoint=str(tmp_path / "never-written"))
+    w.wait(job.id, timeout=10)
+    job.status = "failed"  # pretend it failed before writing a checkpoint
+    w.resume(job.id)
+    assert job.resume_from is None
+    assert w.wait(job.id, timeout=10).status == "done"
 
 
 def test_failing_job_reports_error_and_worker_keeps_going():
