@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/layer.py
 	$(BIN)/python bench/unet_step.py
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/compile_check.py
 
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py

@@ -125,6 +125,18 @@ class ExpertBank:
         coef = _match_batch(coef, h.shape[0], self.target)[:, :, None, None]
         return F.conv2d(h * coef, b)
 
+    def expand_add(self, out: torch.Tensor, h: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """``out + expand(h, coef)`` with the addition fused into the expand GEMM (``beta = 1``): one pass over
+        the layer output less, and no temporary of the output's size."""
+        _, b, _ = self.tensors(h.device, h.dtype)
+        coef = _match_batch(coef.to(h.dtype), h.shape[0], self.target)
+        if self.conv is None:
+            coef = coef.reshape(coef.shape[0], *([1] * (h.dim() - 2)), coef.shape[-1])
+            hc = (h * coef).reshape(-1, h.shape[-1])
+            return torch.addmm(out.reshape(-1, out.shape[-1]), hc, b.t()).reshape(out.shape)
+        hc = (h * coef[:, :, None, None]).flatten(2)  # (B, R, H'W')
+        return torch.baddbmm(out.flatten(2), b.flatten(1).expand(h.shape[0], -1, -1), hc).reshape(out.shape)
+
     def pooled_expert_outputs(self, h: torch.Tensor, n_experts: int) -> torch.Tensor:
         """Mean over tokens/pixels of every expert's output, ``(B, N, out)`` (paper Eq. 9).
 

@@ -46,7 +46,7 @@ class _Scope:
     component: str
     feature_dim: int
     gate: torch.Tensor | None = None
-    gen: int = -1
+    recorded: bool = False  # statistics taken for this forward (not again on a checkpoint recompute)
 
 
 class Mixture:
@@ -83,7 +83,7 @@ class Mixture:
         self.gates.to(device)
         self.stats = GateStats(self.n)
         self.live_gates: dict[str, torch.Tensor] = {}
-        self._gen = {c: 0 for c in comps}
+        self._comps = comps
         self._handles: list[RemovableHandle] = []
         self._mode = "gated"
         self._weights: torch.Tensor | None = None
@@ -130,7 +130,7 @@ class Mixture:
         if self._handles:
             return
         for comp, root in self.index.roots.items():
-            if comp in self._gen:
+            if comp in self._comps:
                 self._handles.append(root.register_forward_pre_hook(self._root_hook(comp)))
         for scope_i, scope in enumerate(self.scopes.values()):
             gate = self.gates[f"s{scope_i}"]
@@ -139,8 +139,13 @@ class Mixture:
                 self._handles.append(self.index.modules[t].register_forward_hook(hook))
 
     def _root_hook(self, comp: str):
+        # A new forward pass: forget the previous pass's gates. No Python counter is read in the traced
+        # hooks, so torch.compile does not guard on (and recompile for) a value that changes every call.
+        scopes = [s for s in self.scopes.values() if s.component == comp]
+
         def hook(module: nn.Module, args: tuple) -> None:
-            self._gen[comp] += 1
+            for s in scopes:
+                s.gate, s.recorded = None, False
         return hook
 
     def _target_hook(self, bank: ExpertBank, scope: _Scope, gate: ScopeGate, is_lead: bool):
@@ -159,19 +164,21 @@ class Mixture:
                     g = gate(feats.to(gate.weight.device, torch.float32))
                     if self._masked:
                         g = apply_mask(g, self._mask_dev(g.device))
-                    scope.gate, scope.gen = g, self._gen.get(scope.component, 0)
+                    scope.gate = g
                     self.live_gates[scope.name] = g
-                    self.stats.record(scope.name, g)
+                    if not scope.recorded:  # a gradient-checkpoint recompute re-runs this hook
+                        self.stats.record(scope.name, g)
+                        scope.recorded = True
                 else:
                     g = scope.gate
-                    if g is None or scope.gen != self._gen.get(scope.component, 0):
+                    if g is None:
                         raise MoleError(f"{bank.target} ran before {scope.lead}, the layer that computes the gate "
                                         f"of scope {scope.name}, in this forward pass")
                 g = g.to(h.device)
             else:
-                g = self._static.to(h.device)
+                g = self._static_dev(h.device)
             coef = (g * self._scale_n_dev(h.device))[:, bank.tensors(h.device, h.dtype)[2]]
-            return out + bank.expand(h, coef)
+            return bank.expand_add(out, h, coef)
         return hook
 
     # ----- runtime state -----
@@ -235,6 +242,12 @@ class Mixture:
         key = ("scale", device)
         if key not in self._dev_cache:
             self._dev_cache[key] = self._scale_n.to(device)
+        return self._dev_cache[key]
+
+    def _static_dev(self, device: torch.device) -> torch.Tensor:
+        key = ("static", device)
+        if key not in self._dev_cache:  # no host→device copy of the static gates on every call
+            self._dev_cache[key] = self._static.to(device)
         return self._dev_cache[key]
 
     def _mask_dev(self, device: torch.device) -> torch.Tensor:

@@ -20,7 +20,7 @@ class GateStats:
         self.bucket = 0
         self._sums: dict[tuple[str, int], torch.Tensor] = {}
         self._ent: dict[tuple[str, int], torch.Tensor] = {}
-        self._count: dict[tuple[str, int], int] = {}
+        self._count: dict[tuple[str, int], torch.Tensor] = {}  # tensors: no int guards under torch.compile
 
     def reset(self) -> None:
         self._sums.clear()
@@ -33,14 +33,15 @@ class GateStats:
             return
         key = (scope, self.bucket)
         g = g.detach().float()
-        if key in self._sums:
-            self._sums[key] += g.sum(0)
-            self._ent[key] += entropy(g).sum()
-            self._count[key] += g.shape[0]
+        n = g.new_full((), g.shape[0])
+        if key in self._sums:  # out of place: the sums may be inference tensors from a sampling pass
+            self._sums[key] = self._sums[key] + g.sum(0)
+            self._ent[key] = self._ent[key] + entropy(g).sum()
+            self._count[key] = self._count[key] + n
         else:
             self._sums[key] = g.sum(0)
             self._ent[key] = entropy(g).sum()
-            self._count[key] = g.shape[0]
+            self._count[key] = n
 
     @property
     def empty(self) -> bool:
@@ -57,11 +58,11 @@ class GateStats:
             if bucket is not None and b != bucket:
                 continue
             sums[scope] = sums.get(scope, 0) + s.cpu()
-            counts[scope] = counts.get(scope, 0) + self._count[(scope, b)]
+            counts[scope] = counts.get(scope, 0) + int(self._count[(scope, b)])
         return {k: (v / counts[k]).tolist() for k, v in sums.items()}
 
     def mean_entropy(self) -> float:
-        total = sum(self._count.values())
+        total = sum(int(c) for c in self._count.values())
         if not total:
             return float("nan")
         return float(sum(e.cpu() for e in self._ent.values()) / total)
@@ -70,4 +71,4 @@ class GateStats:
         """JSON-able: ``{"buckets": [...], "mean": {scope: [N]}, "by_bucket": {b: {scope: [N]}}, "entropy"}``."""
         return {"buckets": self.buckets(), "mean": self.mean_gates(),
                 "by_bucket": {str(b): self.mean_gates(b) for b in self.buckets()},
-                "entropy": self.mean_entropy(), "samples": sum(self._count.values())}
+                "entropy": self.mean_entropy(), "samples": sum(int(c) for c in self._count.values())}

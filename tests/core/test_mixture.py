@@ -275,3 +275,37 @@ def test_stats_and_entropy(net, experts):
     assert s["buckets"] == [2] and abs(s["entropy"] - math.log(3)) < 1e-5
     assert all(abs(sum(v) - 1) < 1e-5 for v in s["mean"].values())
     mix.detach()
+
+
+def test_training_forward_after_inference_mode_sampling(net, experts):
+    """Stats created under inference_mode (a sampling preview) must not break a later training step."""
+    mix = mole.attach(net, experts)
+    with torch.inference_mode():
+        net(_x())
+    for p in net.parameters():
+        p.requires_grad_(False)
+    loss = net(_x()).pow(2).mean() + mix.balance_loss()
+    loss.backward()
+    assert mix.stats.summary()["samples"] == 2 * 3 * len(mix.scopes)  # 2 passes × 3 samples × scopes
+    mix.detach()
+
+
+def test_stats_recorded_once_under_gradient_checkpointing(net, experts):
+    from torch.utils.checkpoint import checkpoint
+
+    mix = mole.attach(net, experts)
+    _set_random_gates(mix)
+    blocks = net.down_blocks[0].attentions
+    originals = [b.forward for b in blocks]
+    for b, fwd in zip(blocks, originals):
+        b.forward = lambda x, fwd=fwd: checkpoint(fwd, x, use_reentrant=False)
+    try:
+        for p in net.parameters():
+            p.requires_grad_(False)
+        net(_x()).pow(2).mean().backward()  # the backward recomputes the checkpointed blocks (and their hooks)
+    finally:
+        for b, fwd in zip(blocks, originals):
+            b.forward = fwd
+    assert {int(c) for c in mix.stats._count.values()} == {3}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mix.gate_parameters())
+    mix.detach()
