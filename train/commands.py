@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .data import scan_folder
     from .diffusers_backend import DiffusersBackend
-    from .engine import gate_statistics, prepare_references, train
+    from .engine import gate_statistics, reference_cache, train
     from .plots import training_curves
     from .worker import Worker
 
@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         guide = load_clip(args.clip_model, args.clip_arch, str(pipe.device))
     backend = DiffusersBackend(pipe, cfg.resolution)
-    cache = prepare_references(backend, refs, cfg)
+    cache = reference_cache(backend, experts, refs, cfg)
     bar = _progress_bar(cfg.steps) if rank == 0 else None
 
     def job(ctx):  # noqa: ANN001, ANN202

@@ -66,6 +66,19 @@ def prepare_references(backend: Backend, refs: list[Reference], cfg: TrainConfig
                      [r.concept for r in refs], crop)
 
 
+def reference_cache(backend: Backend, experts: list[mole.Expert], refs: list[Reference],
+                    cfg: TrainConfig) -> CachedSet:
+    """:func:`prepare_references` with the text encoders' LoRA parts in NLA mode — the conditioning
+    training and sampling see (pass it to :func:`train` and :func:`gate_statistics`)."""
+    gated, static = attach_for_training(backend, experts, cfg)
+    gated.detach()
+    try:
+        return prepare_references(backend, refs, cfg)
+    finally:
+        if static is not None:
+            static.detach()
+
+
 def attach_for_training(backend: Backend, experts: list[mole.Expert], cfg: TrainConfig
                         ) -> tuple[Mixture, Mixture | None]:
     """Gated mixture on the UNet (and text encoders if ``train_text_gates``), NLA on the rest."""
@@ -152,13 +165,13 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
         p.requires_grad_(False)
     gated = static = None
     try:
-        if cache is None:
+        gated, static = attach_for_training(backend, experts, cfg)
+        gated.stats.enabled = False
+        if cache is None:  # after attaching: prompts are encoded with the text encoders' LoRA parts (NLA)
             cache = prepare_references(backend, refs, cfg)
         if clip_guide is not None and "clip" in cfg.objectives:
             clip_guide.prepare([to_tensor(load_image(r), cfg.resolution) for r in refs],
                                [r.concept for r in refs], [r.caption for r in refs])
-        gated, static = attach_for_training(backend, experts, cfg)
-        gated.stats.enabled = False
         backend.set_gradient_checkpointing(cfg.gradient_checkpointing)
         return _run(cfg, backend, experts, cache, gated, objectives, rank, world, progress, should_stop,
                     checkpoint_path, resume_from, out_path)

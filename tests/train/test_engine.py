@@ -156,3 +156,21 @@ def test_config_round_trip():
     cfg = TrainConfig(steps=7, objective="denoise,clip")
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.objectives == ["denoise", "clip"]
+
+
+def test_cached_prompts_use_the_text_encoder_loras_in_nla_mode(backend, lora_set, refs_dir):
+    """Training must see the conditioning sampling sees: text-encoder LoRA parts mixed at 1/N."""
+    from train.engine import reference_cache
+
+    experts = mole.load_experts(lora_set.paths)
+    cfg = TrainConfig(steps=1, **CFG)
+    refs = scan_folder(refs_dir)
+    cache = reference_cache(backend, experts, refs, cfg)
+    prompt = cache.captions[0]
+    cached = cache.conds[cache.cond_index[0]]["encoder_hidden_states"]
+    bare = backend.encode_prompts([prompt])["encoder_hidden_states"]
+    nla = mole.attach(backend.mixture_target(), experts, mode="uniform", components=["te"])
+    with torch.no_grad():
+        want = backend.encode_prompts([prompt])["encoder_hidden_states"]
+    nla.detach()
+    assert torch.equal(cached, want) and not torch.allclose(cached, bare)

@@ -115,55 +115,88 @@ def tokenize(tokenizer: object, captions: list[str]) -> torch.Tensor:
     return out.input_ids
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ loss weights for ε-prediction (Hang et al. 2023): ``min(SNR, γ) / SNR``."""
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Min-SNR-γ weights for ε-prediction (Hang et al. 2023): ``min(SNR, γ) / SNR``; all 1 if ``gamma`` is None."""
+    if gamma is None:
+        return torch.ones(len(t))
     ac = alphas_cumprod[t]
     snr = ac / (1.0 - ac)
     return torch.clamp(snr, max=gamma) / snr
 
 
+class Ema:
+    """Exponential moving average of parameters (used for the sampled weights)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
 def diffusion_loss(unet: torch.nn.Module, text_encoder: torch.nn.Module, scheduler: object, data: LatentSet,
                    idx: torch.Tensor, empty_ids: torch.Tensor, drop: float, gen: torch.Generator,
-                   snr_gamma: float) -> torch.Tensor:
-    """ε-prediction MSE on a batch ``idx``; captions replaced by the empty prompt with probability ``drop``."""
+                   snr_gamma: float | None, offset_noise: float = 0.0) -> torch.Tensor:
+    """Diffusion MSE (ε or v target, as the scheduler predicts) on a batch ``idx``; captions are replaced by
+    the empty prompt with probability ``drop``."""
     z = data.mean[idx] + data.std[idx] * torch.randn(data.mean[idx].shape, generator=gen)
     ids = data.ids[idx].clone()
     dropped = torch.rand(len(idx), generator=gen) < drop
     ids[dropped] = empty_ids
     noise = torch.randn(z.shape, generator=gen)
+    if offset_noise:  # per-image, per-channel shift: the noisiest inputs must not reveal the image's mean colour
+        noise = noise + offset_noise * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=gen)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
     noisy = scheduler.add_noise(z, noise, t)
+    target = scheduler.get_velocity(z, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
     cond = text_encoder(ids)[0]
     pred = unet(noisy, t, cond).sample
-    per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     return (per * min_snr_weights(scheduler.alphas_cumprod, t, snr_gamma)).mean()
 
 
 def train_diffusion(unet: torch.nn.Module, text_encoder: torch.nn.Module, scheduler: object, data: LatentSet,
                     params: list[torch.nn.Parameter], *, steps: int, batch: int, lr: float, seed: int,
-                    empty_ids: torch.Tensor, drop: float = 0.15, snr_gamma: float = 5.0, label: str = "unet",
+                    empty_ids: torch.Tensor, drop: float = 0.15, snr_gamma: float | None = None,
+                    ema_decay: float | None = None, offset_noise: float = 0.0, label: str = "unet",
                     log: Log = print) -> dict:
-    """Train ``params`` (the whole model, or only LoRA factors) with the diffusion loss."""
+    """Train ``params`` (the whole model, or only LoRA factors) with the diffusion loss.
+
+    With ``ema_decay`` the parameters end as their exponential moving average.
+    """
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = Ema(params, ema_decay) if ema_decay else None
     unet.train()
     text_encoder.train()
-    t0, ema = time.time(), None
+    t0, smooth = time.time(), None
     for step in range(steps):
         _set_lr(opt, lr_at(step, steps, lr, max(1, steps // 20)))
         idx = torch.randint(0, len(data), (batch,), generator=gen)
-        loss = diffusion_loss(unet, text_encoder, scheduler, data, idx, empty_ids, drop, gen, snr_gamma)
+        loss = diffusion_loss(unet, text_encoder, scheduler, data, idx, empty_ids, drop, gen, snr_gamma, offset_noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if ema is not None:
+            ema.update()
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         if _every(step, steps):
-            log(f"  {label} step {step + 1}/{steps}  loss {ema:.4f}  ({time.time() - t0:.0f} s)")
+            log(f"  {label} step {step + 1}/{steps}  loss {smooth:.4f}  ({time.time() - t0:.0f} s)")
+    if ema is not None:
+        ema.copy_to_params()
     unet.eval()
     text_encoder.eval()
     return {"steps": steps, "batch": batch, "lr": lr, "seconds": round(time.time() - t0, 1),
-            "final_loss_ema": round(float(ema), 5)}
+            "final_loss": round(float(smooth), 5)}
 
 
 # ----- shape classifier -----
