@@ -1,0 +1,265 @@
+"""Composition quality on the toy world: do learned gates beat NLA? (issue #6)
+
+For every 2- and 3-concept composition of the toy world's concept LoRAs and every seed, this trains
+MoLE gates (denoise objective on per-concept reference images — never on composition images) in
+several variants and samples composition prompts with each method:
+
+- ``nla``: every expert at 1/N;  ``stack``: every expert at 1;  ``single_<concept>``: one expert alone;
+- ``mole_block`` / ``mole_layer``: learned gates per block / per transformer layer (α = 0.5);
+- ``mole_block_no_balance``: block gates without the balance loss (α = 0);
+- ``mole_block_experts``: block gates reading pooled expert outputs instead of the block input.
+
+Probes read every attribute of every image exactly (colour, texture, shape, background), so the
+metrics are counts, not CLIP similarities:
+
+- composition accuracy: all attributes of the prompt present;  per-concept fidelity;
+- base preservation: accuracy on prompts that use no concept, with the experts attached;
+- gate entropy (of the mean gate over blocks and images) and the largest mean gate share.
+
+``python bench/quality.py --quick --json`` prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mole_core as mole  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.data import Reference  # noqa: E402
+from train.diffusers_backend import DiffusersBackend, _quiet  # noqa: E402
+from train.engine import reference_cache, train  # noqa: E402
+from train.toy import load_world  # noqa: E402
+from train.toy import world as W  # noqa: E402
+from train.toy.evaluate import sample  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A MoLE training recipe."""
+
+    name: str
+    granularity: str = "block"
+    gate_input: str = "input"
+    alpha: float = 0.5
+
+
+VARIANTS = [Variant("mole_block"), Variant("mole_layer", granularity="layer"),
+            Variant("mole_block_no_balance", alpha=0.0), Variant("mole_block_experts", gate_input="experts")]
+FULL_EXTRA = [Variant("mole_matrix", granularity="matrix"), Variant("mole_network", granularity="network")]
+
+
+@dataclass
+class Settings:
+    seeds: list[int]
+    steps: int
+    lr: float
+    refs: int
+    prompts: int
+    images: int
+    sample_steps: int
+    guidance: float
+    variants: list[Variant]
+    base_prompts: int
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    if args.quick:
+        s = Settings([0, 1], 80, 3e-2, 8, 4, 4, 12, 5.0, VARIANTS, 16)
+    else:
+        s = Settings([0, 1, 2], 150, 3e-2, 8, 6, 6, 20, 5.0, VARIANTS + FULL_EXTRA, 32)
+    if args.seeds:
+        s.seeds = list(range(args.seeds))
+    if args.steps:
+        s.steps = args.steps
+    return s
+
+
+def static_methods(n: int, names: list[str]) -> dict[str, dict]:
+    out = {"nla": {"mode": "uniform"}, "stack": {"mode": "static", "weights": [1.0] * n}}
+    for i, c in enumerate(names):
+        out[f"single_{c}"] = {"mode": "static", "weights": [1.0 if j == i else 0.0 for j in range(n)]}
+    return out
+
+
+def attach_method(pipe, experts: list[mole.Expert], method: dict) -> list[mole.Mixture]:  # noqa: ANN001
+    """Mixtures for one method: static/uniform everywhere, or gated UNet + NLA text encoders."""
+    if "gates" not in method:
+        return [mole.attach(pipe, experts, mode=method["mode"], weights=method.get("weights"))]
+    mixes = [mole.attach(pipe, experts, gates=method["gates"], components=["unet"])]
+    if any(k.startswith("te") for e in experts for k in e.factors):
+        mixes.append(mole.attach(pipe, experts, mode="uniform", components=["te"]))
+    return mixes
+
+
+def gate_summary(method: dict, mixes: list[mole.Mixture], n: int) -> tuple[float, float]:
+    """Entropy (nats) of the mean gate over blocks and images, and its largest share."""
+    if "gates" in method:
+        means = mixes[0].stats.mean_gates()
+        q = np.mean(np.array(list(means.values())), axis=0) if means else np.full(n, 1 / n)
+    else:
+        w = np.array(method.get("weights") or [1.0] * n, dtype=float)
+        q = w / w.sum()
+    q = np.clip(q, 1e-12, 1)
+    return float(-(q * np.log(q)).sum()), float(q.max())
+
+
+def evaluate(world, pipe, experts, method: dict, comps, base_specs, s: Settings, seed: int) -> dict:  # noqa: ANN001
+    """Sample composition and base prompts with one method and score them with the probes."""
+    mixes = attach_method(pipe, experts, method)
+    try:
+        prompts = [c.prompt for c in comps for _ in range(s.images)]
+        wanted = [c.wanted for c in comps for _ in range(s.images)]
+        images = sample(pipe, prompts, seed=1000 + seed, steps=s.sample_steps, guidance=s.guidance)
+        entropy, share = gate_summary(method, mixes, len(experts))
+        base_images = sample(pipe, [W.caption(b) for b in base_specs], seed=2000 + seed, steps=s.sample_steps,
+                             guidance=s.guidance)
+    finally:
+        for m in mixes:
+            m.detach()
+    scores = [world.probe.score(im, w) for im, w in zip(images, wanted)]
+    base = [world.probe.score(im, b) for im, b in zip(base_images, base_specs)]
+    fidelity = {c: float(np.mean([sc[W.concept(c).attribute] for sc in scores])) for c in comps[0].concepts}
+    return {"composition": float(np.mean([sc["all"] for sc in scores])), "fidelity": fidelity,
+            "base": float(np.mean([b["all"] for b in base])), "entropy": entropy, "max_share": share,
+            "images": images[:: s.images][: len(comps)]}
+
+
+def run_subset(world, pipe, backend, subset: tuple[str, ...], seed: int, s: Settings, log) -> dict:  # noqa: ANN001
+    """All methods for one composition and seed."""
+    experts = mole.load_experts(world.expert_paths(list(subset)))
+    refs = [Reference(None, cap, name, img) for name, items in world.reference_images(list(subset), s.refs, seed)
+            .items() for img, cap in items]
+    comps = world.composition_prompts(len(subset), per_set=s.prompts, seed=seed, concepts=list(subset))
+    base_specs = [sp.attributes for sp in W.sample_specs(s.base_prompts, 3000 + seed, W.BASE_VALUES)]
+    methods = static_methods(len(experts), list(subset))
+    cfg0 = TrainConfig(steps=s.steps, lr=s.lr, resolution=W.SIZE, batch_size=8, seed=seed, checkpoint_every=0)
+    cache = reference_cache(backend, experts, refs, cfg0)
+    for v in s.variants:
+        cfg = TrainConfig(**{**cfg0.to_dict(), "granularity": v.granularity, "gate_input": v.gate_input,
+                             "alpha": v.alpha})
+        t0 = time.perf_counter()
+        res = train(cfg, backend, experts, refs, cache=cache)
+        methods[v.name] = {"gates": res.gates, "train_s": time.perf_counter() - t0}
+    out = {}
+    for name, method in methods.items():
+        out[name] = evaluate(world, pipe, experts, method, comps, base_specs, s, seed)
+        log(f"  {'+'.join(subset):24s} seed {seed} {name:24s} comp {out[name]['composition']:.3f} "
+            f"base {out[name]['base']:.3f} H {out[name]['entropy']:.3f}")
+    return out
+
+
+def aggregate(results: dict[int, list[dict]]) -> dict:
+    """Mean and spread over seeds (and over the compositions of each size) per method and metric."""
+    agg: dict = {}
+    for k, runs in results.items():
+        methods = set().union(*[r.keys() for r in runs])
+        for m in sorted(methods):
+            key = m if not m.startswith("single_") else "single (mean)"
+            vals = [r[m] for r in runs if m in r]
+            entry = agg.setdefault(k, {}).setdefault(key, {"composition": [], "base": [], "entropy": [],
+                                                          "max_share": [], "fidelity": []})
+            for v in vals:
+                entry["composition"].append(v["composition"])
+                entry["base"].append(v["base"])
+                entry["entropy"].append(v["entropy"])
+                entry["max_share"].append(v["max_share"])
+                entry["fidelity"].append(float(np.mean(list(v["fidelity"].values()))))
+    return {k: {m: {metric: (float(np.mean(v)), float(np.std(v))) for metric, v in e.items()} for m, e in ms.items()}
+            for k, ms in agg.items()}
+
+
+def table(agg: dict, k: int) -> str:
+    rows = [f"### {k}-concept compositions", "",
+            "| method | composition acc. | concept fidelity | base preservation | gate entropy | max share |",
+            "|---|---|---|---|---|---|"]
+    for m, e in sorted(agg[k].items(), key=lambda x: -x[1]["composition"][0]):
+        cells = [f"{e[x][0]:.3f} ± {e[x][1]:.3f}" for x in ("composition", "fidelity", "base", "entropy",
+                                                            "max_share")]
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def save_grid(samples: dict[str, np.ndarray], path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    names = list(samples)
+    cols = max(len(v) for v in samples.values())
+    cell, left = 64, 150
+    grid = Image.new("RGB", (left + cols * cell, len(names) * cell), "white")
+    d = ImageDraw.Draw(grid)
+    for r, name in enumerate(names):
+        d.text((4, r * cell + 26), name, fill="black")
+        for c, img in enumerate(samples[name]):
+            grid.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (left + c * cell, r * cell))
+    grid.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="reduced run (2 seeds, fewer prompts/steps)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
+    ap.add_argument("--steps", type=int, default=None, help="gate-training steps per variant")
+    ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _quiet()
+    s = settings(args)
+    t0 = time.perf_counter()
+    world = load_world(args.assets)
+    pipe = world.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    backend = DiffusersBackend(pipe, resolution=W.SIZE)
+    concepts = list(world.manifest["concepts"])
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    results: dict[int, list[dict]] = {2: [], 3: []}
+    grid: dict[str, np.ndarray] = {}
+    for k in (2, 3):
+        for subset in itertools.combinations(concepts, k):
+            for seed in s.seeds:
+                res = run_subset(world, pipe, backend, subset, seed, s, log)
+                results[k].append(res)
+                if k == 3 and seed == s.seeds[0] and not grid:
+                    grid = {m: r["images"] for m, r in res.items()}
+    agg = aggregate(results)
+    OUT.mkdir(exist_ok=True)
+    if grid:
+        save_grid(grid, OUT / "quality_grid.png")
+    print(table(agg, 2) + "\n\n" + table(agg, 3))
+    summary = {
+        "bench": "quality", "quick": args.quick, "seeds": s.seeds, "gate_steps": s.steps, "lr": s.lr,
+        "concepts": concepts, "elapsed_s": round(time.perf_counter() - t0, 1),
+        "composition_accuracy_2": {m: e["composition"][0] for m, e in agg[2].items()},
+        "composition_accuracy_3": {m: e["composition"][0] for m, e in agg[3].items()},
+        "composition_spread_2": {m: e["composition"][1] for m, e in agg[2].items()},
+        "composition_spread_3": {m: e["composition"][1] for m, e in agg[3].items()},
+        "base_preservation": {m: e["base"][0] for m, e in agg[3].items()},
+        "concept_fidelity_3": {m: e["fidelity"][0] for m, e in agg[3].items()},
+        "gate_entropy": {m: e["entropy"][0] for m, e in agg[3].items()},
+        "max_gate_share": {m: e["max_share"][0] for m, e in agg[3].items()},
+        "log_n": math.log(3),
+    }
+    (OUT / ("quality_quick.json" if args.quick else "quality.json")).write_text(json.dumps(summary, indent=1))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
