@@ -18,6 +18,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint
+	@if [ -f $(COMFYUI_PATH)/requirements.txt ] && [ ! -f $(VENV)/.comfy-installed ]; then \
+		echo "ComfyUI checkout at $(COMFYUI_PATH): installing its requirements for tests/nodes"; \
+		$(MAKE) --no-print-directory comfy-deps; fi
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
@@ -36,12 +39,14 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out bench/out
 
 # Local ComfyUI checkout for the integration tests (never committed): see README "Testing with ComfyUI".
+# `make test` installs its requirements once when a checkout is found (COMFYUI_PATH, default ~/ComfyUI).
 COMFYUI_PATH ?= $(HOME)/ComfyUI
 comfy-deps: $(STAMP)
 	test -f $(COMFYUI_PATH)/requirements.txt || (echo "no ComfyUI checkout at $(COMFYUI_PATH)"; exit 1)
 	grep -vE '^(torch|torchvision|torchaudio)$$|^#|^$$' $(COMFYUI_PATH)/requirements.txt > $(VENV)/comfy-reqs.txt
 	echo requests >> $(VENV)/comfy-reqs.txt
 	$(BIN)/pip install -q --disable-pip-version-check -r $(VENV)/comfy-reqs.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import scipy, torchsde, aiohttp, requests" && touch $(VENV)/.comfy-installed
 
 # Real-browser test of the web extension (tests/nodes/test_training_browser.py): playwright-core + Debian chromium.
 ui-deps:

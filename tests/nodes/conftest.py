@@ -33,20 +33,34 @@ def find_comfyui() -> Path | None:
     return None
 
 
+def comfyui_import_error(root: Path) -> str | None:
+    """Why ComfyUI at ``root`` cannot run here (a missing requirement), or None when it imports."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported (no CUDA here)
+        import comfy.sample  # noqa: F401  (pulls in samplers, k-diffusion, model management)
+    except ImportError as exc:
+        sys.path.remove(str(root))  # ComfyUI's own nodes.py must not shadow our nodes/ package
+        for name in [m for m in sys.modules if m == "comfy" or m.startswith("comfy.")]:
+            del sys.modules[name]
+        return str(exc)
+    return None
+
+
 COMFYUI = find_comfyui()
 SKIP_REASON = ("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (or put this repo in "
                "ComfyUI/custom_nodes) to run tests/nodes")
+if COMFYUI is not None and (missing := comfyui_import_error(COMFYUI)):
+    SKIP_REASON = f"ComfyUI at {COMFYUI} cannot be imported ({missing}): run `make comfy-deps`"
+    COMFYUI = None
 
 if COMFYUI is None:
     # Test modules import ComfyUI at the top: leave them out and let test_comfyui_found.py report
     # the one skip line (pytest.skip in a conftest aborts `pytest tests/nodes` instead of skipping).
     collect_ignore = [p.name for p in Path(__file__).parent.glob("test_*.py") if p.name != "test_comfyui_found.py"]
-else:
-    if str(COMFYUI) not in sys.path:
-        sys.path.insert(0, str(COMFYUI))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported (no CUDA here)
 
 import torch  # noqa: E402
 
