@@ -44,13 +44,13 @@ class BuildConfig:
     seed: int = 0
     threads: int = 1
     base_images: int = 1536
-    base_steps: int = 400
-    base_batch: int = 32
+    base_steps: int = 2000
+    base_batch: int = 16
     base_lr: float = 2e-3
     ema_decay: float = 0.99
     caption_dropout: float = 0.15
     lora_images: int = 384
-    lora_steps: int = 120
+    lora_steps: int = 300
     lora_batch: int = 16
     lora_lr: float = 3e-3
     lora_rank: int = 4
@@ -58,7 +58,7 @@ class BuildConfig:
     shape_steps: int = 300
     shape_batch: int = 64
     probe_images: int = 500
-    eval_base: int = 32
+    eval_base: int = 64
     eval_concept: int = 16
 
     @classmethod

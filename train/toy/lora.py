@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2")
+                "conv1", "conv2", "time_emb_proj")  # attention + ResNet convs (LoCon-style) + caption/time input
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 FORMATS = ("kohya", "diffusers")
 ADAPTER = "default"

@@ -48,7 +48,7 @@ UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     cross_attention_dim=TEXT_HIDDEN, attention_head_dim=4, norm_num_groups=8,
-    addition_embed_type="text", addition_embed_type_num_heads=4,
+    addition_embed_type="text", addition_embed_type_num_heads=4, resnet_time_scale_shift="scale_shift",
 )
 TEXT_CONFIG = dict(
     vocab_size=CLIP_VOCAB, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=2,

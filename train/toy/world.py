@@ -24,8 +24,8 @@ SIZE = 32
 SUPERSAMPLE = 4
 DARK = 0.5  # brightness of a texture's dark parts, relative to the colour
 STRIPE_PERIOD = 8.0  # px along an axis (diagonal stripes: ~5.7 px across)
-DOT_SPACING = 6.0  # px between dot centres
-DOT_RADIUS = 1.8  # px
+DOT_SPACING = 7.0  # px between dot centres
+DOT_RADIUS = 2.1  # px
 CENTRE_JITTER = 1.0  # px, uniform in ±
 SIZE_RANGE = (10.0, 11.0)  # px, the shape's nominal radius
 # Textures are anchored to the image grid (phase 0), not to the shape: a fixed pattern is much faster
