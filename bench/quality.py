@@ -7,12 +7,17 @@ several variants and samples composition prompts with each method:
 - ``nla``: every expert at 1/N;  ``stack``: every expert at 1;  ``single_<concept>``: one expert alone;
 - ``mole_block`` / ``mole_layer``: learned gates per block / per transformer layer (α = 0.5);
 - ``mole_block_no_balance``: block gates without the balance loss (α = 0);
-- ``mole_block_experts``: block gates reading pooled expert outputs instead of the block input.
+- ``mole_block_experts``: block gates reading pooled expert outputs instead of the block input;
+- ``mole_block_lambda_n``: block gates trained and sampled at mixture strength λ = N, so that uniform gates
+  equal ``stack`` instead of ``nla`` (the paper's mixture is convex, λ = 1: it can only redistribute NLA's
+  total weight between experts per block).
 
 Probes read every attribute of every image exactly (colour, texture, shape, background), so the
 metrics are counts, not CLIP similarities:
 
-- composition accuracy: all attributes of the prompt present;  per-concept fidelity;
+- composition accuracy: every requested concept present (its attribute reads as the novel value);
+- all attributes: the concepts *and* the prompt's base attributes (bounded by the base model's accuracy);
+- per-concept fidelity;
 - base preservation: accuracy on prompts that use no concept, with the experts attached;
 - gate entropy (of the mean gate over blocks and images) and the largest mean gate share.
 
@@ -45,6 +50,7 @@ from train.toy import world as W  # noqa: E402
 from train.toy.evaluate import sample  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
+DEFAULT_CONCEPTS = ["purple", "striped", "star"]  # the demo's three (colour, texture, shape)
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,12 @@ class Variant:
     granularity: str = "block"
     gate_input: str = "input"
     alpha: float = 0.5
+    full_strength: bool = False  # λ = N: uniform gates = every LoRA at weight 1 ("stack"), not 1/N
 
 
 VARIANTS = [Variant("mole_block"), Variant("mole_layer", granularity="layer"),
-            Variant("mole_block_no_balance", alpha=0.0), Variant("mole_block_experts", gate_input="experts")]
+            Variant("mole_block_no_balance", alpha=0.0), Variant("mole_block_experts", gate_input="experts"),
+            Variant("mole_block_lambda_n", full_strength=True)]
 FULL_EXTRA = [Variant("mole_matrix", granularity="matrix"), Variant("mole_network", granularity="network")]
 
 
@@ -74,13 +82,15 @@ class Settings:
     guidance: float
     variants: list[Variant]
     base_prompts: int
+    pairs: int | None = None  # how many 2-concept subsets (None: all)
+    batch: int = 8
 
 
 def settings(args: argparse.Namespace) -> Settings:
     if args.quick:
-        s = Settings([0, 1], 80, 3e-2, 8, 4, 4, 12, 5.0, VARIANTS, 16)
+        s = Settings([0, 1], 40, 3e-2, 8, 4, 4, 12, 5.0, VARIANTS, 16, pairs=1, batch=4)
     else:
-        s = Settings([0, 1, 2], 150, 3e-2, 8, 6, 6, 20, 5.0, VARIANTS + FULL_EXTRA, 32)
+        s = Settings([0, 1, 2], 60, 3e-2, 8, 4, 4, 12, 5.0, VARIANTS + FULL_EXTRA, 16, batch=4)
     if args.seeds:
         s.seeds = list(range(args.seeds))
     if args.steps:
@@ -99,9 +109,10 @@ def attach_method(pipe, experts: list[mole.Expert], method: dict) -> list[mole.M
     """Mixtures for one method: static/uniform everywhere, or gated UNet + NLA text encoders."""
     if "gates" not in method:
         return [mole.attach(pipe, experts, mode=method["mode"], weights=method.get("weights"))]
-    mixes = [mole.attach(pipe, experts, gates=method["gates"], components=["unet"])]
+    lam = method.get("strength", 1.0)
+    mixes = [mole.attach(pipe, experts, gates=method["gates"], components=["unet"], strength=lam)]
     if any(k.startswith("te") for e in experts for k in e.factors):
-        mixes.append(mole.attach(pipe, experts, mode="uniform", components=["te"]))
+        mixes.append(mole.attach(pipe, experts, mode="uniform", components=["te"], strength=lam))
     return mixes
 
 
@@ -126,15 +137,18 @@ def evaluate(world, pipe, experts, method: dict, comps, base_specs, s: Settings,
         images = sample(pipe, prompts, seed=1000 + seed, steps=s.sample_steps, guidance=s.guidance)
         entropy, share = gate_summary(method, mixes, len(experts))
         base_images = sample(pipe, [W.caption(b) for b in base_specs], seed=2000 + seed, steps=s.sample_steps,
-                             guidance=s.guidance)
+                             guidance=s.guidance) if base_specs else []
     finally:
         for m in mixes:
             m.detach()
     scores = [world.probe.score(im, w) for im, w in zip(images, wanted)]
     base = [world.probe.score(im, b) for im, b in zip(base_images, base_specs)]
-    fidelity = {c: float(np.mean([sc[W.concept(c).attribute] for sc in scores])) for c in comps[0].concepts}
-    return {"composition": float(np.mean([sc["all"] for sc in scores])), "fidelity": fidelity,
-            "base": float(np.mean([b["all"] for b in base])), "entropy": entropy, "max_share": share,
+    attrs = [W.concept(c).attribute for c in comps[0].concepts]
+    fidelity = {c: float(np.mean([sc[a] for sc in scores])) for c, a in zip(comps[0].concepts, attrs)}
+    return {"composition": float(np.mean([all(sc[a] for a in attrs) for sc in scores])),
+            "exact": float(np.mean([sc["all"] for sc in scores])), "fidelity": fidelity,
+            "base": float(np.mean([b["all"] for b in base])) if base else float("nan"), "entropy": entropy,
+            "max_share": share,
             "images": images[:: s.images][: len(comps)]}
 
 
@@ -144,16 +158,22 @@ def run_subset(world, pipe, backend, subset: tuple[str, ...], seed: int, s: Sett
     refs = [Reference(None, cap, name, img) for name, items in world.reference_images(list(subset), s.refs, seed)
             .items() for img, cap in items]
     comps = world.composition_prompts(len(subset), per_set=s.prompts, seed=seed, concepts=list(subset))
-    base_specs = [sp.attributes for sp in W.sample_specs(s.base_prompts, 3000 + seed, W.BASE_VALUES)]
+    # base preservation is measured with the largest expert set attached (the 3-concept runs)
+    n_base = s.base_prompts if len(subset) == 3 else 0
+    base_specs = [sp.attributes for sp in W.sample_specs(n_base, 3000 + seed, W.BASE_VALUES)] if n_base else []
     methods = static_methods(len(experts), list(subset))
-    cfg0 = TrainConfig(steps=s.steps, lr=s.lr, resolution=W.SIZE, batch_size=8, seed=seed, checkpoint_every=0)
-    cache = reference_cache(backend, experts, refs, cfg0)
+    cfg0 = TrainConfig(steps=s.steps, lr=s.lr, resolution=W.SIZE, batch_size=s.batch, seed=seed, checkpoint_every=0)
+    caches = {1.0: reference_cache(backend, experts, refs, cfg0)}
     for v in s.variants:
+        lam = float(len(experts)) if v.full_strength else 1.0
         cfg = TrainConfig(**{**cfg0.to_dict(), "granularity": v.granularity, "gate_input": v.gate_input,
-                             "alpha": v.alpha})
+                             "alpha": v.alpha, "strength": lam})
+        if lam not in caches:  # the prompts' embeddings depend on the text encoders' LoRA strength
+            caches[lam] = reference_cache(backend, experts, refs, cfg)
         t0 = time.perf_counter()
-        res = train(cfg, backend, experts, refs, cache=cache)
-        methods[v.name] = {"gates": res.gates, "train_s": time.perf_counter() - t0}
+        res = train(cfg, backend, experts, refs, cache=caches[lam])
+        methods[v.name] = {"gates": res.gates, "strength": lam, "train_s": time.perf_counter() - t0}
+        log(f"  {'+'.join(subset):24s} seed {seed} trained {v.name} in {methods[v.name]['train_s']:.1f} s")
     out = {}
     for name, method in methods.items():
         out[name] = evaluate(world, pipe, experts, method, comps, base_specs, s, seed)
@@ -170,24 +190,26 @@ def aggregate(results: dict[int, list[dict]]) -> dict:
         for m in sorted(methods):
             key = m if not m.startswith("single_") else "single (mean)"
             vals = [r[m] for r in runs if m in r]
-            entry = agg.setdefault(k, {}).setdefault(key, {"composition": [], "base": [], "entropy": [],
-                                                          "max_share": [], "fidelity": []})
+            entry = agg.setdefault(k, {}).setdefault(key, {"composition": [], "exact": [], "base": [],
+                                                          "entropy": [], "max_share": [], "fidelity": []})
             for v in vals:
                 entry["composition"].append(v["composition"])
-                entry["base"].append(v["base"])
+                entry["exact"].append(v["exact"])
+                if not math.isnan(v["base"]):
+                    entry["base"].append(v["base"])
                 entry["entropy"].append(v["entropy"])
                 entry["max_share"].append(v["max_share"])
                 entry["fidelity"].append(float(np.mean(list(v["fidelity"].values()))))
-    return {k: {m: {metric: (float(np.mean(v)), float(np.std(v))) for metric, v in e.items()} for m, e in ms.items()}
-            for k, ms in agg.items()}
+    return {k: {m: {metric: (float(np.mean(v)), float(np.std(v))) if v else (float("nan"), float("nan"))
+                    for metric, v in e.items()} for m, e in ms.items()} for k, ms in agg.items()}
 
 
 def table(agg: dict, k: int) -> str:
     rows = [f"### {k}-concept compositions", "",
-            "| method | composition acc. | concept fidelity | base preservation | gate entropy | max share |",
-            "|---|---|---|---|---|---|"]
+            "| method | composition acc. | all attributes | concept fidelity | base preservation | gate entropy "
+            "| max share |", "|---|---|---|---|---|---|---|"]
     for m, e in sorted(agg[k].items(), key=lambda x: -x[1]["composition"][0]):
-        cells = [f"{e[x][0]:.3f} ± {e[x][1]:.3f}" for x in ("composition", "fidelity", "base", "entropy",
+        cells = [f"{e[x][0]:.3f} ± {e[x][1]:.3f}" for x in ("composition", "exact", "fidelity", "base", "entropy",
                                                             "max_share")]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -216,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="gate-training steps per variant")
     ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--concepts", default=None, help="comma-separated concept LoRAs to compose (default "
+                    f"{','.join(DEFAULT_CONCEPTS)}; the toy world also has pink)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     pipe = world.pipeline()
     pipe.set_progress_bar_config(disable=True)
     backend = DiffusersBackend(pipe, resolution=W.SIZE)
-    concepts = list(world.manifest["concepts"])
+    concepts = args.concepts.split(",") if args.concepts else DEFAULT_CONCEPTS
+    unknown = sorted(set(concepts) - set(world.manifest["concepts"]))
+    if unknown:
+        ap.error(f"--concepts: unknown {unknown}; the toy world has {list(world.manifest['concepts'])}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     results: dict[int, list[dict]] = {2: [], 3: []}
     grid: dict[str, np.ndarray] = {}
     for k in (2, 3):
-        for subset in itertools.combinations(concepts, k):
+        subsets = list(itertools.combinations(concepts, k))
+        for subset in subsets[: s.pairs] if k == 2 else subsets:
             for seed in s.seeds:
                 res = run_subset(world, pipe, backend, subset, seed, s, log)
                 results[k].append(res)
@@ -240,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(results)
     OUT.mkdir(exist_ok=True)
     if grid:
-        save_grid(grid, OUT / "quality_grid.png")
+        save_grid(grid, OUT / ("quality_grid_quick.png" if args.quick else "quality_grid.png"))
     print(table(agg, 2) + "\n\n" + table(agg, 3))
     summary = {
         "bench": "quality", "quick": args.quick, "seeds": s.seeds, "gate_steps": s.steps, "lr": s.lr,

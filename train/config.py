@@ -32,6 +32,8 @@ class TrainConfig:
     gate_input: str = _opt("input", "gate features: input (pooled block input) | experts (pooled expert outputs)",
                            choices=GATE_INPUTS)
     tau_init: float = _opt(1.0, "initial softmax temperature τ")
+    strength: float = _opt(1.0, "mixture strength λ while training (use the same when sampling); N experts with "
+                           "λ = N start as every LoRA at full strength instead of NLA's 1/N")
     objective: str = _opt("denoise", "comma list of objectives: denoise, clip")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -69,6 +71,8 @@ class TrainConfig:
             raise MoleError(f"need 0 ≤ t_min < t_max ≤ 1, got {self.t_min}, {self.t_max}")
         if self.resolution < 8 or self.resolution % 8:
             raise MoleError(f"`resolution` must be a positive multiple of 8, got {self.resolution}")
+        if self.strength <= 0:
+            raise MoleError(f"`strength` must be > 0, got {self.strength}")
         if self.alpha < 0:
             raise MoleError(f"`alpha` must be ≥ 0, got {self.alpha}")
 

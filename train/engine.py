@@ -88,9 +88,10 @@ def attach_for_training(backend: Backend, experts: list[mole.Expert], cfg: Train
     text_experts = any(k.split(":", 1)[0] in text for e in experts for k in e.factors)
     gate_cfg = GateConfig(granularity=cfg.granularity, gate_input=cfg.gate_input, tau_init=cfg.tau_init)
     if cfg.train_text_gates:
-        return mole.attach(target, experts, gate_cfg), None
-    gated = mole.attach(target, experts, gate_cfg, components=["unet"])
-    static = mole.attach(target, experts, mode="uniform", components=text) if text and text_experts else None
+        return mole.attach(target, experts, gate_cfg, strength=cfg.strength), None
+    gated = mole.attach(target, experts, gate_cfg, components=["unet"], strength=cfg.strength)
+    static = (mole.attach(target, experts, mode="uniform", components=text, strength=cfg.strength)
+              if text and text_experts else None)
     return gated, static
 
 
