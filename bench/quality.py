@@ -90,11 +90,13 @@ def settings(args: argparse.Namespace) -> Settings:
     if args.quick:
         s = Settings([0, 1], 40, 3e-2, 8, 4, 4, 12, 5.0, VARIANTS, 16, pairs=1, batch=4)
     else:
-        s = Settings([0, 1, 2], 60, 3e-2, 8, 4, 4, 12, 5.0, VARIANTS + FULL_EXTRA, 16, batch=4)
+        s = Settings([0, 1, 2], 60, 3e-2, 8, 4, 4, 12, 5.0, VARIANTS + FULL_EXTRA, 16, pairs=1, batch=4)
     if args.seeds:
         s.seeds = list(range(args.seeds))
     if args.steps:
         s.steps = args.steps
+    if args.pairs:
+        s.pairs = args.pairs
     return s
 
 
@@ -215,6 +217,26 @@ def table(agg: dict, k: int) -> str:
     return "\n".join(rows)
 
 
+def study_tables(agg: dict) -> str:
+    """Granularity (paper Table 9) and balance-loss (Table 7 / Fig. 5) views of the same runs."""
+    def cell(m: str, k: int, metric: str) -> str:
+        e = agg[k].get(m)
+        return f"{e[metric][0]:.3f} ± {e[metric][1]:.3f}" if e else "—"
+
+    gran = [m for m in ("mole_matrix", "mole_layer", "mole_block", "mole_network") if m in agg[3]]
+    rows = ["### Granularity (block gates vs finer/coarser scopes, α = 0.5)", "",
+            "| gates | composition acc. (2) | composition acc. (3) | concept fidelity (3) | base preservation |",
+            "|---|---|---|---|---|"]
+    rows += [f"| {m} | {cell(m, 2, 'composition')} | {cell(m, 3, 'composition')} | {cell(m, 3, 'fidelity')} | "
+             f"{cell(m, 3, 'base')} |" for m in gran]
+    rows += ["", "### Balance loss (block gates, α = 0.5 vs α = 0)", "",
+             "| variant | max mean-gate share (3) | gate entropy (3, ln 3 = 1.099) | composition acc. (3) |",
+             "|---|---|---|---|"]
+    rows += [f"| {m} | {cell(m, 3, 'max_share')} | {cell(m, 3, 'entropy')} | {cell(m, 3, 'composition')} |"
+             for m in ("mole_block", "mole_block_no_balance") if m in agg[3]]
+    return "\n".join(rows)
+
+
 def save_grid(samples: dict[str, np.ndarray], path: Path) -> None:
     from PIL import Image, ImageDraw
 
@@ -236,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
     ap.add_argument("--steps", type=int, default=None, help="gate-training steps per variant")
+    ap.add_argument("--pairs", type=int, default=None, help="2-concept subsets to run (default 1: the first pair; "
+                    "each costs ~3 min per seed here)")
     ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--concepts", default=None, help="comma-separated concept LoRAs to compose (default "
@@ -254,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(concepts) - set(world.manifest["concepts"]))
     if unknown:
         ap.error(f"--concepts: unknown {unknown}; the toy world has {list(world.manifest['concepts'])}")
+    if len(concepts) < 3:
+        ap.error(f"--concepts: at least 3 needed (2- and 3-concept compositions), got {concepts}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     results: dict[int, list[dict]] = {2: [], 3: []}
     grid: dict[str, np.ndarray] = {}
@@ -269,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(exist_ok=True)
     if grid:
         save_grid(grid, OUT / ("quality_grid_quick.png" if args.quick else "quality_grid.png"))
-    print(table(agg, 2) + "\n\n" + table(agg, 3))
+    print(table(agg, 2) + "\n\n" + table(agg, 3) + "\n\n" + study_tables(agg))
     summary = {
         "bench": "quality", "quick": args.quick, "seeds": s.seeds, "gate_steps": s.steps, "lr": s.lr,
         "concepts": concepts, "elapsed_s": round(time.perf_counter() - t0, 1),
