@@ -261,12 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=None, help="2-concept subsets to run (default 1: the first pair; "
                     "each costs ~3 min per seed here)")
     ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1)")
     ap.add_argument("--concepts", default=None, help="comma-separated concept LoRAs to compose (default "
                     f"{','.join(DEFAULT_CONCEPTS)}; the toy world also has pink)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 1)  # one thread: same numbers on every run (and faster on a shared box)
     _quiet()
     s = settings(args)
     t0 = time.perf_counter()
