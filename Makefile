@@ -46,7 +46,8 @@ comfy-deps: $(STAMP)
 	grep -vE '^(torch|torchvision|torchaudio)$$|^#|^$$' $(COMFYUI_PATH)/requirements.txt > $(VENV)/comfy-reqs.txt
 	echo requests >> $(VENV)/comfy-reqs.txt
 	$(BIN)/pip install -q --disable-pip-version-check -r $(VENV)/comfy-reqs.txt 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import scipy, torchsde, aiohttp, requests" && touch $(VENV)/.comfy-installed
+	$(BIN)/python -c "import scipy, torchsde, aiohttp, requests" && touch $(VENV)/.comfy-installed \
+		|| echo "ComfyUI's requirements did not install: tests/nodes will be skipped with one line"
 
 # Real-browser test of the web extension (tests/nodes/test_training_browser.py): playwright-core + Debian chromium.
 ui-deps:
