@@ -25,3 +25,21 @@ def test_mole_core_imports_without_comfy_or_diffusers():
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_no_absolute_import_of_the_top_level_name_nodes():
+    """ComfyUI owns the module name ``nodes``: our ``nodes/`` package is imported relatively, and ComfyUI's
+    ``nodes.py`` is reached through ``tests.nodes._helpers.comfyui_nodes`` — never by ``import nodes``."""
+    import ast
+
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in {".venv", "node_modules"} or "node_modules" in rel.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(n == "nodes" or n.startswith("nodes.") for n in names):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, offenders

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import comfy.model_management
 import comfy.sample
 import comfy.sd
 import comfy.utils
 import torch
 
+from tests.nodes.conftest import COMFYUI
 from tests.nodes.testing_pack.tiny_comfy import tiny_cond
+
+
+def comfyui_nodes() -> ModuleType:
+    """ComfyUI's own ``nodes.py`` (``VAEEncode``, ``CLIPTextEncode``…), found by its file path.
+
+    Never ``import nodes``: that name could resolve to our ``nodes/`` package (the repo root is on
+    ``sys.path`` in tests); ComfyUI owns the top-level name, and registers its module under it."""
+    path = (COMFYUI / "nodes.py").resolve()
+    loaded = sys.modules.get("nodes")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+        return loaded
+    spec = importlib.util.spec_from_file_location("nodes", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nodes"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def sample(model, pos=None, neg=None, size: int = 16, steps: int = 3, cfg: float = 5.0, seed: int = 0,

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.nodes._helpers import lora_loader, sample
+from tests.nodes._helpers import comfyui_nodes, lora_loader, sample
 from tests.nodes._nodes import apply, load_gates, rel
 from tests.nodes.testing_pack.tiny_comfy import blob_images, tiny_model, tiny_vae
 from train.backend import add_noise
@@ -92,7 +92,7 @@ def test_predicted_noise_is_exact_for_eps_and_v_models(mole, kind):
 
 
 def test_latents_and_conditioning_equal_comfyui_nodes(mole, tiny, vae, experts, images, files):
-    import nodes as comfy_nodes
+    comfy_nodes = comfyui_nodes()
 
     model, clip = tiny
     cb = mole.comfy_backend
@@ -354,8 +354,9 @@ def test_apply_with_clip_mixes_text_parts_uniformly_for_unet_only_gates(mole, ti
     """Gate files from training have UNet gates only: MoLE Apply (gated, with a CLIP) then mixes the
     text-encoder parts at 1/N, exactly as the trainer encoded the prompts."""
     import mole_core
-    import nodes as comfy_nodes
     from train.config import TrainConfig
+
+    comfy_nodes = comfyui_nodes()
 
     model, clip = tiny
     with torch.inference_mode():
