@@ -17,6 +17,15 @@ import uuid
 from pathlib import Path
 
 
+def install_loras(base: Path, files: dict, names: tuple[str, ...] = ("a", "b")) -> Path:
+    """Copy the fixture LoRAs ``names`` into the server's ``models/loras`` as ``<name>.safetensors``."""
+    loras = base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(files[name], loras / f"{name}.safetensors")
+    return loras
+
+
 def prepare_base(base: Path, repo: Path, pack: Path) -> None:
     """``custom_nodes/`` with this repository (symlink, as users install it) and the test-only pack."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)

@@ -4,13 +4,12 @@ and bad inputs that must fail on their node while the server keeps serving."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from tests.nodes import _loras
 from tests.nodes._nodes import apply, load
+from tests.nodes._server import install_loras
 
 pytestmark = [pytest.mark.slow, pytest.mark.comfy]
 NODE_IDS = ["MoLE_LoadExperts", "MoLE_Apply", "MoLE_SaveGates", "MoLE_LoadGates", "MoLE_VisualizeGates", "MoLE_Bake",
@@ -60,11 +59,8 @@ def graph(loras=("a.safetensors", "b.safetensors"), mode="gated", weights="", ga
 def server(comfy_server, mole, tiny, files):
     """The session's headless server (started early by ``comfy_server``) with LoRAs and gate files."""
     srv, base = comfy_server
-    loras, gates = base / "models" / "loras", base / "models" / "mole_gates"
-    loras.mkdir(parents=True, exist_ok=True)
+    loras, gates = install_loras(base, files, ("a", "b", "c")), base / "models" / "mole_gates"
     gates.mkdir(parents=True, exist_ok=True)
-    for name in ("a", "b", "c"):
-        shutil.copy(files[name], loras / f"{name}.safetensors")
     _loras.write_other_family(loras / "sdxl_style.safetensors")
     import mole_core
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.nodes._server import install_loras
 from tests.nodes.conftest import REPO
 from tests.ui.example_graphs import EXAMPLES
 
@@ -43,10 +44,7 @@ def results(comfy_server, files) -> dict:
     if reason:
         pytest.skip(f"browser check skipped: {reason}")
     srv, base = comfy_server
-    loras = base / "models" / "loras"
-    loras.mkdir(parents=True, exist_ok=True)
-    for name in ("a", "b"):
-        shutil.copy(files[name], loras / f"{name}.safetensors")
+    install_loras(base, files)
     srv.wait_ready()
     workflows = {name: json.loads((REPO / "workflows" / f"{name}.json").read_text()) for name in EXAMPLES}
     trainer = {"MoLE_LoadExperts": {"lora_1": "a.safetensors", "lora_2": "b.safetensors"},

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import statistics
 import threading
 import time
@@ -15,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from tests.nodes._server import install_loras
 from tests.ui import example_graphs as eg
 
 pytestmark = [pytest.mark.slow, pytest.mark.comfy]
@@ -121,10 +121,7 @@ def node_error(srv, graph: dict) -> dict:
 @pytest.fixture(scope="module")
 def server(comfy_server, files):
     srv, base = comfy_server
-    loras = base / "models" / "loras"
-    loras.mkdir(parents=True, exist_ok=True)
-    for name in ("a", "b"):
-        shutil.copy(files[name], loras / f"{name}.safetensors")
+    install_loras(base, files)
     srv.wait_ready()
     return srv, base
 
