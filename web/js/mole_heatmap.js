@@ -2,6 +2,7 @@
 // optionally one timestep range at a time. Drawn from the node's `ui.mole_gates` payload
 // ({title, experts, blocks, labels, values[expert][block], buckets?, bucket_labels?}).
 import { app } from "../../scripts/app.js";
+import { addStyle, chainMethod, el } from "./mole_dom.js";
 
 const NODE = "MoLE_VisualizeGates";
 const WIDGET = "mole_heatmap";
@@ -18,17 +19,6 @@ const CSS = `
 .mole-heatmap select { font-size: 11px; margin-bottom: 2px; height: 20px; }
 .mole-heatmap .mole-tip { position: absolute; pointer-events: none; background: #000c; color: #fff; padding: 2px 5px;
   border-radius: 3px; white-space: nowrap; display: none; }`;
-
-/**
- * @param {string} tag @param {string} [cls] @param {string} [text]
- * @returns {HTMLElement}
- */
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
 
 /** White → deep blue, as the PNG heatmap of mole_core.viz. @param {number} v in [0, 1] */
 function ramp(v) {
@@ -171,30 +161,20 @@ class Heatmap {
 app.registerExtension({
   name: "mole.GateHeatmap",
   setup() {
-    const style = el("style", "", CSS);
-    style.id = "mole-heatmap-css";
-    document.head.appendChild(style);
+    addStyle("mole-heatmap-css", CSS);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const result = onNodeCreated?.apply(this, arguments);
+    chainMethod(nodeType, "onNodeCreated", function () {
       this.moleHeatmap = new Heatmap(this);
-      return result;
-    };
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
+    });
+    chainMethod(nodeType, "onExecuted", function (message) {
       const payload = message?.mole_gates?.[0];
       if (payload && this.moleHeatmap) this.moleHeatmap.set(payload);
-    };
-    const onConfigure = nodeType.prototype.onConfigure;
-    nodeType.prototype.onConfigure = function () {
-      const result = onConfigure?.apply(this, arguments);
+    });
+    chainMethod(nodeType, "onConfigure", function () {
       const saved = this.properties?.[PROPERTY];
       if (saved && this.moleHeatmap) this.moleHeatmap.set(saved);
-      return result;
-    };
+    });
   },
 });

@@ -3,6 +3,7 @@
 // reload (or a websocket reconnect) it reattaches to the newest job its node started.
 import { app } from "../../scripts/app.js";
 import { moleApi } from "./mole_api.js";
+import { addStyle, chainMethod, el } from "./mole_dom.js";
 
 const NODE = "MoLE_TrainGates";
 const WIDGET = "mole_training_panel";
@@ -22,17 +23,6 @@ const CSS = `
 
 /** @type {Set<TrainingPanel>} */
 const panels = new Set();
-
-/**
- * @param {string} tag @param {string} [cls] @param {string} [text]
- * @returns {HTMLElement}
- */
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
 
 /** @param {number|null|undefined} v @param {number} [digits] */
 const fmt = (v, digits = 4) => (typeof v === "number" && Number.isFinite(v) ? v.toPrecision(digits) : "–");
@@ -240,39 +230,28 @@ class TrainingPanel {
 app.registerExtension({
   name: "mole.TrainingPanel",
   setup() {
-    const style = el("style", "", CSS);
-    style.id = "mole-training-panel-css";
-    document.head.appendChild(style);
+    addStyle("mole-training-panel-css", CSS);
     moleApi.onProgress((p) => panels.forEach((panel) => panel.onProgress(p)));
     moleApi.onJob((j) => panels.forEach((panel) => panel.onJob(j)));
     moleApi.onReconnect(() => panels.forEach((panel) => panel.reattach()));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const result = onNodeCreated?.apply(this, arguments);
+    chainMethod(nodeType, "onNodeCreated", function () {
       this.molePanel = new TrainingPanel(this);
       panels.add(this.molePanel);
       this.setSize([Math.max(this.size[0], 380), this.computeSize()[1]]);
-      return result;
-    };
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
+    });
+    chainMethod(nodeType, "onExecuted", function (message) {
       const job = message?.mole_job?.[0];
       if (job && this.molePanel) this.molePanel.load(job.id);
-    };
-    const onConfigure = nodeType.prototype.onConfigure;
-    nodeType.prototype.onConfigure = function () { // loaded from a workflow (also after a page reload)
-      const result = onConfigure?.apply(this, arguments);
+    });
+    // loaded from a workflow (also after a page reload)
+    chainMethod(nodeType, "onConfigure", function () {
       this.molePanel?.reattach();
-      return result;
-    };
-    const onRemoved = nodeType.prototype.onRemoved;
-    nodeType.prototype.onRemoved = function () {
-      onRemoved?.apply(this, arguments);
+    });
+    chainMethod(nodeType, "onRemoved", function () {
       panels.delete(this.molePanel);
-    };
+    });
   },
 });
