@@ -45,6 +45,7 @@ from train.config import TrainConfig  # noqa: E402
 from train.data import Reference  # noqa: E402
 from train.diffusers_backend import DiffusersBackend, _quiet  # noqa: E402
 from train.engine import reference_cache, train  # noqa: E402
+from train.sampling import attach_mixture  # noqa: E402
 from train.toy import load_world  # noqa: E402
 from train.toy import world as W  # noqa: E402
 from train.toy.evaluate import sample  # noqa: E402
@@ -109,13 +110,8 @@ def static_methods(n: int, names: list[str]) -> dict[str, dict]:
 
 def attach_method(pipe, experts: list[mole.Expert], method: dict) -> list[mole.Mixture]:  # noqa: ANN001
     """Mixtures for one method: static/uniform everywhere, or gated UNet + NLA text encoders."""
-    if "gates" not in method:
-        return [mole.attach(pipe, experts, mode=method["mode"], weights=method.get("weights"))]
-    lam = method.get("strength", 1.0)
-    mixes = [mole.attach(pipe, experts, gates=method["gates"], components=["unet"], strength=lam)]
-    if any(k.startswith("te") for e in experts for k in e.factors):
-        mixes.append(mole.attach(pipe, experts, mode="uniform", components=["te"], strength=lam))
-    return mixes
+    return attach_mixture(pipe, experts, gates=method.get("gates"), mode=method.get("mode", "uniform"),
+                          weights=method.get("weights"), strength=method.get("strength", 1.0))
 
 
 def gate_summary(method: dict, mixes: list[mole.Mixture], n: int) -> tuple[float, float]:

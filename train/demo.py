@@ -26,7 +26,7 @@ from .data import scan_folder
 from .diffusers_backend import DiffusersBackend, _quiet
 from .engine import gate_statistics, reference_cache, train
 from .plots import training_curves
-from .sampling import image_grid, save_png
+from .sampling import attach_mixture, image_grid, save_png
 from .toy import world as W
 
 DEMO_CONCEPTS = ["purple", "striped", "star"]
@@ -51,14 +51,9 @@ def _world(rebuild: bool):  # noqa: ANN202
 def _sample(world, pipe, experts, method: str, gates, prompts: list[str], seed: int):  # noqa: ANN001, ANN202
     from .toy.evaluate import sample
 
-    if method == "mole":
-        mixes = [mole.attach(pipe, experts, gates=gates, components=["unet"])]
-        if any(k.startswith("te") for e in experts for k in e.factors):
-            mixes.append(mole.attach(pipe, experts, mode="uniform", components=["te"]))
-    elif method == "stack":
-        mixes = [mole.attach(pipe, experts, mode="static", weights=[1.0] * len(experts))]
-    else:
-        mixes = [mole.attach(pipe, experts, mode="uniform")]
+    stack = method == "stack"
+    mixes = attach_mixture(pipe, experts, gates=gates if method == "mole" else None,
+                           mode="static" if stack else "uniform", weights=[1.0] * len(experts) if stack else None)
     try:
         images = sample(pipe, prompts, seed=seed, steps=SAMPLE_STEPS, guidance=CFG)
         stats = mixes[0].stats.summary() if method == "mole" else {}

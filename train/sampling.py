@@ -47,19 +47,27 @@ class SampleSpec:
         return "gated" if self.gates else "static" if self.weights is not None else "uniform"
 
 
-def attach_for_sampling(pipe, experts: list[mole.Expert], spec: SampleSpec) -> list[Mixture]:  # noqa: ANN001
-    """Gates for the components the gate file covers, NLA for the others; or static/uniform everywhere."""
-    if spec.mode != "gated":
-        return [mole.attach(pipe, experts, mode=spec.mode, weights=spec.weights, mask=spec.mask,
-                            strength=spec.strength)]
-    gf = mole.read_gate_file(spec.gates)
+def attach_mixture(pipe, experts: list[mole.Expert], *, gates: str | Path | mole.GateFile | None = None,  # noqa: ANN001
+                   mode: str = "uniform", weights: list[float] | None = None, mask: list[bool] | None = None,
+                   strength: float = 1.0) -> list[Mixture]:
+    """With ``gates``: learned gates on the components the gate file covers and NLA on the others (the
+    text encoders, for gates trained with the default NLA text encoders). Without: one ``mode`` mixture
+    (``uniform`` or ``static`` with ``weights``) everywhere. Detach every returned mixture when done."""
+    if gates is None:
+        return [mole.attach(pipe, experts, mode=mode, weights=weights, mask=mask, strength=strength)]
+    gf = gates if isinstance(gates, mole.GateFile) else mole.read_gate_file(gates)
     gated_comps = sorted({s.split(":", 1)[0] for s in gf.scopes})
-    mixes = [mole.attach(pipe, experts, gates=gf, mask=spec.mask, strength=spec.strength, components=gated_comps)]
+    mixes = [mole.attach(pipe, experts, gates=gf, mask=mask, strength=strength, components=gated_comps)]
     rest = [c for c in mole.index_model(pipe).components() if c not in gated_comps]
     if rest and any(k.split(":", 1)[0] in rest for e in experts for k in e.factors):
-        mixes.append(mole.attach(pipe, experts, mode="uniform", mask=spec.mask, strength=spec.strength,
-                                 components=rest))
+        mixes.append(mole.attach(pipe, experts, mode="uniform", mask=mask, strength=strength, components=rest))
     return mixes
+
+
+def attach_for_sampling(pipe, experts: list[mole.Expert], spec: SampleSpec) -> list[Mixture]:  # noqa: ANN001
+    """:func:`attach_mixture` for the CLI's sampling options."""
+    return attach_mixture(pipe, experts, gates=spec.gates if spec.mode == "gated" else None, mode=spec.mode,
+                          weights=spec.weights, mask=spec.mask, strength=spec.strength)
 
 
 def _bucket_hook(mix: Mixture, buckets: int, T: int):  # noqa: ANN202
