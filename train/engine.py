@@ -70,8 +70,7 @@ def reference_cache(backend: Backend, experts: list[mole.Expert], refs: list[Ref
                     cfg: TrainConfig) -> CachedSet:
     """:func:`prepare_references` with the text encoders' LoRA parts in NLA mode — the conditioning
     training and sampling see (pass it to :func:`train` and :func:`gate_statistics`)."""
-    gated, static = attach_for_training(backend, experts, cfg)
-    gated.detach()
+    static = _attach_text_nla(backend, experts, cfg)
     try:
         return prepare_references(backend, refs, cfg)
     finally:
@@ -79,20 +78,24 @@ def reference_cache(backend: Backend, experts: list[mole.Expert], refs: list[Ref
             static.detach()
 
 
+def _attach_text_nla(backend: Backend, experts: list[mole.Expert], cfg: TrainConfig) -> Mixture | None:
+    """The experts' text-encoder parts in NLA mode, unless the text encoders are gated or have none."""
+    if cfg.train_text_gates:
+        return None
+    target = backend.mixture_target()
+    text = [c for c in mole.index_model(target).components() if c != "unet"]
+    if not (text and any(k.split(":", 1)[0] in text for e in experts for k in e.factors)):
+        return None
+    return mole.attach(target, experts, mode="uniform", components=text, strength=cfg.strength)
+
+
 def attach_for_training(backend: Backend, experts: list[mole.Expert], cfg: TrainConfig
                         ) -> tuple[Mixture, Mixture | None]:
     """Gated mixture on the UNet (and text encoders if ``train_text_gates``), NLA on the rest."""
-    target = backend.mixture_target()
-    comps = mole.index_model(target).components()
-    text = [c for c in comps if c != "unet"]
-    text_experts = any(k.split(":", 1)[0] in text for e in experts for k in e.factors)
     gate_cfg = GateConfig(granularity=cfg.granularity, gate_input=cfg.gate_input, tau_init=cfg.tau_init)
-    if cfg.train_text_gates:
-        return mole.attach(target, experts, gate_cfg, strength=cfg.strength), None
-    gated = mole.attach(target, experts, gate_cfg, components=["unet"], strength=cfg.strength)
-    static = (mole.attach(target, experts, mode="uniform", components=text, strength=cfg.strength)
-              if text and text_experts else None)
-    return gated, static
+    comps = None if cfg.train_text_gates else ["unet"]
+    gated = mole.attach(backend.mixture_target(), experts, gate_cfg, components=comps, strength=cfg.strength)
+    return gated, _attach_text_nla(backend, experts, cfg)
 
 
 def _batch_cond(cache: CachedSet, idx: torch.Tensor) -> dict[str, torch.Tensor]:
