@@ -17,7 +17,7 @@ from torch import nn
 from .errors import MoleError
 from .naming import GRANULARITIES
 
-GATE_INPUTS = ("input", "experts")
+GATE_INPUTS = ("input", "experts", "prompt")
 MODES = ("gated", "uniform", "static")
 
 
@@ -27,7 +27,8 @@ class GateConfig:
 
     granularity: str = field(default="block", metadata={"help": "matrix | layer | block | network"})
     gate_input: str = field(default="input", metadata={"help": "input: pooled scope input; "
-                                                       "experts: pooled normalised expert outputs"})
+                                                       "experts: pooled normalised expert outputs; "
+                                                       "prompt: max-pooled prompt conditioning (UNet scopes)"})
     tau_init: float = field(default=1.0, metadata={"help": "initial softmax temperature"})
     tau_min: float = field(default=0.05, metadata={"help": "lower clamp of τ"})
     tau_max: float = field(default=10.0, metadata={"help": "upper clamp of τ"})
@@ -59,6 +60,17 @@ def pool_input(x: torch.Tensor, is_conv: bool) -> torch.Tensor:
     if x.dim() == 2:
         return x
     return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
+
+
+def pool_prompt(context: torch.Tensor) -> torch.Tensor:
+    """Max over tokens of the cross-attention context ``(B, L, D)`` → ``(B, D)``.
+
+    The max keeps a concept's trigger token visible (a mean dilutes it among ~77 tokens) and is
+    unchanged when a host repeats the context to a longer token length (ComfyUI's rule).
+    """
+    if context.dim() == 2:
+        return context
+    return context.reshape(context.shape[0], -1, context.shape[-1]).amax(1)
 
 
 class ScopeGate(nn.Module):

@@ -2,8 +2,9 @@
 
 Every target layer computes ``y = W x + λ Σ_i g_i s_i E_i(x)`` (DESIGN.md §1). The gate of a
 scope is computed at the scope's *lead* target (the first to run, by canonical execution
-order) from its pooled input or its pooled expert outputs, and reused by the scope's other
-targets in the same forward pass. Module tree and state dict are never changed; detach
+order) from its pooled input, its pooled expert outputs or (UNet scopes, ``gate_input="prompt"``)
+the max-pooled prompt conditioning that the UNet's root pre-hook captured, and reused by the
+scope's other targets in the same forward pass. Module tree and state dict are never changed; detach
 removes every hook so outputs are bit-identical to the bare model.
 """
 
@@ -19,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from .bank import ExpertBank
 from .errors import MoleError, MoleWarning
 from .expert import Expert, check_experts
-from .gates import MODES, GateConfig, ScopeGate, apply_mask, balance_loss, pool_input, static_gates
+from .gates import MODES, GateConfig, ScopeGate, apply_mask, balance_loss, pool_input, pool_prompt, static_gates
 from .model_index import ModelIndex, index_model
 from .naming import execution_key, scope_of
 from .stats import GateStats
@@ -83,6 +84,7 @@ class Mixture:
         self.gates.to(device)
         self.stats = GateStats(self.n)
         self.live_gates: dict[str, torch.Tensor] = {}
+        self._prompt: torch.Tensor | None = None  # pooled context of the current UNet call (gate_input "prompt")
         self._comps = comps
         self._handles: list[RemovableHandle] = []
         self._mode = "gated"
@@ -122,23 +124,42 @@ class Mixture:
         for name in sorted(groups, key=lambda s: execution_key(groups[s][0])):
             targets = sorted(groups[name], key=execution_key)
             lead = self.banks[targets[0]]
-            dim = lead.in_dim if self.config.gate_input == "input" else self.n * lead.out_dim
-            scopes[name] = _Scope(name, targets[0], targets, name.split(":", 1)[0], dim)
+            component = name.split(":", 1)[0]
+            if self._reads_prompt(component):
+                dim = self._context_dim()
+            elif self.config.gate_input == "experts":
+                dim = self.n * lead.out_dim
+            else:  # "input", and "prompt" on text-encoder scopes (a text encoder has no prompt context)
+                dim = lead.in_dim
+            scopes[name] = _Scope(name, targets[0], targets, component, dim)
         return scopes
+
+    def _reads_prompt(self, component: str) -> bool:
+        return self.config.gate_input == "prompt" and component == "unet"
+
+    def _context_dim(self) -> int:
+        """Width of the UNet's cross-attention context (the key projection of any cross-attention)."""
+        for name, module in self.index.modules.items():
+            if name.startswith("unet:") and name.endswith("attn2.to_k"):
+                return int(module.weight.shape[1])
+        raise MoleError("gate_input 'prompt' needs a UNet with cross-attention (no attn2.to_k layer found); "
+                        "use gate_input 'input'")
 
     def _attach_hooks(self) -> None:
         if self._handles:
             return
         for comp, root in self.index.roots.items():
             if comp in self._comps:
-                self._handles.append(root.register_forward_pre_hook(self._root_hook(comp)))
+                reads_prompt = self._reads_prompt(comp)
+                self._handles.append(root.register_forward_pre_hook(self._root_hook(comp, reads_prompt),
+                                                                    with_kwargs=reads_prompt))
         for scope_i, scope in enumerate(self.scopes.values()):
             gate = self.gates[f"s{scope_i}"]
             for t in scope.targets:
                 hook = self._target_hook(self.banks[t], scope, gate, t == scope.lead)
                 self._handles.append(self.index.modules[t].register_forward_hook(hook))
 
-    def _root_hook(self, comp: str):
+    def _root_hook(self, comp: str, reads_prompt: bool):
         # A new forward pass: forget the previous pass's gates. No Python counter is read in the traced
         # hooks, so torch.compile does not guard on (and recompile for) a value that changes every call.
         scopes = [s for s in self.scopes.values() if s.component == comp]
@@ -146,18 +167,41 @@ class Mixture:
         def hook(module: nn.Module, args: tuple) -> None:
             for s in scopes:
                 s.gate, s.recorded = None, False
-        return hook
+
+        def prompt_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hook(module, args)
+            # diffusers: unet(sample, t, encoder_hidden_states); ComfyUI: diffusion_model(x, t, context=…)
+            context = kwargs.get("encoder_hidden_states", kwargs.get("context"))
+            if context is None and len(args) > 2:
+                context = args[2]
+            self._prompt = pool_prompt(context) if isinstance(context, torch.Tensor) else None
+        return prompt_hook if reads_prompt else hook
+
+    def _prompt_features(self, batch: int) -> torch.Tensor:
+        f = self._prompt
+        if f is None:
+            raise MoleError("gate_input 'prompt': the UNet was called without prompt conditioning "
+                            "(encoder_hidden_states / context)")
+        if f.shape[0] != batch:
+            if f.shape[0] != 1:
+                raise MoleError(f"gate_input 'prompt': the prompt conditioning has batch {f.shape[0]}, "
+                                f"the latents {batch}")
+            f = f.expand(batch, -1)
+        return f
 
     def _target_hook(self, bank: ExpertBank, scope: _Scope, gate: ScopeGate, is_lead: bool):
         is_conv = bank.is_conv
         experts_input = self.config.gate_input == "experts"
+        prompt_input = self._reads_prompt(scope.component)
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
             h = bank.shrink(x)
             if self._mode == "gated":
                 if is_lead:
-                    if experts_input:
+                    if prompt_input:
+                        feats = self._prompt_features(x.shape[0])
+                    elif experts_input:
                         feats = bank.pooled_expert_outputs(h, self.n).flatten(1)
                     else:
                         feats = pool_input(x, is_conv)
@@ -312,6 +356,7 @@ class Mixture:
         while self._handles:
             self._handles.pop().remove()
         self.live_gates.clear()
+        self._prompt = None
         for s in self.scopes.values():
             s.gate = None
 
