@@ -210,8 +210,10 @@ class MoleTrainGates(io.ComfyNode):
                                tooltip="One gate per: matrix (layer), layer (transformer layer), block (attention "
                                        "block; the paper's best) or network (one gate for the whole UNet)."),
                 io.Combo.Input("gate_input", options=list(GATE_INPUTS), default="input",
-                               tooltip="What the gate looks at: input (pooled block input) or experts (pooled "
-                                       "outputs of the experts, paper Eq. 9-10)."),
+                               tooltip="What the gate looks at: input (pooled block input), experts (pooled "
+                                       "outputs of the experts, paper Eq. 9-10) or prompt (the prompt's "
+                                       "conditioning, max-pooled over tokens: routes by the concepts the prompt "
+                                       "names; best on held-out loss for concept LoRAs)."),
                 io.Combo.Input("objective", options=list(OBJECTIVES), default="denoise",
                                tooltip="denoise: the model's own denoising loss on the references. denoise + clip: "
                                        "plus CLIP image/text similarity of the denoised estimate (needs clip_guide)."),

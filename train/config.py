@@ -29,7 +29,8 @@ class TrainConfig:
     batch_size: int = _opt(2, "images per micro-batch (global, split across torchrun ranks)")
     alpha: float = _opt(0.5, "weight α of the gating balance loss (paper Eq. 16)")
     granularity: str = _opt("block", "gate scope: matrix | layer | block | network", choices=GRANULARITIES)
-    gate_input: str = _opt("input", "gate features: input (pooled block input) | experts (pooled expert outputs)",
+    gate_input: str = _opt("input", "gate features: input (pooled block input) | experts (pooled expert outputs) | "
+                           "prompt (max-pooled prompt conditioning: routes by the concepts named in the prompt)",
                            choices=GATE_INPUTS)
     tau_init: float = _opt(1.0, "initial softmax temperature τ")
     strength: float = _opt(1.0, "mixture strength λ while training (use the same when sampling); N experts with "

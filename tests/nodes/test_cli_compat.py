@@ -38,13 +38,16 @@ def inputs():
     return torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([700.0, 300.0]), torch.randn(2, 7, 32, generator=gen)
 
 
-def comfy_forward(m, inputs):
+def comfy_forward(m, inputs, gates_of=None):
+    """The UNet call as ComfyUI's BaseModel makes it (``context=`` keyword); with ``gates_of`` (a mixture),
+    also that call's live gates (the mixture forgets them when ComfyUI unloads the model)."""
     x, t, ctx = inputs
     with torch.inference_mode():
         comfy.model_management.unload_all_models()
         comfy.model_management.load_models_gpu([m])
         try:
-            return m.model.diffusion_model(x, timesteps=t, context=ctx)
+            out = m.model.diffusion_model(x, timesteps=t, context=ctx)
+            return out if gates_of is None else (out, {k: v.clone() for k, v in gates_of.live_gates.items()})
         finally:
             comfy.model_management.unload_all_models()
 
@@ -55,22 +58,30 @@ def diffusers_forward(unet, inputs):
         return unet(x, t, encoder_hidden_states=ctx).sample
 
 
-def test_cli_gate_file_loads_in_mole_load_gates(mole, tiny, files, experts, comfy_dirs, diffusers_unet, inputs):
+@pytest.mark.parametrize("gate_input", ["input", "prompt"])
+def test_cli_gate_file_loads_in_mole_load_gates(mole, tiny, files, experts, comfy_dirs, diffusers_unet, inputs,
+                                                gate_input):
     import mole_core
 
     cli_experts = mole_core.load_experts([files["a"], files["b"]])
-    mix = mole_core.attach(diffusers_unet, cli_experts, mole_core.GateConfig(init_std=0.5))
+    mix = mole_core.attach(diffusers_unet, cli_experts, mole_core.GateConfig(init_std=0.5, gate_input=gate_input))
     try:
-        mole_core.save_gates(mix, comfy_dirs["mole_gates"] / "cli.safetensors")
+        mole_core.save_gates(mix, comfy_dirs["mole_gates"] / f"cli_{gate_input}.safetensors")
         reference = diffusers_forward(diffusers_unet, inputs)
+        reference_gates = {k: v.clone() for k, v in mix.live_gates.items()}
     finally:
         mix.detach()
-    gates = load_gates(mole, "cli.safetensors")
+    gates = load_gates(mole, f"cli_{gate_input}.safetensors")
     m, _, live = apply(mole, tiny[0], experts, "gated", gates=gates)
     comfy_mix = live.holders[0].mix
+    assert comfy_mix.config.gate_input == gate_input
     assert {s: v.feature_dim for s, v in comfy_mix.scopes.items()} == \
         {s: int(v["feature_dim"]) for s, v in gates.gate_file.scopes.items()}
-    assert rel(comfy_forward(m, inputs), reference) <= 1e-4
+    out, comfy_gates = comfy_forward(m, inputs, gates_of=comfy_mix)
+    assert rel(out, reference) <= 1e-4
+    assert set(comfy_gates) == set(reference_gates)
+    for scope, g in reference_gates.items():  # ComfyUI's `context` reaches the gates like diffusers' states
+        torch.testing.assert_close(comfy_gates[scope].float().cpu(), g, atol=1e-5, rtol=1e-4)
     assert rel(diffusers_forward(diffusers_unet, inputs), reference) > 1e-3  # hooks gone: bare UNet differs
 
 

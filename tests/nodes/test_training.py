@@ -126,7 +126,8 @@ def test_private_copy_is_normal_independent_and_hook_free(mole, tiny):
     assert not any(m._forward_hooks for m in copy_.modules()) and copy_.current_patcher is None
 
 
-def test_training_lowers_the_denoise_loss(mole, tiny, vae, experts, images):
+@pytest.mark.parametrize("gate_input", ["input", "prompt"])
+def test_training_lowers_the_denoise_loss(mole, tiny, vae, experts, images, gate_input):
     import mole_core
     from train.config import TrainConfig
     from train.data import references_from_images
@@ -134,7 +135,8 @@ def test_training_lowers_the_denoise_loss(mole, tiny, vae, experts, images):
 
     model, clip = tiny
     cb = mole.comfy_backend
-    cfg = TrainConfig(steps=30, lr=0.05, alpha=0.0, batch_size=4, resolution=64, warmup_steps=0, seed=0)
+    cfg = TrainConfig(steps=30, lr=0.05, alpha=0.0, batch_size=4, resolution=64, warmup_steps=0, seed=0,
+                      gate_input=gate_input)
     refs = references_from_images(images, ["a photo of a ball"])
     with torch.inference_mode():
         cache = cb.unify_context(prepare_references(cb.ComfyEncoder(model.model, vae, clip, 64), refs, cfg))
@@ -152,7 +154,7 @@ def test_training_lowers_the_denoise_loss(mole, tiny, vae, experts, images):
         finally:
             mix.detach()
     before, after = loss(start), loss(result.gates)
-    print(f"\ndenoise loss on the references: uniform gates {before:.5f} → trained {after:.5f}")
+    print(f"\ndenoise loss on the references ({gate_input} gates): uniform gates {before:.5f} → trained {after:.5f}")
     assert after < before
 
 

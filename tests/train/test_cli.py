@@ -50,6 +50,24 @@ def test_sample_with_gates_writes_pngs_with_settings_and_gates(trained, tiny_sd1
     assert info["mean_gates_by_bucket"]
 
 
+def test_prompt_gates_train_and_sample_through_the_pipeline(tiny_sd15_dir, lora_set, refs_dir, tmp_path):
+    """`--gate-input prompt`: the pipeline's own UNet calls feed the prompt to the gates, so two prompts
+    sampled with the same seed get different per-block gates (block-input gates would see the same latents)."""
+    out = tmp_path / "prompt_gates.safetensors"
+    assert main(["train", "--base", str(tiny_sd15_dir), *_loras(lora_set), "--images", str(refs_dir), "--out",
+                 str(out), "--gate-input", "prompt", "--lr", "0.5", "--prompt", "a photo of a red ball",
+                 *STEPS]) == 0
+    gates = {}
+    for i, prompt in enumerate(["a photo of a red ball", "an oil painting of a lighthouse at night"]):
+        folder = tmp_path / f"s{i}"
+        assert main(["sample", "--base", str(tiny_sd15_dir), *_loras(lora_set), "--gates", str(out), "--prompt",
+                     prompt, "--steps", "2", "--size", "64", "--cfg", "1", "--out", str(folder)]) == 0
+        info = json.loads(Image.open(next(folder.glob("*.png"))).text["mole"])
+        gates[prompt] = np.array(list(info["mean_gates"].values()))
+    a, b = gates.values()
+    assert a.shape == b.shape and np.abs(a - b).max() > 1e-3
+
+
 def test_sample_weights_equals_diffusers_set_adapters(tiny_sd15_dir, lora_set, tmp_path):
     weights = [0.5, 1.0, 0.25]
     rc = main(["sample", "--base", str(tiny_sd15_dir), *_loras(lora_set), "--weights", ",".join(map(str, weights)),
