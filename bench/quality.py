@@ -69,6 +69,9 @@ VARIANTS = [Variant("mole_block"), Variant("mole_layer", granularity="layer"),
             Variant("mole_block_no_balance", alpha=0.0), Variant("mole_block_experts", gate_input="experts"),
             Variant("mole_block_lambda_n", full_strength=True)]
 FULL_EXTRA = [Variant("mole_matrix", granularity="matrix"), Variant("mole_network", granularity="network")]
+# run on request (--variants): kept out of the default sets so the full run stays within 20 minutes here
+ON_REQUEST = [Variant("mole_block_prompt", gate_input="prompt")]
+ALL_VARIANTS = {v.name: v for v in VARIANTS + FULL_EXTRA + ON_REQUEST}
 
 
 @dataclass
@@ -98,6 +101,12 @@ def settings(args: argparse.Namespace) -> Settings:
         s.steps = args.steps
     if args.pairs:
         s.pairs = args.pairs
+    if args.variants is not None:
+        names = [n for n in args.variants.split(",") if n]
+        unknown = [n for n in names if n not in ALL_VARIANTS]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; choose from {sorted(ALL_VARIANTS)}")
+        s.variants = [ALL_VARIANTS[n] for n in names]
     return s
 
 
@@ -256,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="gate-training steps per variant")
     ap.add_argument("--pairs", type=int, default=None, help="2-concept subsets to run (default 1: the first pair; "
                     "each costs ~3 min per seed here)")
+    ap.add_argument("--variants", default=None, help="comma-separated MoLE variants to train instead of the default "
+                    f"set (the baselines always run; empty: baselines only); known: {', '.join(ALL_VARIANTS)}")
     ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1)")
     ap.add_argument("--concepts", default=None, help="comma-separated concept LoRAs to compose (default "
@@ -289,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(results)
     OUT.mkdir(exist_ok=True)
     if grid:
-        save_grid(grid, OUT / ("quality_grid_quick.png" if args.quick else "quality_grid.png"))
+        suffix = ("_quick" if args.quick else "") + (f"_{args.variants.replace(',', '_')}" if args.variants else "")
+        save_grid(grid, OUT / f"quality_grid{suffix}.png")
     print(table(agg, 2) + "\n\n" + table(agg, 3) + "\n\n" + study_tables(agg))
     summary = {
         "bench": "quality", "quick": args.quick, "seeds": s.seeds, "gate_steps": s.steps, "lr": s.lr,
