@@ -27,6 +27,8 @@ BATCH = 2
 def parse() -> Namespace:
     p = common.base_parser(__doc__.splitlines()[0], default_repeats=5)
     p.add_argument("--latent", type=int, default=None, help="latent side (default 16; 8 with --quick)")
+    p.add_argument("--gate-input", default="input", choices=mole.gates.GATE_INPUTS,
+                   help="what the gates read (prompt: the root pre-hook captures the context; default input)")
     p.add_argument("--no-compile", action="store_true", help="skip the inductor compile (explain, recompiles, copies)")
     p.add_argument("--force-compile", action="store_true",
                    help="time the inductor compile even when the dynamo run recompiles every call (minutes)")
@@ -51,7 +53,7 @@ def build(args: Namespace, dtype: torch.dtype) -> tuple[nn.Module, mole.Mixture,
     unet = UNet2DConditionModel(**micro_unet_config(args.quick)).to(args.device, dtype).eval().requires_grad_(False)
     mods = common.target_modules(unet, "attn")
     mix = mole.attach(unet, random_experts(mods, 3, 16, args.seed),
-                      mole.GateConfig(granularity="block", gate_input="input", init_std=0.01))
+                      mole.GateConfig(granularity="block", gate_input=args.gate_input, init_std=0.01))
     return unet, mix, common.unet_inputs(unet, args.latent, BATCH, args.device, dtype, args.seed)
 
 

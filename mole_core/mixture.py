@@ -84,7 +84,7 @@ class Mixture:
         self.gates.to(device)
         self.stats = GateStats(self.n)
         self.live_gates: dict[str, torch.Tensor] = {}
-        self._prompt: torch.Tensor | None = None  # pooled context of the current UNet call (gate_input "prompt")
+        self._prompt: torch.Tensor | None = None  # context of the current UNet call (gate_input "prompt")
         self._comps = comps
         self._handles: list[RemovableHandle] = []
         self._mode = "gated"
@@ -171,17 +171,18 @@ class Mixture:
         def prompt_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hook(module, args)
             # diffusers: unet(sample, t, encoder_hidden_states); ComfyUI: diffusion_model(x, t, context=…)
+            # (kept raw, pooled at each lead: pooling here would split the graph under torch.compile)
             context = kwargs.get("encoder_hidden_states", kwargs.get("context"))
             if context is None and len(args) > 2:
                 context = args[2]
-            self._prompt = pool_prompt(context) if isinstance(context, torch.Tensor) else None
+            self._prompt = context if isinstance(context, torch.Tensor) else None
         return prompt_hook if reads_prompt else hook
 
     def _prompt_features(self, batch: int) -> torch.Tensor:
-        f = self._prompt
-        if f is None:
+        if self._prompt is None:
             raise MoleError("gate_input 'prompt': the UNet was called without prompt conditioning "
                             "(encoder_hidden_states / context)")
+        f = pool_prompt(self._prompt)
         if f.shape[0] != batch:
             if f.shape[0] != 1:
                 raise MoleError(f"gate_input 'prompt': the prompt conditioning has batch {f.shape[0]}, "
