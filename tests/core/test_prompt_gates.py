@@ -131,3 +131,18 @@ def test_unet_call_without_context_is_a_clear_error(unet, lora_set):
     with torch.no_grad(), pytest.raises(mole.MoleError, match="without prompt conditioning"):
         unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=None)
     mix.detach()
+
+
+def test_sdxl_unet_gates_read_its_concatenated_context(tiny_sdxl, sdxl_lora):
+    """SDXL's context is CLIP-L and CLIP-G side by side: the gates take its whole width."""
+    unet = copy.deepcopy(tiny_sdxl["unet"]).eval()
+    experts = mole.load_experts([sdxl_lora[0].path, sdxl_lora[1].path])
+    mix = mole.attach({"unet": unet}, experts, mole.GateConfig(gate_input="prompt", init_std=0.5))
+    assert {s.feature_dim for s in mix.scopes.values()} == {unet.config.cross_attention_dim}
+    inputs = unet_inputs(unet, batch=2)
+    with torch.no_grad():
+        out = unet(**inputs).sample
+    assert torch.isfinite(out).all()
+    for s in mix.scopes:
+        torch.testing.assert_close(mix.live_gates[s], _hand_gate(mix, s, inputs["encoder_hidden_states"]))
+    mix.detach()
