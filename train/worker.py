@@ -43,10 +43,18 @@ class Job:
     finished: float | None = None
     resume_from: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    # +1 on every change of state or progress: a client that gets an HTTP reply and events out of order
+    # keeps the newest view (a cancel reply saying "running" must not undo the "cancelled" event before it)
+    revision: int = 0
+
+    def touch(self) -> int:
+        self.revision += 1
+        return self.revision
 
     def public(self, history: bool = False) -> dict:
         """JSON-able view (what routes and events send)."""
-        out = {"id": self.id, "name": self.name, "status": self.status, "progress": self.progress,
+        out = {"id": self.id, "name": self.name, "status": self.status, "revision": self.revision,
+               "progress": self.progress,
                "error": self.error, "checkpoint": self.checkpoint, "created": self.created,
                "started": self.started, "finished": self.finished,
                "result": self.result if isinstance(self.result, (str, int, float, dict, list)) else None}
@@ -73,7 +81,7 @@ class JobContext:
         keep = {k: v for k, v in info.items() if k in ("step", "loss", "gate_entropy", "mean_gates",
                                                        "mean_gate_entropy", "lr")}
         self.job.history.append(keep)
-        self._worker.emit("progress", {"job": self.job.id, "name": self.job.name, **info})
+        self._worker.emit("progress", {"job": self.job.id, "name": self.job.name, "revision": self.job.touch(), **info})
 
 
 class Worker:
@@ -105,6 +113,7 @@ class Worker:
         job = Job(id=f"{int(time.time())}-{next(self._ids)}", name=name, fn=fn, checkpoint=checkpoint)
         with self._lock:
             self._jobs[job.id] = job
+        job.touch()
         self._queue.put(job)
         self.emit("queued", job.public())
         return job
@@ -135,6 +144,7 @@ class Worker:
         job.resume_from = job.checkpoint if job.checkpoint and os.path.exists(job.checkpoint) else None
         job.stop = threading.Event()
         job.status, job.error, job.finished = "queued", None, None
+        job.touch()
         self._queue.put(job)
         self.emit("queued", job.public())
         return job
@@ -152,6 +162,7 @@ class Worker:
     # ----- thread -----
     def _finish(self, job: Job, status: str) -> None:
         job.status, job.finished = status, time.time()
+        job.touch()
         self.emit(status, job.public())
 
     def _loop(self) -> None:
@@ -160,6 +171,7 @@ class Worker:
             if job.status != "queued":
                 continue
             job.status, job.started = "running", time.time()
+            job.touch()
             self.emit("started", job.public())
             try:
                 job.result = job.fn(JobContext(self, job))

@@ -99,5 +99,7 @@ def test_panel_reattaches_after_reload_and_its_buttons_control_the_job(results):
     after = r["afterReload"]
     assert after["step"] > r["beforeReload"]["step"] and after["history"] >= after["step"] - 1  # history refetched
     assert r["cancelled"]["status"] == "cancelled" and r["finished"]["status"] == "done"
+    stale = r["staleIgnored"]  # an older reply/event arriving late does not undo "cancelled"
+    assert stale["before"] > 0 and stale["status"] == "cancelled" and stale["revision"] == stale["before"]
     assert r["finished"]["step"] > r["cancelled"]["step"]
     assert results["errors"] == []

@@ -46,6 +46,38 @@ def test_jobs_queue_and_run_one_at_a_time():
     assert a.public()["status"] == "done"
 
 
+def test_revision_orders_every_view_of_a_job(tmp_path):
+    """Each event carries a higher revision than the one before; the reply to cancel (a view taken while
+    the job still runs) is older than the "cancelled" event, so a client keeping the newest view ends cancelled."""
+    events = []
+    started, replied = threading.Event(), threading.Event()
+
+    def job_fn(ctx):
+        for i in range(3):
+            ctx.progress({"step": i + 1})
+        started.set()
+        while not (ctx.resume_from or replied.is_set()):  # stop only once the cancel reply was taken
+            time.sleep(0.005)
+        return "stopped" if ctx.should_stop() else "done"
+
+    w = Worker(on_event=lambda kind, p: events.append((kind, p["revision"], p.get("status"))))
+    job = w.submit("long", job_fn, checkpoint=str(tmp_path / "ck"))
+    assert started.wait(5)
+    reply = w.cancel(job.id).public()
+    replied.set()
+    assert w.wait(job.id, timeout=10).status == "cancelled"
+    w.resume(job.id)
+    assert w.wait(job.id, timeout=20).status == "done"
+    revisions = [r for _, r, _ in events]
+    assert revisions == sorted(set(revisions)) and revisions[0] == 1  # strictly increasing
+    cancelled = next(r for kind, r, _ in events if kind == "cancelled")
+    assert reply["status"] == "running" and reply["revision"] < cancelled
+    newest = max([(reply["revision"], reply["status"])] + [(r, st) for kind, r, st in events
+                                                            if kind != "progress" and r <= cancelled])
+    assert newest == (cancelled, "cancelled")
+    assert job.public()["revision"] == revisions[-1]
+
+
 def test_cancel_then_resume_continues_from_checkpoint(tmp_path):
     started = threading.Event()
     w = Worker()

@@ -211,6 +211,14 @@ async function check() {
   await page.locator(".mole-panel .mole-cancel").first().click();
   await waitStatus("cancelled");
   const cancelled = await panelState(page);
+  // replies and events can arrive out of order (a loaded server): an older view must not undo "cancelled"
+  const staleIgnored = await page.evaluate(() => {
+    const p = window.app.graph.nodes.find((n) => n.type === "MoLE_TrainGates").molePanel;
+    const revision = p.job.revision;
+    p.adopt({ ...p.job, status: "running", revision: revision - 1 });
+    p.onProgress({ ...(p.job.progress || {}), job: p.job.id, node: p.nodeId, revision: revision - 1 });
+    return { status: p.job.status, revision: p.job.revision, before: revision };
+  });
   await page.locator(".mole-panel .mole-resume").first().click();
   await page.waitForFunction((step) => {
     const p = window.app.graph.nodes.find((n) => n.type === "MoLE_TrainGates").molePanel;
@@ -218,7 +226,7 @@ async function check() {
   }, cancelled.step, LONG);
   await page.locator(".mole-panel .mole-finish").first().click();
   await waitStatus("done");
-  results.reattach = { beforeReload, afterReload, cancelled, finished: await panelState(page) };
+  results.reattach = { beforeReload, afterReload, cancelled, staleIgnored, finished: await panelState(page) };
   await page.locator(".mole-panel").first().screenshot({ path: path.join(outDir, "panel_finished.png") });
   results.errors = ours(log);
   fs.writeFileSync(path.join(outDir, "results.json"), JSON.stringify(results, null, 2));

@@ -7,6 +7,7 @@ import { api } from "../../scripts/api.js";
  * @property {string} id
  * @property {string} name
  * @property {"queued"|"running"|"done"|"failed"|"cancelled"} status
+ * @property {number} revision  +1 on every change of state or progress (newest view wins)
  * @property {object} progress   last progress record (step, steps, loss, terms, gate_entropy, mean_gates, eta_s)
  * @property {string|null} error
  * @property {string|null} node  id of the MoLE Train Gates node that started it

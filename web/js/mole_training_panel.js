@@ -69,13 +69,20 @@ class TrainingPanel {
 
   get nodeId() { return String(this.node.id); }
 
+  /** Whether `revision` (of this panel's job) is older than what the panel shows: replies and events can
+   * arrive out of order (a Cancel reply saying "running" after the "cancelled" event). */
+  stale(id, revision) {
+    return this.job?.id === id && revision != null && this.job.revision != null && revision < this.job.revision;
+  }
+
   /**
-   * Show a job; a fetched `history` is merged with steps that arrived by event meanwhile.
+   * Show a job; a fetched `history` is merged with steps that arrived by event meanwhile. A view older than
+   * the one shown (lower `revision`) only contributes its history.
    * @param {import("./mole_api.js").MoleJob} job @param {object[]} [history]
    */
   adopt(job, history) {
     if (!this.job || this.job.id !== job.id) this.history = [];
-    this.job = { ...(this.job?.id === job.id ? this.job : {}), ...job };
+    if (!this.stale(job.id, job.revision)) this.job = { ...(this.job?.id === job.id ? this.job : {}), ...job };
     if (history) {
       const last = history.at(-1)?.step ?? 0;
       this.history = [...history, ...this.history.filter((h) => h.step > last)];
@@ -107,11 +114,13 @@ class TrainingPanel {
   onProgress(p) {
     const ours = this.job?.id === p.job;
     if (!ours && p.node !== this.nodeId) return;
+    if (this.stale(p.job, p.revision)) return;
     if (!ours) { // a job of this node we have not seen yet: show it now, fetch its history and experts
       this.adopt({ id: p.job, name: p.name, status: "running", node: p.node, file: p.file, steps: p.steps });
       this.load(p.job);
     }
     this.job.status = "running";
+    this.job.revision = p.revision ?? this.job.revision;
     this.job.progress = p;
     this.history = this.history.filter((h) => h.step < p.step);
     this.history.push({ step: p.step, loss: p.loss, gate_entropy: p.gate_entropy, mean_gates: p.mean_gates,
