@@ -202,8 +202,12 @@ async function check() {
   await ready(page);
   await page.waitForFunction((id) => window.app.graph.nodes.find((n) => n.type === "MoLE_TrainGates")?.molePanel?.job?.id === id,
     beforeReload.job, LONG);
-  await page.waitForFunction((step) => (window.app.graph.nodes.find((n) => n.type === "MoLE_TrainGates").molePanel.job.progress?.step ?? 0) > step,
-    beforeReload.step + 1, LONG);
+  // new steps arrive by event; the history before the reload comes with the job's HTTP fetch (later under load)
+  await page.waitForFunction((step) => {
+    const p = window.app.graph.nodes.find((n) => n.type === "MoLE_TrainGates").molePanel;
+    const now = p.job.progress?.step ?? 0;
+    return now > step && p.history.length >= now - 1;
+  }, beforeReload.step + 1, LONG);
   const afterReload = await panelState(page);
   await focus(page, "MoLE_TrainGates");
   await page.locator(".mole-panel").first().screenshot({ path: path.join(outDir, "panel_reattached.png") });
