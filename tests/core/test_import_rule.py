@@ -29,7 +29,7 @@ def test_mole_core_imports_without_comfy_or_diffusers():
 
 def test_no_absolute_import_of_the_top_level_name_nodes():
     """ComfyUI owns the module name ``nodes``: our ``nodes/`` package is imported relatively, and ComfyUI's
-    ``nodes.py`` is reached through ``tests.nodes._helpers.comfyui_nodes`` — never by ``import nodes``."""
+    ``nodes.py`` is reached through ``tests.nodes._helpers.comfyui_nodes`` — never by an absolute import."""
     import ast
 
     offenders = []
@@ -39,7 +39,19 @@ def test_no_absolute_import_of_the_top_level_name_nodes():
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            if any(n == "nodes" or n.startswith("nodes.") for n in names):
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                     else [_dynamic_import_name(node)] if isinstance(node, ast.Call) else [])
+            if any(n and (n == "nodes" or n.startswith("nodes.")) for n in names):
                 offenders.append(f"{rel}:{node.lineno}")
     assert not offenders, offenders
+
+
+def _dynamic_import_name(call) -> str | None:  # noqa: ANN001
+    """The literal module name of ``importlib.import_module("…")`` / ``__import__("…")``, else None."""
+    import ast
+
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    if name in {"import_module", "__import__"} and call.args and isinstance(call.args[0], ast.Constant):
+        return str(call.args[0].value)
+    return None

@@ -20,8 +20,8 @@ from tests.nodes.testing_pack.tiny_comfy import tiny_cond
 def comfyui_nodes() -> ModuleType:
     """ComfyUI's own ``nodes.py`` (``VAEEncode``, ``CLIPTextEncode``…), found by its file path.
 
-    Never ``import nodes``: that name could resolve to our ``nodes/`` package (the repo root is on
-    ``sys.path`` in tests); ComfyUI owns the top-level name, and registers its module under it."""
+    Not by an absolute import of the top-level name: it could resolve to our ``nodes/`` package (the repo
+    root is on ``sys.path`` in tests); ComfyUI owns that name and registers its module under it."""
     path = (COMFYUI / "nodes.py").resolve()
     loaded = sys.modules.get("nodes")
     if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
