@@ -113,9 +113,8 @@ class Worker:
         job = Job(id=f"{int(time.time())}-{next(self._ids)}", name=name, fn=fn, checkpoint=checkpoint)
         with self._lock:
             self._jobs[job.id] = job
-        job.touch()
+        self._publish(job, "queued")  # before the worker thread can see it: "started" must come after
         self._queue.put(job)
-        self.emit("queued", job.public())
         return job
 
     def get(self, job_id: str) -> Job:
@@ -144,9 +143,8 @@ class Worker:
         job.resume_from = job.checkpoint if job.checkpoint and os.path.exists(job.checkpoint) else None
         job.stop = threading.Event()
         job.status, job.error, job.finished = "queued", None, None
-        job.touch()
+        self._publish(job, "queued")  # before the worker thread can see it: "started" must come after
         self._queue.put(job)
-        self.emit("queued", job.public())
         return job
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
@@ -159,11 +157,15 @@ class Worker:
             time.sleep(0.02)
         return job
 
+    def _publish(self, job: Job, event: str) -> None:
+        """Every change of a job's state goes out through here: new revision, then the event."""
+        job.touch()
+        self.emit(event, job.public())
+
     # ----- thread -----
     def _finish(self, job: Job, status: str) -> None:
         job.status, job.finished = status, time.time()
-        job.touch()
-        self.emit(status, job.public())
+        self._publish(job, status)
 
     def _loop(self) -> None:
         while True:
@@ -171,8 +173,7 @@ class Worker:
             if job.status != "queued":
                 continue
             job.status, job.started = "running", time.time()
-            job.touch()
-            self.emit("started", job.public())
+            self._publish(job, "started")
             try:
                 job.result = job.fn(JobContext(self, job))
                 self._finish(job, "cancelled" if job.stop.is_set() else "done")
