@@ -38,6 +38,10 @@ class GateFile:
     tensors: dict[str, torch.Tensor]
     info: dict = field(default_factory=dict)
 
+    def components(self) -> list[str]:
+        """Components (``unet``, ``te``, ``te2``) the gates cover, sorted."""
+        return sorted({s.split(":", 1)[0] for s in self.scopes})
+
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write a safetensors file via a temp file + rename, so a crash never leaves half a file."""

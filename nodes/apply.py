@@ -117,7 +117,7 @@ def apply_gated(model: Any, clip: Any, experts: MoleExperts, gates: MoleGates | 
     if clip is not None and experts.has_component(*TE):
         index = build_index(clip=clip)[0]
         comps = [k for k in TE if k in index.roots]
-        if gate_file is not None and not any(s.split(":", 1)[0] in comps for s in gate_file.scopes):
+        if gate_file is not None and not set(gate_file.components()) & set(comps):
             # UNet-only gates (MoLE Train Gates, the CLI): the text-encoder parts are mixed at uniform
             # weights, exactly as the trainer mixed them while the gates learned
             c = static_clip(clip, experts, static_vector("uniform", None, mask), strength)

@@ -84,7 +84,7 @@ def _attach_text_nla(backend: Backend, experts: list[mole.Expert], cfg: TrainCon
         return None
     target = backend.mixture_target()
     text = [c for c in mole.index_model(target).components() if c != "unet"]
-    if not (text and any(k.split(":", 1)[0] in text for e in experts for k in e.factors)):
+    if not any(c in text for e in experts for c in e.components()):
         return None
     return mole.attach(target, experts, mode="uniform", components=text, strength=cfg.strength)
 
@@ -329,8 +329,7 @@ def gate_statistics(backend: Backend, experts: list[mole.Expert], gates: GateFil
 
     Returns :meth:`mole_core.GateStats.summary` with one bucket per noise level."""
     gen = torch.Generator().manual_seed(seed)
-    comps = sorted({s.split(":", 1)[0] for s in gates.scopes})
-    mix = mole.attach(backend.mixture_target(), experts, gates=gates, components=comps)
+    mix = mole.attach(backend.mixture_target(), experts, gates=gates, components=gates.components())
     try:
         T = len(backend.alphas_cumprod)
         for b, frac in enumerate(fractions):

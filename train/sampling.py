@@ -56,10 +56,10 @@ def attach_mixture(pipe, experts: list[mole.Expert], *, gates: str | Path | mole
     if gates is None:
         return [mole.attach(pipe, experts, mode=mode, weights=weights, mask=mask, strength=strength)]
     gf = gates if isinstance(gates, mole.GateFile) else mole.read_gate_file(gates)
-    gated_comps = sorted({s.split(":", 1)[0] for s in gf.scopes})
+    gated_comps = gf.components()
     mixes = [mole.attach(pipe, experts, gates=gf, mask=mask, strength=strength, components=gated_comps)]
     rest = [c for c in mole.index_model(pipe).components() if c not in gated_comps]
-    if rest and any(k.split(":", 1)[0] in rest for e in experts for k in e.factors):
+    if any(c in rest for e in experts for c in e.components()):
         mixes.append(mole.attach(pipe, experts, mode="uniform", mask=mask, strength=strength, components=rest))
     return mixes
 

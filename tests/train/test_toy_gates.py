@@ -52,7 +52,7 @@ def setup():  # noqa: ANN201
 
 
 def _held_out_loss(backend, experts, held_out, gates=None) -> dict[str, float]:  # noqa: ANN001
-    comps = sorted({s.split(":", 1)[0] for s in gates.scopes}) if gates is not None else ["unet"]
+    comps = gates.components() if gates is not None else ["unet"]
     mixes = [mole.attach(backend.mixture_target(), experts, gates=gates, components=comps) if gates is not None
              else mole.attach(backend.mixture_target(), experts, mode="uniform", components=["unet"])]
     try:
