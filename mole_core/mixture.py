@@ -120,13 +120,15 @@ class Mixture:
         groups: dict[str, list[str]] = {}
         for t in self.banks:
             groups.setdefault(scope_of(t, self.config.granularity), []).append(t)
+        unet_reads_prompt = self._reads_prompt("unet") and any(s.startswith("unet:") for s in groups)
+        context_dim = self._context_dim() if unet_reads_prompt else 0
         scopes = {}
         for name in sorted(groups, key=lambda s: execution_key(groups[s][0])):
             targets = sorted(groups[name], key=execution_key)
             lead = self.banks[targets[0]]
             component = name.split(":", 1)[0]
             if self._reads_prompt(component):
-                dim = self._context_dim()
+                dim = context_dim
             elif self.config.gate_input == "experts":
                 dim = self.n * lead.out_dim
             else:  # "input", and "prompt" on text-encoder scopes (a text encoder has no prompt context)
