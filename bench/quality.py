@@ -102,11 +102,7 @@ def settings(args: argparse.Namespace) -> Settings:
     if args.pairs:
         s.pairs = args.pairs
     if args.variants is not None:
-        names = [n for n in args.variants.split(",") if n]
-        unknown = [n for n in names if n not in ALL_VARIANTS]
-        if unknown:
-            raise SystemExit(f"--variants: unknown {unknown}; choose from {sorted(ALL_VARIANTS)}")
-        s.variants = [ALL_VARIANTS[n] for n in names]
+        s.variants = [ALL_VARIANTS[n] for n in args.variants.split(",") if n]
     return s
 
 
@@ -272,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concepts", default=None, help="comma-separated concept LoRAs to compose (default "
                     f"{','.join(DEFAULT_CONCEPTS)}; the toy world also has pink)")
     args = ap.parse_args(argv)
+    unknown = [n for n in (args.variants or "").split(",") if n and n not in ALL_VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose from {sorted(ALL_VARIANTS)}")
     torch.set_num_threads(args.threads or 1)  # one thread: same numbers on every run (and faster on a shared box)
     _quiet()
     s = settings(args)

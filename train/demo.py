@@ -94,6 +94,7 @@ def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=pri
     metrics: dict = {"concepts": DEMO_CONCEPTS, "prompts": [c.prompt for c in comps], "gate_steps": cfg.steps,
                      "train_seconds": round(train_s, 1), "final_training": res.metrics}
     concept_attrs = [W.concept(c).attribute for c in DEMO_CONCEPTS]
+    modes = {"mole": "gated", "nla": "uniform", "stack": "static " + ",".join("1" * len(experts))}
     tiles: list[Image.Image] = []
     labels: list[str] = []
     for method in METHODS:
@@ -103,7 +104,7 @@ def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=pri
         scores = [world.probe.score(im, w) for im, w in zip(images, wanted)]
         for i, (im, p) in enumerate(zip(images, prompts)):
             info = {"prompt": p, "negative": "", "seed": 1234, "steps": SAMPLE_STEPS, "cfg": CFG, "size": size,
-                    "mode": {"mole": "gated", "nla": "uniform", "stack": "static 1,1,1"}[method],
+                    "mode": modes[method],
                     "probe": scores[i]["pred"],
                     "mean_gates": gstats.get("mean", {})}
             save_png(Image.fromarray(im), info, folder / f"{i:03d}.png")
