@@ -1,4 +1,5 @@
-"""``python -m train.toy build [--quick] [--out DIR]``: rebuild the toy world's assets."""
+"""``python -m train.toy build [--quick] [--out DIR]``: rebuild the toy world's assets;
+``python -m train.toy build-clip [--out DIR]``: (re)train only its toy CLIP guide."""
 
 from __future__ import annotations
 
@@ -19,7 +20,30 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: reproducible, and "
                    "much faster than 2 on a shared machine)")
     b.add_argument("--preview", default=None, help="also write PNG grids of the evaluation samples here")
+    c = sub.add_parser("build-clip", help="(re)train only the toy CLIP of an existing world; other files unchanged")
+    c.add_argument("--quick", action="store_true", help="tiny step counts (smoke test)")
+    c.add_argument("--out", default=None, help="the built world's folder (default: train/assets/toy)")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: reproducible)")
     args = parser.parse_args(argv)
+    if args.command == "build-clip":
+        if args.quick and args.out is None:
+            parser.error("build-clip --quick needs --out (it would replace the committed toy CLIP)")
+        return _build_clip(args)
+    return _build(args)
+
+
+def _build_clip(args: argparse.Namespace) -> int:
+    from .build import BuildConfig, build_clip, with_overrides
+
+    cfg = with_overrides(BuildConfig.quick() if args.quick else BuildConfig(), threads=args.threads)
+    entry = build_clip(out=Path(args.out) if args.out else None, config=cfg)["clip"]
+    held = entry["held_out"]["clean"]
+    print(json.dumps({"file": entry["file"], "bytes": entry["bytes"], "seconds": entry["training"]["seconds"],
+                      "retrieval": held["retrieval"], "zero_shot_all": held["zero_shot"]["all_attributes"]}, indent=1))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
     from .build import BuildConfig, build, with_overrides
 
     cfg = with_overrides(BuildConfig.quick() if args.quick else BuildConfig(), threads=args.threads)

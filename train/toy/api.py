@@ -1,4 +1,4 @@
-"""``load_world()``: the built toy world (pipeline, concept LoRAs, triggers, probe) and its helpers."""
+"""``load_world()``: the built toy world (pipeline, concept LoRAs, triggers, probe, toy CLIP) and its helpers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from PIL import Image
 
 from . import world as W
 from .probes import Probe
+
+if TYPE_CHECKING:
+    from .clip import ToyClip
 
 DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy"
 
@@ -50,6 +54,22 @@ class World:
     @property
     def triggers(self) -> dict[str, str]:
         return {name: c["trigger"] for name, c in self.manifest["concepts"].items()}
+
+    @property
+    def clip_path(self) -> Path | None:
+        """The toy CLIP guide's file, or ``None`` when this world has none (``python -m train.toy build-clip``)."""
+        entry = self.manifest.get("clip")
+        path = self.root / entry["file"] if entry else None
+        return path if path is not None and path.is_file() else None
+
+    def load_clip(self) -> ToyClip:
+        """The toy CLIP guide (fp32, eval mode, frozen); raises ``FileNotFoundError`` when absent."""
+        from .clip import load_toy_clip
+
+        if self.clip_path is None:
+            raise FileNotFoundError(f"{self.root}: no toy CLIP built; run `python -m train.toy build-clip "
+                                    f"--out {self.root}`")
+        return load_toy_clip(self.clip_path)
 
     def expert_paths(self, concepts: list[str] | None = None) -> list[str]:
         """LoRA files in the order of ``concepts`` (default: all), ready for ``mole_core.load_experts``."""

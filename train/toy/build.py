@@ -1,11 +1,14 @@
-"""Build the toy world's assets: tokenizer, pixel VAE, base model, concept LoRAs, shape probe, manifest.
+"""Build the toy world's assets: tokenizer, pixel VAE, base model, concept LoRAs, shape probe, toy CLIP,
+manifest.
 
-``python -m train.toy build [--quick] [--out DIR]``. Everything is seeded and runs on one CPU thread
+``python -m train.toy build [--quick] [--out DIR]``; ``python -m train.toy build-clip [--out DIR]`` (re)trains
+only the toy CLIP of an existing world (other files untouched). Everything is seeded and runs on one CPU thread
 by default, so a rebuild gives the same files. Layout of ``DIR`` (default ``train/assets/toy``)::
 
     pipeline/        StableDiffusionPipeline folder (fp16 safetensors, loadable offline)
     loras/<c>.safetensors   one concept LoRA per novel value (kohya or diffusers layout)
     probes/shape_net.safetensors
+    clip/toy_clip.safetensors   contrastive image–text guide (see ``train.toy.clip``)
     manifest.json    attributes, concepts, triggers, files, seeds, build time, all measurements
 """
 
@@ -28,6 +31,7 @@ from . import lora as L
 from . import models as M
 from . import training as T
 from . import world as W
+from .clip import evaluate_toy_clip, load_toy_clip, save_toy_clip, train_toy_clip
 from .probes import Probe, ShapeNet
 from .tokenizer import write_tokenizer
 
@@ -35,6 +39,7 @@ Log = Callable[[str], None]
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "toy"
 LORA_FORMATS = {"purple": "kohya", "striped": "diffusers", "star": "kohya", "pink": "diffusers"}
 MANIFEST_VERSION = 1
+CLIP_FILE = "clip/toy_clip.safetensors"
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,17 @@ class BuildConfig:
     probe_images: int = 500
     eval_base: int = 64
     eval_concept: int = 16
+    clip_images: int = 6000
+    clip_steps: int = 800
+    clip_batch: int = 128
+    clip_lr: float = 2e-3
+    clip_eval: int = 640
 
     @classmethod
     def quick(cls) -> BuildConfig:
         return cls(base_images=96, base_steps=4, base_batch=8, lora_images=48, lora_steps=3, lora_batch=8,
-                   shape_images=200, shape_steps=5, probe_images=50, eval_base=4, eval_concept=4)
+                   shape_images=200, shape_steps=5, probe_images=50, eval_base=4, eval_concept=4,
+                   clip_images=128, clip_steps=4, clip_batch=32, clip_eval=64)
 
 
 class Stages:
@@ -106,6 +117,50 @@ def train_probe(cfg: BuildConfig, out: Path, vae: torch.nn.Module, log: Log) -> 
     log(f"  probe accuracy clean: {E.fmt_acc(acc['clean'])}")
     log(f"  probe accuracy through the VAE: {E.fmt_acc(acc['vae'])}  (max |error| {acc['vae_max_abs_error_255']}/255)")
     return probe, {"train": info, "accuracy": acc, "params": sum(p.numel() for p in net.parameters())}
+
+
+def train_clip(cfg: BuildConfig, out: Path, log: Log) -> dict:
+    """Train the toy CLIP on generator renders only, save it (fp16) and measure the saved file on held-out
+    renders; returns its manifest entry."""
+    model, info = train_toy_clip(seed=cfg.seed + 700, steps=cfg.clip_steps, images=cfg.clip_images,
+                                 batch=cfg.clip_batch, lr=cfg.clip_lr, log=log)
+    path = save_toy_clip(model, out / CLIP_FILE)
+    metrics = evaluate_toy_clip(load_toy_clip(path), n=cfg.clip_eval, seed=cfg.seed + 800)
+    for name in ("clean", "noisy"):
+        r, z = metrics[name]["retrieval"], metrics[name]["zero_shot"]
+        log(f"  toy clip {name}: retrieval t→i {r['text_to_image']:.3f} i→t {r['image_to_text']:.3f} "
+            f"(chance {r['chance']:.3f}); zero-shot " + ", ".join(f"{a} {z[a]['accuracy']:.3f}" for a in W.ATTRIBUTES))
+    return {"file": CLIP_FILE, "bytes": path.stat().st_size, "params": sum(p.numel() for p in model.parameters()),
+            "dim": model.config.dim, "training": info, "held_out": metrics}
+
+
+def _with_clip(manifest: dict, entry: dict) -> dict:
+    """``manifest`` with ``"clip"`` set to ``entry`` (placed right after ``"probe"``, other keys untouched)."""
+    out = {}
+    for key, value in manifest.items():
+        if key != "clip":
+            out[key] = value
+        if key == "probe":
+            out["clip"] = entry
+    if "clip" not in out:
+        out["clip"] = entry
+    return out
+
+
+def build_clip(out: str | Path | None = None, config: BuildConfig | None = None, log: Log = print) -> dict:
+    """(Re)train only the toy CLIP of the world built in ``out`` (seed from its manifest); writes the model
+    and the manifest's ``"clip"`` entry, leaves every other file and manifest entry as it was."""
+    out = Path(out) if out is not None else DEFAULT_OUT
+    path = out / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no toy world built there; run `python -m train.toy build --out {out}`")
+    manifest = json.loads(path.read_text())
+    cfg = replace(config or BuildConfig(), seed=manifest["build"]["config"]["seed"])
+    torch.set_num_threads(cfg.threads)
+    entry = Stages(log).run("toy clip", train_clip, cfg, out, log)
+    manifest = _with_clip(manifest, entry)
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
 def train_base(cfg: BuildConfig, tokenizer: object, vae: torch.nn.Module, log: Log) -> tuple:
@@ -246,10 +301,12 @@ def build(out: str | Path | None = None, quick: bool = False, config: BuildConfi
                              cfg.eval_base, cfg.eval_concept, cfg.seed + 500, log)
     if preview is not None:
         _write_previews(Path(preview), images, log)
+    clip = st.run("toy clip", train_clip, cfg, out, log)
     manifest = {
         "version": MANIFEST_VERSION, "image_size": W.SIZE, "caption_template": "a {colour} [{texture}] {shape} on "
         "{background}  (the texture word is omitted for plain)", "attributes": _attributes(),
         "concepts": concepts, "pipeline": "pipeline", "probe": {"shape_net": "probes/shape_net.safetensors"},
+        "clip": clip,
         "sampling": metrics["sampler"],
         "models": {"unet_params": M.n_params(unet), "text_encoder_params": M.n_params(text_encoder),
                    "vae_params": M.n_params(vae), "shape_net_params": probe_info["params"],
