@@ -1,6 +1,8 @@
 """Gate files: ``.safetensors`` with the gate tensors and JSON metadata that names the experts.
 
-Tensors: ``gates.<scope>.weight (N, d)``, ``gates.<scope>.bias (N,)``, ``gates.<scope>.log_tau ()``.
+Tensors: ``gates.<scope>.weight (N, d)``, ``gates.<scope>.bias (N,)``, ``gates.<scope>.log_tau ()``, and for
+the sigmoid family ``gates.<scope>.magnitude_logit ()`` (format version 2; version-1 files are softmax gates
+and load unchanged).
 Metadata key ``mole`` (JSON): format version, experts (name, sha256, ranks, order), gate
 config, scopes (lead target, feature size), base-model family, training config, metrics.
 Loading refuses a different expert set/order/hash with one line naming the difference.
@@ -19,12 +21,18 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import MoleError
-from .gates import GateConfig
+from .gates import GateConfig, prior_gates
 from .lora_files import read_safetensors
 from .mixture import Mixture
 
 FORMAT = "mole-gates"
-VERSION = 1
+VERSION = 2
+
+
+def _parts(cfg: GateConfig) -> tuple[str, ...]:
+    """Tensor names stored per scope for a gate family."""
+    base = ("weight", "bias", "log_tau")
+    return (*base, "magnitude_logit") if cfg.family == "sigmoid" else base
 
 
 @dataclass
@@ -41,6 +49,10 @@ class GateFile:
     def components(self) -> list[str]:
         """Components (``unet``, ``te``, ``te2``) the gates cover, sorted."""
         return sorted({s.split(":", 1)[0] for s in self.scopes})
+
+    def prior_gates(self) -> dict[str, list[float]]:
+        """Gate of each scope for a neutral (zero) feature, from the routers' biases."""
+        return prior_gates(self.tensors, list(self.scopes), self.config)
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
@@ -65,9 +77,8 @@ def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None
     scopes: dict[str, dict] = {}
     for i, (name, scope) in enumerate(mix.scopes.items()):
         g = mix.gates[f"s{i}"]
-        tensors[f"gates.{name}.weight"] = g.weight.float()
-        tensors[f"gates.{name}.bias"] = g.bias.float()
-        tensors[f"gates.{name}.log_tau"] = g.log_tau.float()
+        for part in _parts(mix.config):
+            tensors[f"gates.{name}.{part}"] = getattr(g, part).float()
         scopes[name] = {"lead": scope.lead, "feature_dim": scope.feature_dim, "targets": len(scope.targets)}
     info = {"format": FORMAT, "version": VERSION, "experts": [dict(e.summary(), order=i)
                                                               for i, e in enumerate(mix.experts)],
@@ -106,8 +117,10 @@ def read_gate_file(path: str | os.PathLike) -> GateFile:
         experts, scopes = list(info["experts"]), dict(info["scopes"])
     except (KeyError, TypeError) as exc:
         raise MoleError(f"{name}: malformed gate metadata ({exc})") from None
+    except MoleError as exc:
+        raise MoleError(f"{name}: {exc}") from None
     for s in scopes:
-        for part in ("weight", "bias", "log_tau"):
+        for part in _parts(cfg):
             key = f"gates.{s}.{part}"
             if key not in tensors:
                 raise MoleError(f"{name}: tensor {key} missing")
@@ -147,7 +160,7 @@ def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateF
     does not cover (``gf`` itself is not modified: hosts share it)."""
     name = Path(gf.path).name
     check_experts_match(gf, mix, match)
-    for attr in ("granularity", "gate_input"):
+    for attr in ("granularity", "gate_input", "family", "text_pool"):
         if getattr(gf.config, attr) != getattr(mix.config, attr):
             raise MoleError(f"{name}: {attr} is {getattr(gf.config, attr)!r}, the mixture uses "
                             f"{getattr(mix.config, attr)!r}")
@@ -161,8 +174,7 @@ def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateF
             if dim != scope.feature_dim:
                 raise MoleError(f"{name}: scope {s} has feature size {dim}, the model gives {scope.feature_dim}")
             g = mix.gates[f"s{i}"]
-            g.weight.copy_(gf.tensors[f"gates.{s}.weight"])
-            g.bias.copy_(gf.tensors[f"gates.{s}.bias"])
-            g.log_tau.copy_(gf.tensors[f"gates.{s}.log_tau"])
+            for part in _parts(gf.config):
+                getattr(g, part).copy_(gf.tensors[f"gates.{s}.{part}"])
     ignored = [s for s in gf.scopes if s.split(":", 1)[0] not in comps]
     return dataclasses.replace(gf, info={**gf.info, "ignored_scopes": ignored})

@@ -1,9 +1,14 @@
-"""Gating functions: one small softmax router per scope (paper Eq. 9–11).
+"""Gating functions: one small router per scope, in two families.
 
-``g = softmax((W f + b) / τ)`` with ``f`` a pooled, RMS-normalised feature vector, so the gate
-works at any resolution and token count. ``W`` starts at zero (or noise of ``init_std``) and
-``b`` at 0, hence training starts at uniform mixing (1/N each) — the NLA baseline. τ is learnable, kept in
-``tau_range`` by a clamp.
+``softmax`` (the paper, Eq. 9–11): ``g = softmax((W f + b) / τ)`` with ``f`` a pooled, RMS-normalised
+feature vector, so the gate works at any resolution and token count. ``W`` starts at zero (or noise of
+``init_std``) and ``b`` at 0, hence training starts at uniform mixing (1/N each) — the NLA baseline.
+τ is learnable, kept in ``[tau_min, tau_max]`` by a clamp.
+
+``sigmoid``: ``g_i = m · σ((W f + b)_i / τ)`` with a learnable per-scope magnitude ``m = m_max · σ(ρ)``
+in ``[0, m_max]``. Each expert is switched on or off on its own, so a prompt that names two concepts can
+run both LoRAs at full strength and a prompt that names none can run none — two things no convex mixture
+can express (its gates always sum to 1). Training starts at ``g_i = init_gate`` for every expert.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from .errors import MoleError
 from .naming import GRANULARITIES
 
 GATE_INPUTS = ("input", "experts", "prompt")
+FAMILIES = ("softmax", "sigmoid")
+TEXT_POOLS = ("mean", "max")
 MODES = ("gated", "uniform", "static")
 
 
@@ -34,6 +41,13 @@ class GateConfig:
     tau_max: float = field(default=10.0, metadata={"help": "upper clamp of τ"})
     init_std: float = field(default=0.0, metadata={"help": "std of the initial gate weights (0: exactly uniform)"})
     learn_tau: bool = field(default=True, metadata={"help": "train τ"})
+    family: str = field(default="softmax", metadata={"help": "softmax: the paper's convex mixture (gates sum "
+                                                     "to 1); sigmoid: each expert on/off on its own, times a "
+                                                     "learnable per-scope magnitude in [0, m_max]"})
+    m_max: float = field(default=2.0, metadata={"help": "sigmoid family: upper bound of the per-scope magnitude"})
+    init_gate: float = field(default=0.5, metadata={"help": "sigmoid family: every expert's gate at the start"})
+    text_pool: str = field(default="mean", metadata={"help": "how text-encoder scopes pool their token states: "
+                                                     "mean | max (max keeps a trigger word visible)"})
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -43,6 +57,18 @@ class GateConfig:
         if not 0 < self.tau_min <= self.tau_init <= self.tau_max:
             raise MoleError(f"need 0 < tau_min ≤ tau_init ≤ tau_max, got {self.tau_min}, {self.tau_init}, "
                             f"{self.tau_max}")
+        if self.family not in FAMILIES:
+            raise MoleError(f"gate `family` must be one of {FAMILIES}, got {self.family!r}")
+        if self.text_pool not in TEXT_POOLS:
+            raise MoleError(f"`text_pool` must be one of {TEXT_POOLS}, got {self.text_pool!r}")
+        if not (0 < self.m_max < 1e3 and 0 < self.init_gate < self.m_max):
+            raise MoleError(f"need 0 < init_gate < m_max (≤ 1000), got init_gate {self.init_gate}, "
+                            f"m_max {self.m_max}")
+
+    @property
+    def convex(self) -> bool:
+        """Whether gate rows sum to 1 (softmax family): masking renormalises, the balance loss applies."""
+        return self.family == "softmax"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,13 +79,16 @@ def rms_normalize(f: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def pool_input(x: torch.Tensor, is_conv: bool) -> torch.Tensor:
-    """Mean over tokens/pixels: conv ``(B, C, H, W)`` → ``(B, C)``; linear ``(B, ..., C)`` → ``(B, C)``."""
+def pool_input(x: torch.Tensor, is_conv: bool, how: str = "mean") -> torch.Tensor:
+    """Pool over tokens/pixels: conv ``(B, C, H, W)`` → ``(B, C)``; linear ``(B, ..., C)`` → ``(B, C)``.
+
+    ``how="max"`` (token states only) keeps one token's feature visible among many."""
     if is_conv:
         return x.mean(dim=tuple(range(2, x.dim())))
     if x.dim() == 2:
         return x
-    return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    return tokens.amax(1) if how == "max" else tokens.mean(1)
 
 
 def pool_prompt(context: torch.Tensor) -> torch.Tensor:
@@ -74,27 +103,73 @@ def pool_prompt(context: torch.Tensor) -> torch.Tensor:
 
 
 class ScopeGate(nn.Module):
-    """Router of one scope: features ``(B, d)`` → gate probabilities ``(B, N)``."""
+    """Router of one scope: features ``(B, d)`` → gates ``(B, N)`` (softmax rows, or sigmoid × magnitude)."""
 
     def __init__(self, in_features: int, n_experts: int, cfg: GateConfig):
         super().__init__()
+        self.family = cfg.family
         self.weight = nn.Parameter(torch.randn(n_experts, in_features) * cfg.init_std)
         self.bias = nn.Parameter(torch.zeros(n_experts))
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init)), requires_grad=cfg.learn_tau)
         self.tau_min, self.tau_max = cfg.tau_min, cfg.tau_max
+        self.m_max = cfg.m_max
+        if self.family == "sigmoid":
+            # the magnitude starts at 1 (LoRA strength 1 when fully on) if init_gate < 1 < m_max, else midway
+            # between init_gate and m_max; the bias then sets σ(b/τ)·m = init_gate exactly
+            m0 = 1.0 if cfg.init_gate < 1.0 < cfg.m_max else (cfg.init_gate + cfg.m_max) / 2
+            self.magnitude_logit = nn.Parameter(torch.tensor(_logit(m0 / cfg.m_max)))
+            with torch.no_grad():
+                self.bias.fill_(_logit(cfg.init_gate / m0) * cfg.tau_init)
 
     @property
     def tau(self) -> torch.Tensor:
         return self.log_tau.exp().clamp(self.tau_min, self.tau_max)
 
+    @property
+    def magnitude(self) -> torch.Tensor:
+        """Per-scope magnitude ``m_max · σ(ρ)`` (sigmoid family; 1 for softmax)."""
+        if self.family != "sigmoid":
+            return torch.ones((), device=self.weight.device)
+        return self.m_max * torch.sigmoid(self.magnitude_logit)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(rms_normalize(features), self.weight, self.bias)
-        return torch.softmax(logits / self.tau, dim=-1)
+        return gate_values(logits, self.tau, self.family, self.magnitude_logit if self.family == "sigmoid" else None,
+                           self.m_max)
 
 
-def apply_mask(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masking mode: ``g'_i = m_i g_i / Σ_j m_j g_j`` (drop experts without retraining)."""
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def gate_values(logits: torch.Tensor, tau: torch.Tensor, family: str, magnitude_logit: torch.Tensor | None = None,
+                m_max: float = 1.0) -> torch.Tensor:
+    """Gates from router logits ``(..., N)``: ``softmax(z/τ)`` or ``m_max σ(ρ) · σ(z/τ)``."""
+    if family == "softmax":
+        return torch.softmax(logits / tau, dim=-1)
+    if magnitude_logit is None:
+        raise MoleError("sigmoid gates need a magnitude")
+    return torch.sigmoid(logits / tau) * (m_max * torch.sigmoid(magnitude_logit))
+
+
+def prior_gates(tensors: dict[str, torch.Tensor], scopes: list[str], cfg: GateConfig) -> dict[str, list[float]]:
+    """Gate of each scope for a neutral (zero) feature: the routers' biases alone (``g(0)``)."""
+    out = {}
+    for scope in scopes:
+        bias = tensors[f"gates.{scope}.bias"].float()
+        tau = tensors[f"gates.{scope}.log_tau"].float().exp().clamp(cfg.tau_min, cfg.tau_max)
+        mag = tensors.get(f"gates.{scope}.magnitude_logit")
+        out[scope] = gate_values(bias, tau, cfg.family, None if mag is None else mag.float(), cfg.m_max).tolist()
+    return out
+
+
+def apply_mask(g: torch.Tensor, mask: torch.Tensor, convex: bool = True) -> torch.Tensor:
+    """Masking mode: ``g'_i = m_i g_i / Σ_j m_j g_j`` (drop experts without retraining).
+
+    Non-convex gates (sigmoid family) are only zeroed: each expert's gate stands on its own."""
     gm = g * mask
+    if not convex:
+        return gm
     return gm / gm.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -110,6 +185,12 @@ def static_gates(mode: str, n: int, mask: torch.Tensor, weights: torch.Tensor | 
 def entropy(g: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of gate rows ``(..., N)``."""
     return -(g * g.clamp_min(1e-12).log()).sum(-1)
+
+
+def share_entropy(g: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row's shares ``g / Σ g`` (equals :func:`entropy` on softmax rows up to
+    rounding; defined for sigmoid gates, whose rows do not sum to 1)."""
+    return entropy(g / g.sum(-1, keepdim=True).clamp_min(1e-12))
 
 
 def balance_loss(gates: list[torch.Tensor], active: torch.Tensor | None = None) -> torch.Tensor:

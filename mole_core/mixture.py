@@ -196,6 +196,8 @@ class Mixture:
         is_conv = bank.is_conv
         experts_input = self.config.gate_input == "experts"
         prompt_input = self._reads_prompt(scope.component)
+        pool = self.config.text_pool if scope.component != "unet" else "mean"
+        convex = self.config.convex
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
@@ -207,10 +209,10 @@ class Mixture:
                     elif experts_input:
                         feats = bank.pooled_expert_outputs(h, self.n).flatten(1)
                     else:
-                        feats = pool_input(x, is_conv)
+                        feats = pool_input(x, is_conv, pool)
                     g = gate(feats.to(gate.weight.device, torch.float32))
                     if self._masked:
-                        g = apply_mask(g, self._mask_dev(g.device))
+                        g = apply_mask(g, self._mask_dev(g.device), convex)
                     scope.gate = g
                     self.live_gates[scope.name] = g
                     if not scope.recorded:  # a gradient-checkpoint recompute re-runs this hook

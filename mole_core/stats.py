@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .gates import entropy
+from .gates import share_entropy as entropy
 
 
 class GateStats:

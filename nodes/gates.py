@@ -76,17 +76,6 @@ def load_gates(name: str) -> MoleGates:
                      source=f"gate file {name}")
 
 
-def prior_gates(gf: mole_core.GateFile) -> dict[str, list[float]]:
-    """Gate of each scope for a neutral (zero) feature: ``softmax(bias / τ)``."""
-    cfg = gf.config
-    out = {}
-    for scope in gf.scopes:
-        bias = gf.tensors[f"gates.{scope}.bias"].float()
-        tau = gf.tensors[f"gates.{scope}.log_tau"].float().exp().clamp(cfg.tau_min, cfg.tau_max)
-        out[scope] = torch.softmax(bias / tau, -1).tolist()
-    return out
-
-
 def gate_table(gates: MoleGates, by_timestep: bool) -> dict:
     """Heatmap payload (experts × blocks [× timestep bucket]) of the best numbers available:
     recorded statistics, else fixed weights, else the gates' prior."""
@@ -100,7 +89,7 @@ def gate_table(gates: MoleGates, by_timestep: bool) -> dict:
     elif gates.fixed:
         mean, title = gates.fixed, "fixed weight per expert and block (uniform / static mode)"
     elif gates.gate_file is not None:
-        mean, title = prior_gates(gates.gate_file), "gate prior softmax(bias/tau): no statistics recorded yet"
+        mean, title = gates.gate_file.prior_gates(), "gate prior g(0) from the biases: no statistics recorded yet"
     else:
         raise mole_core.MoleError(f"`gates` from {gates.source or 'MoLE'} carry neither gates nor statistics")
     ordered = {s: mean[s] for s in sorted(mean, key=execution_key)}
