@@ -52,7 +52,17 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, help="resume from this training checkpoint")
     p.add_argument("--checkpoint", default=None, help="checkpoint path (default: <out stem>.state.safetensors)")
     p.add_argument("--clip-model", default=None, help="local open_clip .safetensors checkpoint (clip objective)")
-    p.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-model")
+    p.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-model (or 'toy': "
+                   "the toy world's CLIP)")
+    p.add_argument("--compose-prompt", action="append", default=[], metavar="TEXT",
+                   help="objective compose: a prompt naming concepts by their reference sub-folder names "
+                   "(trigger words); repeat")
+    p.add_argument("--compose-prompts", default=None, metavar="FILE", help="objective compose: a text file, "
+                   "one composition prompt per line")
+    p.add_argument("--base-prompt", action="append", default=[], metavar="TEXT",
+                   help="objective compose: a prompt naming no concept (prior preservation); repeat")
+    p.add_argument("--base-prompts", default=None, metavar="FILE", help="objective compose: a text file, one "
+                   "base prompt per line")
     for name, default, help_, choices in config_fields():
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):

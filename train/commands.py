@@ -12,6 +12,7 @@ import mole_core as mole
 from mole_core import MoleError
 
 from .cli import _json, _outdir, device_of, world
+from .compose import ComposePrompts
 from .config import TrainConfig, config_fields
 
 
@@ -52,24 +53,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         read_checkpoint(args.resume)  # fail fast on a corrupt checkpoint, before loading the model
     refs = scan_folder(args.images, cfg.prompt)
+    prompts = _compose_prompts(args, refs) if "compose" in cfg.objectives else None
     rank, size = world()
     pipe, experts = _load(args)
     if size > 1:
         _init_distributed(pipe.device.type)
     guide = None
-    if "clip" in cfg.objectives:
+    if "clip" in cfg.objectives or "compose" in cfg.objectives:
         if not args.clip_model:
-            raise MoleError("objective 'clip' needs --clip-model FILE (a local open_clip .safetensors)")
-        from .evaluate import load_clip
+            raise MoleError(f"objective {cfg.objective!r} needs --clip-model FILE (a local open_clip .safetensors)")
+        from .evaluate import load_guide
 
-        guide = load_clip(args.clip_model, args.clip_arch, str(pipe.device))
+        guide = load_guide(args.clip_model, args.clip_arch, str(pipe.device))
     backend = DiffusersBackend(pipe, cfg.resolution)
     cache = reference_cache(backend, experts, refs, cfg)
     bar = _progress_bar(cfg.steps) if rank == 0 else None
 
     def job(ctx):  # noqa: ANN001, ANN202
         return train(cfg, backend, experts, refs, progress=ctx.progress, should_stop=ctx.should_stop,
-                     checkpoint_path=ckpt, resume_from=args.resume, out_path=str(out), clip_guide=guide, cache=cache)
+                     checkpoint_path=ckpt, resume_from=args.resume, out_path=str(out), clip_guide=guide, cache=cache,
+                     compose_prompts=prompts)
 
     worker = Worker(on_event=lambda kind, p: _on_event(bar, kind, p))
     handle = worker.submit("train", job, checkpoint=ckpt)
@@ -92,6 +95,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{state}: {result.steps_done}/{cfg.steps} steps; gates → {out}; checkpoint → {ckpt}")
         print(f"final: {json.dumps({k: v for k, v in result.metrics.items() if k != 'lr'})}")
     return 0
+
+
+def _prompt_lines(path: str | None, flag: str) -> list[str]:
+    if path is None:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise MoleError(f"{flag} {p}: file not found")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise MoleError(f"{flag} {p}: not a UTF-8 text file") from None
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _compose_prompts(args: argparse.Namespace, refs: list) -> ComposePrompts:
+    """The compose objective's prompts from the flags, checked before the model loads."""
+    from .compose import ComposePrompts, named_concepts
+
+    comps = list(args.compose_prompt) + _prompt_lines(args.compose_prompts, "--compose-prompts")
+    base = list(args.base_prompt) + _prompt_lines(args.base_prompts, "--base-prompts")
+    if not comps:
+        raise MoleError("objective 'compose' needs composition prompts: --compose-prompt TEXT or "
+                        "--compose-prompts FILE")
+    concepts = sorted({r.concept for r in refs if r.concept})
+    if not concepts:
+        raise MoleError("objective 'compose' needs --images with one sub-folder per concept (named after its "
+                        "trigger word)")
+    unnamed = [p for p in comps if not named_concepts(p, concepts)]
+    if unnamed:
+        raise MoleError(f"composition prompt {unnamed[0]!r} names none of the concepts {concepts} (sub-folders "
+                        "of --images)")
+    return ComposePrompts(comps, base)
 
 
 def _init_distributed(device_type: str) -> None:

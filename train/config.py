@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from mole_core import MoleError
-from mole_core.gates import GATE_INPUTS
+from mole_core import GateConfig, MoleError
+from mole_core.gates import FAMILIES, GATE_INPUTS, TEXT_POOLS
 from mole_core.naming import GRANULARITIES
 
-OBJECTIVES = ("denoise", "clip")
+OBJECTIVES = ("denoise", "clip", "compose")
 DTYPES = ("fp32", "bf16")
 
 
@@ -32,10 +32,25 @@ class TrainConfig:
     gate_input: str = _opt("input", "gate features: input (pooled block input) | experts (pooled expert outputs) | "
                            "prompt (max-pooled prompt conditioning: routes by the concepts named in the prompt)",
                            choices=GATE_INPUTS)
+    gate_family: str = _opt("softmax", "softmax: the paper's convex gates (sum to 1) | sigmoid: each expert on/off "
+                            "on its own times a learnable per-scope magnitude in [0, m_max]", choices=FAMILIES)
+    m_max: float = _opt(2.0, "sigmoid gates: upper bound of the per-scope magnitude")
+    init_gate: float = _opt(0.5, "sigmoid gates: every expert's gate at the start")
+    text_pool: str = _opt("mean", "text-encoder gates pool token states by mean | max (max routes by trigger words)",
+                          choices=TEXT_POOLS)
     tau_init: float = _opt(1.0, "initial softmax temperature τ")
     strength: float = _opt(1.0, "mixture strength λ while training (use the same when sampling); N experts with "
                            "λ = N start as every LoRA at full strength instead of NLA's 1/N")
-    objective: str = _opt("denoise", "comma list of objectives: denoise, clip")
+    objective: str = _opt("denoise", "comma list of objectives: denoise, clip, compose (sample composed prompts, "
+                          "score them with an image-text guide; see README)")
+    rollout_steps: int = _opt(4, "compose: DDIM steps per training rollout (gradient through the last one)")
+    grad_step: str = _opt("random", "compose: rollout step the gradient flows through: random (one per training "
+                          "step) | last (the official code's truncation)", choices=("random", "last"))
+    rollout_cfg: float = _opt(5.0, "compose: classifier-free guidance scale of the rollouts")
+    global_weight: float = _opt(1.0, "compose: weight of the image–composed-prompt similarity term")
+    local_weight: float = _opt(0.5, "compose: weight of the image–named-concept-references similarity term")
+    prior_weight: float = _opt(1.0, "compose: weight of the base-prompt prior preservation term")
+    base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
     clip_text_weight: float = _opt(1.0, "weight of the CLIP image–text term")
@@ -76,6 +91,19 @@ class TrainConfig:
             raise MoleError(f"`strength` must be > 0, got {self.strength}")
         if self.alpha < 0:
             raise MoleError(f"`alpha` must be ≥ 0, got {self.alpha}")
+        if self.rollout_steps < 1:
+            raise MoleError(f"`rollout_steps` must be ≥ 1, got {self.rollout_steps}")
+        if self.grad_step not in ("random", "last"):
+            raise MoleError(f"`grad_step` must be random or last, got {self.grad_step!r}")
+        if not 0.0 <= self.base_share < 1.0:
+            raise MoleError(f"`base_share` must be in [0, 1), got {self.base_share}")
+        self.gate_config()  # family, m_max, init_gate, text_pool, tau: one-line errors now
+
+    def gate_config(self) -> GateConfig:
+        """The gates' shape for this run."""
+        return GateConfig(granularity=self.granularity, gate_input=self.gate_input, tau_init=self.tau_init,
+                          family=self.gate_family, m_max=self.m_max, init_gate=self.init_gate,
+                          text_pool=self.text_pool)
 
     @property
     def objectives(self) -> list[str]:

@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 import mole_core as mole
-from mole_core import GateConfig, Mixture, MoleError
+from mole_core import Mixture, MoleError
 from mole_core.gate_file import GateFile
+from mole_core.gates import share_entropy
 
 from .backend import Backend, add_noise
 from .checkpoint import read_checkpoint, restore, save_checkpoint
+from .compose import ComposeObjective, ComposePrompts, ImageTextGuide, latent_shape, reference_embeddings
 from .config import TrainConfig
 from .data import CachedSet, Reference, load_image, to_tensor
 from .objectives import ClipGuide, StepContext, build_objectives
@@ -92,7 +94,7 @@ def _attach_text_nla(backend: Backend, experts: list[mole.Expert], cfg: TrainCon
 def attach_for_training(backend: Backend, experts: list[mole.Expert], cfg: TrainConfig
                         ) -> tuple[Mixture, Mixture | None]:
     """Gated mixture on the UNet (and text encoders if ``train_text_gates``), NLA on the rest."""
-    gate_cfg = GateConfig(granularity=cfg.granularity, gate_input=cfg.gate_input, tau_init=cfg.tau_init)
+    gate_cfg = cfg.gate_config()
     comps = None if cfg.train_text_gates else ["unet"]
     gated = mole.attach(backend.mixture_target(), experts, gate_cfg, components=comps, strength=cfg.strength)
     return gated, _attach_text_nla(backend, experts, cfg)
@@ -134,9 +136,9 @@ def _gate_metrics(mix: Mixture) -> dict:
     if not gates:
         return {"gate_entropy": float("nan"), "mean_gates": [], "mean_gate_entropy": float("nan")}
     q = torch.stack([g.mean(0) for g in gates]).mean(0)
-    ent = torch.stack([mole.entropy(g).mean() for g in gates]).mean()
+    ent = torch.stack([share_entropy(g).mean() for g in gates]).mean()
     return {"gate_entropy": float(ent), "mean_gates": [round(float(v), 5) for v in q],
-            "mean_gate_entropy": float(mole.entropy(q))}
+            "mean_gate_entropy": float(share_entropy(q))}
 
 
 class _GateStep(nn.Module):
@@ -157,12 +159,19 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: list[Reference], *,
           progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
           checkpoint_path: str | None = None, resume_from: str | None = None, out_path: str | None = None,
-          clip_guide: ClipGuide | None = None, cache: CachedSet | None = None) -> TrainResult:
+          clip_guide: ClipGuide | None = None, cache: CachedSet | None = None,
+          compose_prompts: ComposePrompts | None = None, guide: ImageTextGuide | None = None) -> TrainResult:
     """Train MoLE gates; see the module docstring. Returns the gates in memory (and writes them
-    to ``out_path`` on rank 0). Raises :class:`TrainingDiverged` on NaN/inf (last good gates kept)."""
+    to ``out_path`` on rank 0). Raises :class:`TrainingDiverged` on NaN/inf (last good gates kept).
+
+    Objective ``compose`` needs ``compose_prompts`` and an image-text ``guide`` (``clip_guide`` serves
+    when ``guide`` is not given); its local term uses the references' concepts."""
     rank, world = _dist()
     if cfg.batch_size % world:
         raise MoleError(f"`batch_size` {cfg.batch_size} must be divisible by the number of processes ({world})")
+    guide = guide or clip_guide
+    if "compose" in cfg.objectives and (compose_prompts is None or guide is None):
+        raise MoleError("objective 'compose' needs composition prompts and an image-text guide (a CLIP model)")
     objectives = build_objectives(cfg, clip_guide)
     frozen = [(p, p.requires_grad) for m in backend.denoiser_modules() for p in m.parameters()]
     for p, _ in frozen:
@@ -176,9 +185,15 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
         if clip_guide is not None and "clip" in cfg.objectives:
             clip_guide.prepare([to_tensor(load_image(r), cfg.resolution) for r in refs],
                                [r.concept for r in refs], [r.caption for r in refs])
+        compose = None
+        if "compose" in cfg.objectives:
+            refs_emb = reference_embeddings(guide, [to_tensor(load_image(r), cfg.resolution) for r in refs],
+                                            [r.concept for r in refs])
+            compose = ComposeObjective(cfg, backend, [m for m in (gated, static) if m is not None], guide,
+                                       compose_prompts, refs_emb, latent_shape(backend, cfg.resolution))
         backend.set_gradient_checkpointing(cfg.gradient_checkpointing)
         return _run(cfg, backend, experts, cache, gated, objectives, rank, world, progress, should_stop,
-                    checkpoint_path, resume_from, out_path)
+                    checkpoint_path, resume_from, out_path, compose)
     finally:
         for m in (gated, static):
             if m is not None:
@@ -191,7 +206,7 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
 def _run(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], cache: CachedSet, mix: Mixture,
          objectives: list, rank: int, world: int, progress: ProgressFn | None,
          should_stop: Callable[[], bool] | None, checkpoint_path: str | None, resume_from: str | None,
-         out_path: str | None) -> TrainResult:
+         out_path: str | None, compose: ComposeObjective | None = None) -> TrainResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     params = mix.gate_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -228,16 +243,20 @@ def _run(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], cache: 
 
             def forward(idx=idx, t=t_dev, x0=x0, noise=noise) -> tuple[torch.Tensor, dict]:
                 mix.clear_live_gates()
-                x_t = add_noise(backend.alphas_cumprod, x0, noise, t)
-                cond = (backend.encode_prompts([cache.captions[i] for i in idx.tolist()]) if cfg.train_text_gates
-                        else _batch_cond(cache, idx))
-                with amp:
-                    out = backend.predict(x_t, t, cond)
-                ctx = StepContext(backend, cfg, x0, noise, t, x_t, out, idx)
                 terms: dict[str, torch.Tensor] = {}
-                for obj in objectives:
-                    terms.update(obj(ctx))
-                if cfg.alpha > 0:
+                if objectives:
+                    x_t = add_noise(backend.alphas_cumprod, x0, noise, t)
+                    cond = (backend.encode_prompts([cache.captions[i] for i in idx.tolist()])
+                            if cfg.train_text_gates else _batch_cond(cache, idx))
+                    with amp:
+                        out = backend.predict(x_t, t, cond)
+                    ctx = StepContext(backend, cfg, x0, noise, t, x_t, out, idx)
+                    for obj in objectives:
+                        terms.update(obj(ctx))
+                if compose is not None:
+                    with amp:
+                        terms.update(compose(gen, local))
+                if cfg.alpha > 0 and mix.config.convex:  # sigmoid gates need no balance: they do not compete
                     terms["balance"] = cfg.alpha * _balance(mix, world)
                 return sum(terms.values()) / cfg.grad_accum, terms
 

@@ -41,6 +41,18 @@ def load_clip(checkpoint: str | Path, arch: str = "ViT-B-32", device: str = "cpu
                      if isinstance(model.visual.image_size, tuple) else model.visual.image_size)
 
 
+def load_guide(checkpoint: str | Path, arch: str = "ViT-B-32", device: str = "cpu"):  # noqa: ANN201
+    """An image-text guide: open_clip (:func:`load_clip`), or the toy world's CLIP when ``arch`` is ``toy``."""
+    if arch != "toy":
+        return load_clip(checkpoint, arch, device)
+    from .toy.guide import load_toy_guide
+
+    p = Path(checkpoint)
+    if not p.is_file():
+        raise MoleError(f"--clip-model {p}: file not found")
+    return load_toy_guide(p, device)
+
+
 def clipscore(cos: float) -> float:
     return 2.5 * max(cos, 0.0)
 

@@ -127,5 +127,6 @@ def _need_guide(guide: Any) -> ClipGuide:
 
 
 def build_objectives(cfg: TrainConfig, guide: ClipGuide | None = None) -> list[Callable[[StepContext], dict]]:
-    """Objective functions for ``cfg.objective`` from the registry."""
-    return [OBJECTIVE_BUILDERS[name](guide=guide) for name in cfg.objectives]
+    """Objective functions on the references for ``cfg.objective`` (``compose`` samples its own
+    images: :class:`train.compose.ComposeObjective`)."""
+    return [OBJECTIVE_BUILDERS[name](guide=guide) for name in cfg.objectives if name in OBJECTIVE_BUILDERS]

@@ -1,0 +1,191 @@
+"""The composition objective: train gates on images sampled from the *composed* prompts.
+
+Each training step draws a batch of prompts — composition prompts (naming one or more concepts) and
+base prompts (naming none) — samples them from pure noise with a short DDIM rollout under
+classifier-free guidance, with the gated mixture active, and scores the last step:
+
+- *global guidance*: ``1 − cos`` between the image-text guide's embedding of the decoded predicted x0
+  and its embedding of the prompt (the paper's CLIP similarity to the composed prompt);
+- *local guidance*: ``1 − cos`` to the mean embedding of each named concept's reference images;
+- *prior preservation* (base prompts): MSE between the gated model's guided noise prediction and the
+  base model's (no LoRA, in the UNet or the text encoders) on the same noisy latents.
+
+Gradients flow through **one rollout step** (the earlier steps run without a graph), so memory is that
+of one guided denoiser call: the last step (``grad_step = last``, the official code's one-step
+truncation) or, by default, a step drawn at random per training step (``random``), scoring that step's
+predicted x0 — at high noise the prediction already shows colour and shape, which the last step can no
+longer change. The rollout's noise and step come from the trainer's seeded generator: same seed, same gates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from mole_core import Mixture, MoleError
+
+from .backend import Backend
+from .config import TrainConfig
+
+
+class ImageTextGuide(Protocol):
+    """A frozen image-text model (open_clip through :class:`train.objectives.ClipGuide`, or the toy CLIP)."""
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] → unit embeddings ``(B, D)`` (differentiable)."""
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Prompts → unit embeddings ``(B, D)``."""
+
+
+@dataclass
+class ComposePrompts:
+    """What the composition objective samples: prompts that name concepts, and prompts that name none."""
+
+    compositions: list[str]
+    base: list[str]
+
+    def __post_init__(self) -> None:
+        if not self.compositions:
+            raise MoleError("objective 'compose' needs at least one composition prompt")
+
+
+def named_concepts(prompt: str, concepts: list[str]) -> list[str]:
+    """Concepts whose name appears in ``prompt`` as a whole word (case-insensitive): name each
+    reference sub-folder after its LoRA's trigger word."""
+    words = set(re.findall(r"[\w-]+", prompt.lower()))
+    return [c for c in concepts if c and c.lower() in words]
+
+
+def rollout_timesteps(T: int, steps: int) -> list[int]:
+    """Integer timesteps of a ``steps``-step DDIM rollout, from ``T − 1`` down to 0 (evenly spaced)."""
+    if steps < 1:
+        raise MoleError(f"`rollout_steps` must be ≥ 1, got {steps}")
+    return [round((T - 1) * (1 - i / steps)) for i in range(steps)]
+
+
+def x0_and_eps(prediction_type: str, alphas: torch.Tensor, x_t: torch.Tensor, out: torch.Tensor, t: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoised estimate and noise from a model output (ε, v or x0); finite at zero terminal SNR for v."""
+    a = alphas[t].to(x_t.dtype)
+    sa, sb = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "v_prediction":
+        return sa * x_t - sb * out, sb * x_t + sa * out
+    if prediction_type == "sample":
+        return out, (x_t - sa * out) / sb
+    return (x_t - sb * out) / sa, out
+
+
+def _cat_cond(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+class ComposeObjective:
+    """The per-step loss of objective ``compose`` (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, backend: Backend, mixtures: list[Mixture], guide: ImageTextGuide,
+                 prompts: ComposePrompts, ref_embeddings: dict[str, torch.Tensor], latent_shape: tuple[int, ...]):
+        self.cfg, self.backend, self.mixtures, self.guide = cfg, backend, mixtures, guide
+        self.prompts = prompts
+        self.ref_emb = ref_embeddings
+        self.latent_shape = latent_shape
+        self.timesteps = rollout_timesteps(len(backend.alphas_cumprod), cfg.rollout_steps)
+        self.text_emb = {p: e for p, e in zip(prompts.compositions,
+                                              guide.embed_texts(prompts.compositions).detach())}
+        self.named = {p: named_concepts(p, list(ref_embeddings)) for p in prompts.compositions}
+
+    def draw(self, gen: torch.Generator, n: int) -> tuple[list[str], int]:
+        """``n`` prompts: about ``base_share`` of them base prompts (when there are any), first the compositions."""
+        n_base = round(n * self.cfg.base_share) if self.prompts.base else 0
+        n_base = min(n_base, n - 1)
+        comp = torch.randint(len(self.prompts.compositions), (n - n_base,), generator=gen).tolist()
+        base = torch.randint(len(self.prompts.base), (n_base,), generator=gen).tolist() if n_base else []
+        return [self.prompts.compositions[i] for i in comp] + [self.prompts.base[i] for i in base], n - n_base
+
+    def _encode(self, prompts: list[str]) -> tuple[dict, dict]:
+        """Conditioning of ``prompts`` and of the empty prompt, through the (gated) text encoders."""
+        cond = self.backend.encode_prompts(prompts)
+        uncond = self.backend.encode_prompts([""] * len(prompts))
+        return cond, uncond
+
+    def _guided(self, x_t: torch.Tensor, t: int, cond: dict, uncond: dict) -> torch.Tensor:
+        """Classifier-free-guided model output (the model's own parameterisation: ε, v or x0)."""
+        b = x_t.shape[0]
+        tt = torch.full((2 * b,), t, device=self.backend.device, dtype=torch.long)
+        out_u, out_c = self.backend.predict(torch.cat([x_t, x_t]), tt, _cat_cond(uncond, cond)).chunk(2)
+        return out_u + self.cfg.rollout_cfg * (out_c - out_u)
+
+    def __call__(self, gen: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+        prompts, n_comp = self.draw(gen, n)
+        device, kind = self.backend.device, self.backend.prediction_type
+        x = torch.randn((n, *self.latent_shape), generator=gen).to(device)
+        alphas = self.backend.alphas_cumprod.to(device)
+        k = len(self.timesteps) - 1
+        if self.cfg.grad_step == "random":
+            k = int(torch.randint(len(self.timesteps), (1,), generator=gen))
+        with torch.no_grad():
+            cond, uncond = self._encode(prompts)
+            for t, t_next in zip(self.timesteps[:k], self.timesteps[1:k + 1]):
+                x0, eps = x0_and_eps(kind, alphas, x, self._guided(x, t, cond, uncond), t)
+                x = alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps
+        t_last = self.timesteps[k]
+        base_out = self._base_prediction(x[n_comp:], t_last, prompts[n_comp:]) if n > n_comp else None
+        cond, uncond = self._encode(prompts)  # with a graph: the text-encoder gates train too
+        out = self._guided(x, t_last, cond, uncond)
+        terms: dict[str, torch.Tensor] = {}
+        if n_comp:
+            x0, _ = x0_and_eps(kind, alphas, x[:n_comp], out[:n_comp], t_last)
+            emb = self.guide.embed_images(self.backend.decode(x0))
+            text = torch.stack([self.text_emb[p] for p in prompts[:n_comp]]).to(emb.device)
+            terms["global"] = self.cfg.global_weight * (1 - (emb * text).sum(-1)).mean()
+            terms["local"] = self.cfg.local_weight * self._local(emb, prompts[:n_comp])
+        terms["prior"] = (self.cfg.prior_weight * F.mse_loss(out[n_comp:].float(), base_out.float())
+                          if base_out is not None else out.sum() * 0.0)
+        return terms
+
+    def _local(self, emb: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        losses = []
+        for row, p in zip(emb, prompts):
+            for c in self.named[p]:
+                losses.append(1 - (row * self.ref_emb[c].to(row.device)).sum())
+        return torch.stack(losses).mean() if losses else emb.sum() * 0.0
+
+    @torch.no_grad()
+    def _base_prediction(self, x_t: torch.Tensor, t: int, prompts: list[str]) -> torch.Tensor:
+        """The base model's guided noise prediction: every mixture detached (no LoRA anywhere)."""
+        attached = [m for m in self.mixtures if m.attached]
+        for m in attached:
+            m.detach()
+        try:
+            cond, uncond = self._encode(prompts)
+            return self._guided(x_t, t, cond, uncond)
+        finally:
+            for m in attached:
+                m.reattach()
+
+
+def reference_embeddings(guide: ImageTextGuide, images: list[torch.Tensor], concepts: list[str]
+                         ) -> dict[str, torch.Tensor]:
+    """Unit mean guide embedding of each concept's reference images (``(3, H, W)`` in [-1, 1] each)."""
+    with torch.no_grad():
+        embs = torch.cat([guide.embed_images(img[None]) for img in images])
+    out = {}
+    for c in sorted(set(concepts)):
+        rows = embs[[i for i, k in enumerate(concepts) if k == c]]
+        out[c] = F.normalize(rows.mean(0), dim=-1)
+    return out
+
+
+def latent_shape(backend: Backend, resolution: int) -> tuple[int, ...]:
+    """Shape ``(C, h, w)`` of one latent at ``resolution`` pixels (one VAE encode of a blank image)."""
+    with torch.no_grad():
+        z = backend.encode_images(torch.zeros(1, 3, resolution, resolution, device=backend.device))
+    return tuple(z.shape[1:])
+
+
+ComposeFn = Callable[[torch.Generator, int], dict[str, torch.Tensor]]
