@@ -63,6 +63,9 @@ class Variant:
     gate_input: str = "input"
     alpha: float = 0.5
     full_strength: bool = False  # λ = N: uniform gates = every LoRA at weight 1 ("stack"), not 1/N
+    objective: str = "denoise"
+    family: str = "softmax"  # compose variants gate the text encoders too (prompt-routed, max-pooled tokens)
+    extra: tuple[tuple[str, object], ...] = ()  # further TrainConfig fields
 
 
 VARIANTS = [Variant("mole_block"), Variant("mole_layer", granularity="layer"),
@@ -70,7 +73,14 @@ VARIANTS = [Variant("mole_block"), Variant("mole_layer", granularity="layer"),
             Variant("mole_block_lambda_n", full_strength=True)]
 FULL_EXTRA = [Variant("mole_matrix", granularity="matrix"), Variant("mole_network", granularity="network")]
 # run on request (--variants): kept out of the default sets so the full run stays within 20 minutes here
-ON_REQUEST = [Variant("mole_block_prompt", gate_input="prompt")]
+_COMPOSE = (("train_text_gates", True), ("text_pool", "max"), ("steps", 100), ("prior_weight", 0.1))
+ON_REQUEST = [Variant("mole_block_prompt", gate_input="prompt"),
+              # objective 'compose' (issue #12): composed prompts sampled and scored by the toy CLIP
+              Variant("mole_softmax_compose", gate_input="prompt", objective="compose", extra=_COMPOSE),
+              Variant("mole_sigmoid_compose", gate_input="prompt", objective="compose", family="sigmoid", alpha=0.0,
+                      extra=_COMPOSE),
+              Variant("mole_sigmoid_compose_network", granularity="network", gate_input="prompt",
+                      objective="compose", family="sigmoid", alpha=0.0, extra=_COMPOSE)]
 ALL_VARIANTS = {v.name: v for v in VARIANTS + FULL_EXTRA + ON_REQUEST}
 
 
@@ -170,11 +180,13 @@ def run_subset(world, pipe, backend, subset: tuple[str, ...], seed: int, s: Sett
     for v in s.variants:
         lam = float(len(experts)) if v.full_strength else 1.0
         cfg = TrainConfig(**{**cfg0.to_dict(), "granularity": v.granularity, "gate_input": v.gate_input,
-                             "alpha": v.alpha, "strength": lam})
+                             "alpha": v.alpha, "strength": lam, "objective": v.objective,
+                             "gate_family": v.family, **dict(v.extra)})
         if lam not in caches:  # the prompts' embeddings depend on the text encoders' LoRA strength
             caches[lam] = reference_cache(backend, experts, refs, cfg)
         t0 = time.perf_counter()
-        res = train(cfg, backend, experts, refs, cache=caches[lam])
+        compose = compose_setup(world, subset, seed) if v.objective == "compose" else {}
+        res = train(cfg, backend, experts, refs, cache=None if cfg.train_text_gates else caches[lam], **compose)
         methods[v.name] = {"gates": res.gates, "strength": lam, "train_s": time.perf_counter() - t0}
         log(f"  {'+'.join(subset):24s} seed {seed} trained {v.name} in {methods[v.name]['train_s']:.1f} s")
     out = {}
@@ -183,6 +195,20 @@ def run_subset(world, pipe, backend, subset: tuple[str, ...], seed: int, s: Sett
         log(f"  {'+'.join(subset):24s} seed {seed} {name:24s} comp {out[name]['composition']:.3f} "
             f"base {out[name]['base']:.3f} H {out[name]['entropy']:.3f}")
     return out
+
+
+def compose_setup(world, subset: tuple[str, ...], seed: int) -> dict:  # noqa: ANN001
+    """Training prompts of objective 'compose': every 1..k-concept composition of the subset (prompt seeds
+    disjoint from the evaluation's), base prompts, and the toy CLIP as the guide."""
+    from train.compose import ComposePrompts
+    from train.toy.guide import load_toy_guide
+
+    if world.clip_path is None:
+        raise SystemExit("the toy world has no CLIP: run `python -m train.toy build-clip`")
+    comps = [c.prompt for k in range(1, len(subset) + 1) for sub in itertools.combinations(subset, k)
+             for c in world.composition_prompts(k, per_set=4, seed=100 + seed, concepts=list(sub))]
+    base = [W.caption(sp) for sp in W.sample_specs(24, 5000 + seed, W.BASE_VALUES)]
+    return {"compose_prompts": ComposePrompts(comps, base), "guide": load_toy_guide(world.clip_path)}
 
 
 def aggregate(results: dict[int, list[dict]]) -> dict:
