@@ -1,8 +1,8 @@
 """Gate files: ``.safetensors`` with the gate tensors and JSON metadata that names the experts.
 
-Tensors: ``gates.<scope>.weight (N, d)``, ``gates.<scope>.bias (N,)``, ``gates.<scope>.log_tau ()``, and for
-the sigmoid family ``gates.<scope>.magnitude_logit ()`` (format version 2; version-1 files are softmax gates
-and load unchanged).
+Tensors: ``gates.<scope>.weight (N, d)``, ``gates.<scope>.bias (N,)``, ``gates.<scope>.log_tau ()``, for
+the sigmoid family ``gates.<scope>.magnitude_logit ()``, and ``gates.<scope>.center (d,)`` (the feature centre;
+format version 2 — version-1 files are uncentred softmax gates and load unchanged).
 Metadata key ``mole`` (JSON): format version, experts (name, sha256, ranks, order), gate
 config, scopes (lead target, feature size), base-model family, training config, metrics.
 Loading refuses a different expert set/order/hash with one line naming the difference.
@@ -77,7 +77,7 @@ def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None
     scopes: dict[str, dict] = {}
     for i, (name, scope) in enumerate(mix.scopes.items()):
         g = mix.gates[f"s{i}"]
-        for part in _parts(mix.config):
+        for part in (*_parts(mix.config), "center"):
             tensors[f"gates.{name}.{part}"] = getattr(g, part).float()
         scopes[name] = {"lead": scope.lead, "feature_dim": scope.feature_dim, "targets": len(scope.targets)}
     info = {"format": FORMAT, "version": VERSION, "experts": [dict(e.summary(), order=i)
@@ -126,6 +126,9 @@ def read_gate_file(path: str | os.PathLike) -> GateFile:
                 raise MoleError(f"{name}: tensor {key} missing")
             if not torch.isfinite(tensors[key]).all():
                 raise MoleError(f"{name}: tensor {key} contains NaN/inf")
+        center = tensors.get(f"gates.{s}.center")
+        if center is not None and not torch.isfinite(center).all():
+            raise MoleError(f"{name}: tensor gates.{s}.center contains NaN/inf")
     return GateFile(str(path), cfg, experts, scopes, tensors, info)
 
 
@@ -160,7 +163,7 @@ def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateF
     does not cover (``gf`` itself is not modified: hosts share it)."""
     name = Path(gf.path).name
     check_experts_match(gf, mix, match)
-    for attr in ("granularity", "gate_input", "family", "text_pool"):
+    for attr in ("granularity", "gate_input", "family", "text_pool", "token_routing"):
         if getattr(gf.config, attr) != getattr(mix.config, attr):
             raise MoleError(f"{name}: {attr} is {getattr(gf.config, attr)!r}, the mixture uses "
                             f"{getattr(mix.config, attr)!r}")
@@ -176,5 +179,7 @@ def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateF
             g = mix.gates[f"s{i}"]
             for part in _parts(gf.config):
                 getattr(g, part).copy_(gf.tensors[f"gates.{s}.{part}"])
+            center = gf.tensors.get(f"gates.{s}.center")  # format 1: none (no centering)
+            g.center.copy_(center if center is not None else torch.zeros_like(g.center))
     ignored = [s for s in gf.scopes if s.split(":", 1)[0] not in comps]
     return dataclasses.replace(gf, info={**gf.info, "ignored_scopes": ignored})

@@ -48,6 +48,9 @@ class GateConfig:
     init_gate: float = field(default=0.5, metadata={"help": "sigmoid family: every expert's gate at the start"})
     text_pool: str = field(default="mean", metadata={"help": "how text-encoder scopes pool their token states: "
                                                      "mean | max (max keeps a trigger word visible)"})
+    token_routing: bool = field(default=False, metadata={"help": "prompt-reading gates (UNet 'prompt', text "
+                                                         "encoders) score every token and keep each expert's "
+                                                         "largest logit, instead of scoring pooled features"})
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -82,12 +85,15 @@ def rms_normalize(f: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def pool_input(x: torch.Tensor, is_conv: bool, how: str = "mean") -> torch.Tensor:
     """Pool over tokens/pixels: conv ``(B, C, H, W)`` → ``(B, C)``; linear ``(B, ..., C)`` → ``(B, C)``.
 
-    ``how="max"`` (token states only) keeps one token's feature visible among many."""
+    ``how="max"`` (token states only) keeps one token's feature visible among many; ``how="tokens"``
+    returns the token states ``(B, L, C)`` unpooled (for :class:`ScopeGate`'s token routing)."""
     if is_conv:
         return x.mean(dim=tuple(range(2, x.dim())))
     if x.dim() == 2:
         return x
     tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    if how == "tokens":
+        return tokens
     return tokens.amax(1) if how == "max" else tokens.mean(1)
 
 
@@ -113,6 +119,9 @@ class ScopeGate(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init)), requires_grad=cfg.learn_tau)
         self.tau_min, self.tau_max = cfg.tau_min, cfg.tau_max
         self.m_max = cfg.m_max
+        # subtracted from the features before normalising (0 = none): set from the training prompts'
+        # mean feature, so the router weights see only what differs between prompts
+        self.register_buffer("center", torch.zeros(in_features))
         if self.family == "sigmoid":
             # the magnitude starts at 1 (LoRA strength 1 when fully on) if init_gate < 1 < m_max, else midway
             # between init_gate and m_max; the bias then sets σ(b/τ)·m = init_gate exactly
@@ -133,7 +142,11 @@ class ScopeGate(nn.Module):
         return self.m_max * torch.sigmoid(self.magnitude_logit)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(rms_normalize(features), self.weight, self.bias)
+        """``(B, d)`` pooled features, or ``(B, L, d)`` tokens: then every token is scored and the largest
+        logit per expert wins (token routing: one trigger word anywhere can switch its LoRA on)."""
+        logits = torch.nn.functional.linear(rms_normalize(features - self.center), self.weight, self.bias)
+        if logits.dim() == 3:
+            logits = logits.amax(1)
         return gate_values(logits, self.tau, self.family, self.magnitude_logit if self.family == "sigmoid" else None,
                            self.m_max)
 

@@ -11,6 +11,7 @@ removes every hook so outputs are bit-identical to the bare model.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,7 @@ class Mixture:
         self.stats = GateStats(self.n)
         self.live_gates: dict[str, torch.Tensor] = {}
         self._prompt: torch.Tensor | None = None  # context of the current UNet call (gate_input "prompt")
+        self._center_sums: dict[str, list] | None = None  # set while calibrate_centers() runs
         self._comps = comps
         self._handles: list[RemovableHandle] = []
         self._mode = "gated"
@@ -184,12 +186,14 @@ class Mixture:
         if self._prompt is None:
             raise MoleError("gate_input 'prompt': the UNet was called without prompt conditioning "
                             "(encoder_hidden_states / context)")
-        f = pool_prompt(self._prompt)
+        f = self._prompt if self.config.token_routing else pool_prompt(self._prompt)
+        if f.dim() == 2 and self.config.token_routing:
+            f = f[:, None]
         if f.shape[0] != batch:
             if f.shape[0] != 1:
                 raise MoleError(f"gate_input 'prompt': the prompt conditioning has batch {f.shape[0]}, "
                                 f"the latents {batch}")
-            f = f.expand(batch, -1)
+            f = f.expand(batch, *f.shape[1:])
         return f
 
     def _target_hook(self, bank: ExpertBank, scope: _Scope, gate: ScopeGate, is_lead: bool):
@@ -197,6 +201,8 @@ class Mixture:
         experts_input = self.config.gate_input == "experts"
         prompt_input = self._reads_prompt(scope.component)
         pool = self.config.text_pool if scope.component != "unet" else "mean"
+        if self.config.token_routing and scope.component != "unet" and not is_conv:
+            pool = "tokens"  # the gate scores every token and takes the max
         convex = self.config.convex
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -210,6 +216,8 @@ class Mixture:
                         feats = bank.pooled_expert_outputs(h, self.n).flatten(1)
                     else:
                         feats = pool_input(x, is_conv, pool)
+                    if self._center_sums is not None:  # calibrate_centers(): collect the raw features
+                        self._collect(scope.name, feats)
                     g = gate(feats.to(gate.weight.device, torch.float32))
                     if self._masked:
                         g = apply_mask(g, self._mask_dev(g.device), convex)
@@ -229,6 +237,30 @@ class Mixture:
             coef = (g * self._scale_n_dev(h.device))[:, bank.tensors(h.device, h.dtype)[2]]
             return bank.expand_add(out, h, coef)
         return hook
+
+    def _collect(self, scope: str, feats: torch.Tensor) -> None:
+        f = feats.detach().float()
+        f = f.reshape(-1, f.shape[-1])  # token features: every token counts
+        acc = self._center_sums.setdefault(scope, [torch.zeros(f.shape[-1], device=f.device), 0])
+        acc[0] = acc[0] + f.sum(0)
+        acc[1] += f.shape[0]
+
+    @torch.no_grad()
+    def calibrate_centers(self, run: Callable[[], object]) -> int:
+        """Set each gate's feature centre to the mean raw feature its scope sees while ``run()`` runs
+        (e.g. the model on the training prompts), so the router weights read only what differs between
+        inputs and the bias carries what they share. Returns the number of scopes calibrated."""
+        self._center_sums = {}
+        try:
+            run()
+            sums = self._center_sums
+        finally:
+            self._center_sums = None
+        for i, name in enumerate(self.scopes):
+            if name in sums:
+                total, count = sums[name]
+                self.gates[f"s{i}"].center.copy_((total / count).to(self.gates[f"s{i}"].center.device))
+        return len(sums)
 
     # ----- runtime state -----
     @property

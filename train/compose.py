@@ -62,6 +62,14 @@ def named_concepts(prompt: str, concepts: list[str]) -> list[str]:
     return [c for c in concepts if c and c.lower() in words]
 
 
+def twin_prompt(prompt: str, concepts: list[str]) -> str:
+    """``prompt`` without the concepts' names (whole words, case-insensitive): what the prompt asks of
+    the base model alone, so the gated model should draw it as the base model does."""
+    names = {c.lower() for c in concepts if c}
+    words = [w for w in prompt.split() if re.sub(r"[^\w-]", "", w.lower()) not in names]
+    return " ".join(words)
+
+
 def rollout_timesteps(T: int, steps: int) -> list[int]:
     """Integer timesteps of a ``steps``-step DDIM rollout, from ``T − 1`` down to 0 (evenly spaced)."""
     if steps < 1:
@@ -99,13 +107,20 @@ class ComposeObjective:
                                               guide.embed_texts(prompts.compositions).detach())}
         self.named = {p: named_concepts(p, list(ref_embeddings)) for p in prompts.compositions}
 
-    def draw(self, gen: torch.Generator, n: int) -> tuple[list[str], int]:
-        """``n`` prompts: about ``base_share`` of them base prompts (when there are any), first the compositions."""
-        n_base = round(n * self.cfg.base_share) if self.prompts.base else 0
-        n_base = min(n_base, n - 1)
-        comp = torch.randint(len(self.prompts.compositions), (n - n_base,), generator=gen).tolist()
-        base = torch.randint(len(self.prompts.base), (n_base,), generator=gen).tolist() if n_base else []
-        return [self.prompts.compositions[i] for i in comp] + [self.prompts.base[i] for i in base], n - n_base
+    def draw(self, gen: torch.Generator, n: int) -> tuple[list[str], int, int]:
+        """``n`` prompts, compositions first: about ``base_share`` of them base prompts (when there are any);
+        with ``twin_prior`` half of the rest are the compositions' twins (their concept words removed),
+        which share the compositions' noise. Returns the prompts, the number of compositions and of twins."""
+        n_base = min(round(n * self.cfg.base_share), n - 1) if self.prompts.base else 0
+        n_comp = n - n_base
+        n_twin = n_comp // 2 if self.cfg.twin_prior and n_comp >= 2 else 0
+        n_comp -= n_twin
+        comp = [self.prompts.compositions[i] for i in
+                torch.randint(len(self.prompts.compositions), (n_comp,), generator=gen).tolist()]
+        twins = [twin_prompt(p, list(self.ref_emb)) for p in comp[:n_twin]]
+        base = ([self.prompts.base[i] for i in torch.randint(len(self.prompts.base), (n_base,), generator=gen).tolist()]
+                if n_base else [])
+        return comp + twins + base, n_comp, n_twin
 
     def _encode(self, prompts: list[str]) -> tuple[dict, dict]:
         """Conditioning of ``prompts`` and of the empty prompt, through the (gated) text encoders."""
@@ -121,9 +136,11 @@ class ComposeObjective:
         return out_u + self.cfg.rollout_cfg * (out_c - out_u)
 
     def __call__(self, gen: torch.Generator, n: int) -> dict[str, torch.Tensor]:
-        prompts, n_comp = self.draw(gen, n)
+        prompts, n_comp, n_twin = self.draw(gen, n)
         device, kind = self.backend.device, self.backend.prediction_type
-        x = torch.randn((n, *self.latent_shape), generator=gen).to(device)
+        x = torch.randn((n, *self.latent_shape), generator=gen)
+        x[n_comp:n_comp + n_twin] = x[:n_twin]  # a twin starts from its composition's noise
+        x = x.to(device)
         alphas = self.backend.alphas_cumprod.to(device)
         k = len(self.timesteps) - 1
         if self.cfg.grad_step == "random":

@@ -38,6 +38,10 @@ class TrainConfig:
     init_gate: float = _opt(0.5, "sigmoid gates: every expert's gate at the start")
     text_pool: str = _opt("mean", "text-encoder gates pool token states by mean | max (max routes by trigger words)",
                           choices=TEXT_POOLS)
+    token_routing: bool = _opt(False, "prompt-reading gates score every token and keep each expert's largest "
+                               "logit (a trigger word anywhere in the prompt switches its LoRA)")
+    center_features: bool = _opt(False, "centre every gate's features on the training prompts' mean (one pass "
+                                 "before training), so the router weights learn what differs between prompts")
     tau_init: float = _opt(1.0, "initial softmax temperature τ")
     strength: float = _opt(1.0, "mixture strength λ while training (use the same when sampling); N experts with "
                            "λ = N start as every LoRA at full strength instead of NLA's 1/N")
@@ -50,6 +54,9 @@ class TrainConfig:
     global_weight: float = _opt(1.0, "compose: weight of the image–composed-prompt similarity term")
     local_weight: float = _opt(0.5, "compose: weight of the image–named-concept-references similarity term")
     prior_weight: float = _opt(1.0, "compose: weight of the base-prompt prior preservation term")
+    twin_prior: bool = _opt(True, "compose: half of each batch's composition slots are the compositions' twins "
+                            "(concept words removed, same noise) under the prior term: the two terms then differ "
+                            "only in the trigger words, which is what the gates must learn to read")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -103,7 +110,7 @@ class TrainConfig:
         """The gates' shape for this run."""
         return GateConfig(granularity=self.granularity, gate_input=self.gate_input, tau_init=self.tau_init,
                           family=self.gate_family, m_max=self.m_max, init_gate=self.init_gate,
-                          text_pool=self.text_pool)
+                          text_pool=self.text_pool, token_routing=self.token_routing)
 
     @property
     def objectives(self) -> list[str]:

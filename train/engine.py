@@ -25,7 +25,7 @@ from mole_core.gates import share_entropy
 
 from .backend import Backend, add_noise
 from .checkpoint import read_checkpoint, restore, save_checkpoint
-from .compose import ComposeObjective, ComposePrompts, ImageTextGuide, latent_shape, reference_embeddings
+from .compose import ComposeObjective, ComposePrompts, ImageTextGuide, latent_shape, reference_embeddings, twin_prompt
 from .config import TrainConfig
 from .data import CachedSet, Reference, load_image, to_tensor
 from .objectives import ClipGuide, StepContext, build_objectives
@@ -185,6 +185,8 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
         if clip_guide is not None and "clip" in cfg.objectives:
             clip_guide.prepare([to_tensor(load_image(r), cfg.resolution) for r in refs],
                                [r.concept for r in refs], [r.caption for r in refs])
+        if cfg.center_features:
+            _calibrate(backend, gated, cfg, sorted({r.caption for r in refs}) + _compose_texts(compose_prompts, refs))
         compose = None
         if "compose" in cfg.objectives:
             refs_emb = reference_embeddings(guide, [to_tensor(load_image(r), cfg.resolution) for r in refs],
@@ -201,6 +203,28 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
         for p, flag in frozen:
             p.requires_grad_(flag)
         backend.set_gradient_checkpointing(False)
+
+
+def _compose_texts(prompts: ComposePrompts | None, refs: list[Reference]) -> list[str]:
+    if prompts is None:
+        return []
+    concepts = sorted({r.concept for r in refs if r.concept})
+    return [*prompts.compositions, *[twin_prompt(p, concepts) for p in prompts.compositions], *prompts.base, ""]
+
+
+def _calibrate(backend: Backend, mix: Mixture, cfg: TrainConfig, prompts: list[str]) -> None:
+    """Centre the gates' features on ``prompts`` (text encoders and UNet see each once, at mid noise)."""
+    shape = latent_shape(backend, cfg.resolution)
+    texts = sorted(set(prompts))
+
+    def run() -> None:
+        for i in range(0, len(texts), 16):
+            cond = backend.encode_prompts(texts[i:i + 16])
+            n = len(texts[i:i + 16])
+            t = torch.full((n,), len(backend.alphas_cumprod) // 2, device=backend.device)
+            backend.predict(torch.zeros((n, *shape), device=backend.device), t, cond)
+
+    mix.calibrate_centers(run)
 
 
 def _run(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], cache: CachedSet, mix: Mixture,

@@ -33,9 +33,13 @@ def _randomize(mix, seed: int = 3) -> None:
 def _lead_input(net, mix, x):
     """Pooled input of each scope's lead layer, recorded by a plain forward hook."""
     seen = {}
-    handles = [mix.index.modules[s.lead].register_forward_hook(
-        lambda m, a, o, name=name: seen.setdefault(name, a[0].detach()))
-        for name, s in mix.scopes.items()]
+
+    def keep(name: str):  # noqa: ANN202
+        def hook(module, args, out) -> None:  # noqa: ANN001  (returns None: the output stays as it is)
+            seen.setdefault(name, args[0].detach().clone())
+        return hook
+
+    handles = [mix.index.modules[s.lead].register_forward_hook(keep(name)) for name, s in mix.scopes.items()]
     with torch.no_grad():
         net(x)
     for h in handles:
@@ -204,4 +208,62 @@ def test_text_encoder_max_pool_routes_by_token(tiny_sd15, lora_set):
         gate = mix.scope_gate(name)
         z = (rms_normalize(inputs[name].amax(1)) @ gate.weight.T + gate.bias) / gate.tau
         torch.testing.assert_close(mix.live_gates[name], gate.magnitude * torch.sigmoid(z))
+    mix.detach()
+
+
+def test_calibrated_centres_are_the_mean_features_and_round_trip(net_experts, tmp_path):
+    net, experts = net_experts
+    mix = mole.attach(net, experts, mole.GateConfig(family="sigmoid"))
+    _randomize(mix)
+    batches = [torch.randn(3, 4, 8, 8), torch.randn(2, 4, 8, 8)]
+    seen = [_lead_input(net, mix, x) for x in batches]
+    assert mix.calibrate_centers(lambda: [net(x) for x in batches]) == len(mix.scopes)
+    for name in mix.scopes:
+        pooled = torch.cat([s[name].mean((2, 3)) if s[name].dim() == 4 else s[name].mean(1) for s in seen])
+        torch.testing.assert_close(mix.scope_gate(name).center, pooled.mean(0))
+    x = torch.randn(2, 4, 8, 8)
+    inputs = _lead_input(net, mix, x)
+    for name in mix.scopes:
+        gate = mix.scope_gate(name)
+        f = inputs[name]
+        pooled = f.mean((2, 3)) if f.dim() == 4 else f.mean(1)
+        z = (rms_normalize(pooled - gate.center) @ gate.weight.T + gate.bias) / gate.tau
+        torch.testing.assert_close(mix.live_gates[name], gate.magnitude * torch.sigmoid(z))
+    with torch.no_grad():
+        want = net(x)
+    path = mole.save_gates(mix, tmp_path / "centred.safetensors")
+    mix.detach()
+    mix2 = mole.attach(net, experts, gates=path)
+    with torch.no_grad():
+        assert torch.equal(net(x), want)
+    mix2.detach()
+
+
+def test_token_routing_scores_every_token_and_keeps_the_largest_logit(tiny_sd15, lora_set):
+    """Text encoder and UNet (prompt input): ``g = m σ(max_t (W rms(tok_t − c) + b) / τ)``."""
+    te = copy.deepcopy(tiny_sd15["text_encoder"]).eval()
+    unet = copy.deepcopy(tiny_sd15["unet"]).eval()
+    experts = mole.load_experts(lora_set.paths)
+    mix = mole.attach({"te": te, "unet": unet}, experts, mole.GateConfig(
+        family="sigmoid", gate_input="prompt", token_routing=True, granularity="network"))
+    _randomize(mix)
+    ids = torch.randint(0, te.config.vocab_size, (2, 7))
+    from tests.fixtures.oracle import unet_inputs
+
+    inputs = unet_inputs(unet, batch=2)
+    seen = _lead_input(lambda i: te(input_ids=i), mix, ids)
+    with torch.no_grad():
+        unet(**inputs)
+
+    def hand(name, tokens):
+        gate = mix.scope_gate(name)
+        z = (rms_normalize(tokens - gate.center) @ gate.weight.T + gate.bias).amax(1) / gate.tau
+        return gate.magnitude * torch.sigmoid(z)
+
+    te_scope = next(s for s in mix.scopes if s.startswith("te:"))
+    unet_scope = next(s for s in mix.scopes if s.startswith("unet:"))
+    torch.testing.assert_close(mix.live_gates[unet_scope], hand(unet_scope, inputs["encoder_hidden_states"]))
+    with torch.no_grad():
+        te(input_ids=ids)
+    torch.testing.assert_close(mix.live_gates[te_scope], hand(te_scope, seen[te_scope]))
     mix.detach()
