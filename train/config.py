@@ -24,6 +24,9 @@ class TrainConfig:
     lr: float = _opt(5e-3, "AdamW learning rate of the gates")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_steps: int = _opt(10, "linear learning-rate warm-up steps")
+    lr_schedule: str = _opt("constant", "after warm-up: constant | cosine (decay to 0 at the last step: the "
+                            "routers settle instead of following the last noisy batches)",
+                            choices=("constant", "cosine"))
     grad_clip: float = _opt(1.0, "clip the gates' gradient norm to this (0: off)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     batch_size: int = _opt(2, "images per micro-batch (global, split across torchrun ranks)")
@@ -100,6 +103,8 @@ class TrainConfig:
             raise MoleError(f"`alpha` must be ≥ 0, got {self.alpha}")
         if self.rollout_steps < 1:
             raise MoleError(f"`rollout_steps` must be ≥ 1, got {self.rollout_steps}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise MoleError(f"`lr_schedule` must be constant or cosine, got {self.lr_schedule!r}")
         if self.grad_step not in ("random", "last"):
             raise MoleError(f"`grad_step` must be random or last, got {self.grad_step!r}")
         if not 0.0 <= self.base_share < 1.0:

@@ -2,14 +2,18 @@
 
 The toy world (``train/assets/toy``, built by ``python -m train.toy build``) is a tiny text-to-image
 model that draws coloured shapes, plus concept LoRAs that each teach one thing it has never seen
-(a colour, a texture, a shape). The demo trains MoLE gates on reference images of three concepts,
-then samples prompts that ask for all three at once with MoLE, with NLA (every LoRA at 1/N) and with
-plain stacking (every LoRA at 1), same seeds, scores every image with the toy world's exact attribute
-probes (composition accuracy = every requested concept present) and writes everything to the output folder.
+(a colour, a texture, a shape). The demo trains MoLE gates for three concepts
+with the composition objective (sampled compositions scored by the toy CLIP, reference images of each
+concept, base prompts kept as the base model draws them), then samples prompts that ask for all three at
+once — and prompts that ask for none — with MoLE, with NLA (every LoRA at 1/N) and with plain stacking
+(every LoRA at 1), same seeds, scores every image with the toy world's exact attribute probes
+(composition accuracy = every requested concept present; base preservation = a base prompt drawn right)
+and writes everything to the output folder.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -21,6 +25,7 @@ import mole_core as mole
 from mole_core import MoleError
 from mole_core.viz import heatmap_payload, save_heatmap
 
+from .compose import ComposePrompts
 from .config import TrainConfig
 from .data import scan_folder
 from .diffusers_backend import DiffusersBackend, _quiet
@@ -28,10 +33,17 @@ from .engine import gate_statistics, reference_cache, train
 from .plots import training_curves
 from .sampling import attach_mixture, image_grid, save_png
 from .toy import world as W
+from .toy.guide import load_toy_guide
 
 DEMO_CONCEPTS = ["purple", "striped", "star"]
-DEMO_STEPS = 80
-PROMPTS, IMAGES, SAMPLE_STEPS, CFG = 4, 4, 20, 5.0
+DEMO_STEPS = 200
+# the recipe of bench/composition.py's best row: sigmoid gates routed by the prompt (UNet and text encoders),
+# trained on sampled compositions (objective 'compose', toy CLIP guide) with twin and base prompts as prior
+RECIPE = dict(objective="compose", gate_family="sigmoid", granularity="network", gate_input="prompt",
+              text_pool="max", train_text_gates=True, center_features=True, alpha=0.0, prior_weight=0.3,
+              base_share=0.25)
+TRAIN_PROMPTS, BASE_PROMPTS = 16, 24
+PROMPTS, IMAGES, SAMPLE_STEPS, CFG, BASE_EVAL = 4, 4, 20, 5.0, 16
 METHODS = ("mole", "nla", "stack")  # learned gates, every LoRA at 1/N, every LoRA at 1
 
 
@@ -63,6 +75,15 @@ def _sample(world, pipe, experts, method: str, gates, prompts: list[str], seed: 
     return images, stats
 
 
+def training_prompts(world) -> ComposePrompts:  # noqa: ANN001
+    """Every 1-, 2- and 3-concept composition of the demo's concepts (prompt seeds apart from the evaluation's)
+    and base prompts naming no concept."""
+    comps = [c.prompt for k in (1, 2, 3) for sub in itertools.combinations(DEMO_CONCEPTS, k)
+             for c in world.composition_prompts(k, per_set=TRAIN_PROMPTS, seed=100, concepts=list(sub))]
+    base = [W.caption(sp) for sp in W.sample_specs(BASE_PROMPTS, 77, W.BASE_VALUES)]
+    return ComposePrompts(comps, base)
+
+
 def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=print) -> dict:  # noqa: ANN001
     """Train gates on the toy world, sample MoLE vs NLA, score; returns the metrics (also in metrics.json)."""
     t0 = time.perf_counter()
@@ -76,11 +97,16 @@ def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=pri
     backend = DiffusersBackend(pipe, resolution=size)
     experts = mole.load_experts(world.expert_paths(DEMO_CONCEPTS))
     refs = scan_folder(refs_dir)
-    cfg = TrainConfig(steps=steps or DEMO_STEPS, lr=3e-2, resolution=size, batch_size=8, checkpoint_every=0, seed=0)
+    cfg = TrainConfig(steps=steps or DEMO_STEPS, lr=3e-2, resolution=size, batch_size=8, checkpoint_every=0, seed=0,
+                      **RECIPE)
     cache = reference_cache(backend, experts, refs, cfg)
-    log(f"training gates on {len(refs)} reference images of {', '.join(DEMO_CONCEPTS)} ({cfg.steps} steps)…")
+    prompts_in = training_prompts(world)
+    log(f"training gates on {len(prompts_in.compositions)} composition prompts of {', '.join(DEMO_CONCEPTS)} and "
+        f"{len(prompts_in.base)} base prompts, guided by the toy CLIP and {len(refs)} reference images "
+        f"({cfg.steps} steps)…")
     t_train = time.perf_counter()
     res = train(cfg, backend, experts, refs, cache=cache, out_path=str(out / "gates.safetensors"),
+                compose_prompts=prompts_in, guide=load_toy_guide(world.clip_path),
                 progress=lambda p: log(f"  step {p['step']:4d}/{p['steps']} loss {p['loss']:.4f} "
                                        f"gate entropy {p['gate_entropy']:.3f}") if p["step"] % 20 == 0 else None)
     train_s = time.perf_counter() - t_train
@@ -94,6 +120,7 @@ def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=pri
     metrics: dict = {"concepts": DEMO_CONCEPTS, "prompts": [c.prompt for c in comps], "gate_steps": cfg.steps,
                      "train_seconds": round(train_s, 1), "final_training": res.metrics}
     concept_attrs = [W.concept(c).attribute for c in DEMO_CONCEPTS]
+    base_specs = [sp.attributes for sp in W.sample_specs(BASE_EVAL, 3000, W.BASE_VALUES)]
     modes = {"mole": "gated", "nla": "uniform", "stack": "static " + ",".join("1" * len(experts))}
     tiles: list[Image.Image] = []
     labels: list[str] = []
@@ -108,8 +135,12 @@ def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=pri
                     "probe": scores[i]["pred"],
                     "mean_gates": gstats.get("mean", {})}
             save_png(Image.fromarray(im), info, folder / f"{i:03d}.png")
+        base_images, _ = _sample(world, pipe, experts, method, res.gates, [W.caption(b) for b in base_specs],
+                                 seed=4321)
         metrics[method] = {
             "composition_accuracy": float(np.mean([all(s[a] for a in concept_attrs) for s in scores])),
+            "base_preservation": float(np.mean([world.probe.score(im, b)["all"]
+                                                for im, b in zip(base_images, base_specs)])),
             "all_attributes_accuracy": float(np.mean([s["all"] for s in scores])),
             "attribute_accuracy": {a: float(np.mean([s[a] for s in scores])) for a in wanted[0]},
         }
@@ -122,4 +153,5 @@ def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=pri
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return {k: metrics[k] for k in ("concepts", "seconds", "train_seconds")} | {
-        m: metrics[m]["composition_accuracy"] for m in METHODS}
+        m: metrics[m]["composition_accuracy"] for m in METHODS} | {
+        f"{m}_base": metrics[m]["base_preservation"] for m in METHODS}

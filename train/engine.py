@@ -153,7 +153,12 @@ class _GateStep(nn.Module):
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+    """Linear warm-up, then constant or (``lr_schedule = cosine``) a cosine decay to 0 at the last step."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+        done = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
+    return cfg.lr * warm
 
 
 def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: list[Reference], *,

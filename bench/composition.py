@@ -1,0 +1,286 @@
+"""Routing and composition on the toy world (issue #12): do learned gates compose like stacking *and*
+keep the base model like NLA, routing each LoRA by the prompt?
+
+Unlike ``bench/quality.py`` (gates trained per composition, only its LoRAs attached), every method here
+has the **three** concept LoRAs (purple, striped, star) attached for **every** prompt — the case a user
+has in ComfyUI — and each MoLE recipe trains one set of gates per seed on every 1-, 2- and 3-concept
+composition. Per seed and method:
+
+- composition accuracy on the three pairs and the triple (``--images`` images per composition), prompts
+  drawn from the *training templates* (base values colour red/green, shape circle/square, background
+  grey/black) and from *held-out templates* (blue/yellow, triangle/cross, white) never used in training;
+- base preservation on prompts that name no concept;
+- routing: the mean effective gate (gate × magnitude × λ) of every expert on prompts that name it, that
+  name only other concepts, and that name none — the text encoder's and the UNet's scopes averaged;
+- per-sample gate entropy (of each sample's gate shares, averaged), not the entropy of the mean gate.
+
+Rows: ``stack``, ``nla``, the best ``static λ`` of a sweep (every LoRA at λ/3 in UNet and text encoders,
+picked by 3-concept composition), ``mole_denoise`` (the default recipe of earlier releases), and the
+compose recipes. ``python bench/composition.py --quick --json`` prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mole_core as mole  # noqa: E402
+from mole_core.gates import share_entropy  # noqa: E402
+from train.compose import ComposePrompts, latent_shape, named_concepts  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.data import Reference  # noqa: E402
+from train.diffusers_backend import DiffusersBackend, _quiet  # noqa: E402
+from train.engine import train  # noqa: E402
+from train.sampling import attach_mixture  # noqa: E402
+from train.toy import load_world  # noqa: E402
+from train.toy import world as W  # noqa: E402
+from train.toy.evaluate import sample  # noqa: E402
+from train.toy.guide import load_toy_guide  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+CONCEPTS = ["purple", "striped", "star"]
+TRAIN_TEMPLATES = {"colour": ("red", "green"), "texture": ("plain", "dotted"), "shape": ("circle", "square"),
+                   "background": ("grey", "black")}
+HELD_OUT_TEMPLATES = {"colour": ("blue", "yellow"), "texture": ("plain", "dotted"), "shape": ("triangle", "cross"),
+                      "background": ("white",)}
+SWEEP = (1.5, 2.0, 2.5)  # static λ: every LoRA at λ/3
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A gate-training recipe: TrainConfig fields (the rest: the common settings below)."""
+
+    name: str
+    fields: dict = field(default_factory=dict, hash=False)
+    compose: bool = True
+
+
+COMPOSE_COMMON = dict(objective="compose", gate_input="prompt", text_pool="max", train_text_gates=True,
+                      center_features=True, base_share=0.25, prior_weight=0.5, local_weight=1.0)
+RECIPES = [
+    Recipe("mole_denoise", dict(objective="denoise", granularity="block", alpha=0.5, steps=60), compose=False),
+    Recipe("mole_softmax_compose", dict(COMPOSE_COMMON, granularity="network", alpha=0.5)),
+    Recipe("mole_sigmoid_compose", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid", alpha=0.0)),
+]
+
+
+def template_values(templates: dict, concepts: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    values = dict(templates)
+    for c in concepts:
+        values[W.concept(c).attribute] = (W.concept(c).value,)
+    return values
+
+
+def prompts_for(concepts: tuple[str, ...], templates: dict, n: int, seed: int) -> list[tuple[str, dict]]:
+    """``n`` (caption, attributes) pairs naming ``concepts`` on the given templates."""
+    return [(W.caption(s), s.attributes) for s in W.sample_specs(n, seed, template_values(templates, concepts))]
+
+
+def training_prompts(seed: int, per_set: int = 16) -> ComposePrompts:
+    """Every 1-, 2- and 3-concept composition and base prompts, all on the training templates only."""
+    comps = [p for k in (1, 2, 3) for sub in itertools.combinations(CONCEPTS, k)
+             for p, _ in prompts_for(sub, TRAIN_TEMPLATES, per_set, 100 + seed + 17 * k)]
+    base = [p for p, _ in prompts_for((), TRAIN_TEMPLATES, 24, 5000 + seed)]
+    return ComposePrompts(comps, base)
+
+
+def references(world, seed: int, n: int) -> list[Reference]:  # noqa: ANN001
+    return [Reference(None, cap, name, img) for name, items in world.reference_images(CONCEPTS, n, seed).items()
+            for img, cap in items]
+
+
+def composition_accuracy(world, pipe, sets: dict, seed: int, s: argparse.Namespace) -> dict[str, float]:  # noqa: ANN001
+    """Share of images showing every requested concept, per set name (``pairs``/``triple`` × templates)."""
+    out = {}
+    for name, items in sets.items():
+        prompts = [p for p, _, _ in items]
+        images = sample(pipe, prompts, seed=1000 + seed, steps=s.sample_steps, guidance=s.guidance)
+        ok = [all(world.probe.score(im, attrs)[W.concept(c).attribute] for c in cs)
+              for im, (_, attrs, cs) in zip(images, items)]
+        out[name] = float(np.mean(ok))
+    return out
+
+
+@torch.no_grad()
+def routing(backend, mixes: list[mole.Mixture], n: int, prompts: list[str]) -> dict:  # noqa: ANN001
+    """Mean effective gate per expert on prompts naming it / naming only others / naming none, and the
+    mean per-sample entropy of the gate shares (gated mixtures only)."""
+    gated = [m for m in mixes if m.mode == "gated"]
+    if not gated:
+        return {}
+    shape = latent_shape(backend, W.SIZE)
+    rows: list[tuple[str, np.ndarray, float]] = []
+    for i in range(0, len(prompts), 16):
+        chunk = prompts[i:i + 16]
+        for m in gated:
+            m.clear_live_gates()
+        cond = backend.encode_prompts(chunk)
+        t = torch.full((len(chunk),), len(backend.alphas_cumprod) // 2)
+        backend.predict(torch.zeros((len(chunk), *shape)), t, cond)
+        gates = [g.float() * m.strength for m in gated for g in m.live_gates.values()]
+        mean = torch.stack(gates).mean(0)  # (B, N) over scopes
+        ent = torch.stack([share_entropy(g) for g in gates]).mean(0)
+        rows += [(p, mean[j].numpy(), float(ent[j])) for j, p in enumerate(chunk)]
+    table = {}
+    for e, c in enumerate(CONCEPTS):
+        named = [g[e] for p, g, _ in rows if c in named_concepts(p, CONCEPTS)]
+        others = [g[e] for p, g, _ in rows if named_concepts(p, CONCEPTS) and c not in named_concepts(p, CONCEPTS)]
+        none = [g[e] for p, g, _ in rows if not named_concepts(p, CONCEPTS)]
+        table[c] = {"named": float(np.mean(named)), "others": float(np.mean(others)), "none": float(np.mean(none))}
+    return {"routing": table, "sample_entropy": float(np.mean([r[2] for r in rows]))}
+
+
+def evaluate(world, pipe, backend, experts, method: dict, sets: dict, base: list, seed: int,  # noqa: ANN001
+             s: argparse.Namespace) -> dict:
+    mixes = attach_mixture(pipe, experts, gates=method.get("gates"), mode=method.get("mode", "uniform"),
+                           weights=method.get("weights"), strength=method.get("strength", 1.0))
+    try:
+        res = composition_accuracy(world, pipe, sets, seed, s)
+        images = sample(pipe, [p for p, _ in base], seed=2000 + seed, steps=s.sample_steps, guidance=s.guidance)
+        res["base"] = float(np.mean([world.probe.score(im, a)["all"] for im, (_, a) in zip(images, base)]))
+        probe_prompts = [p for items in sets.values() for p, _, _ in items[:: s.images]] + [p for p, _ in base]
+        res.update(routing(backend, mixes, len(experts), probe_prompts))
+    finally:
+        for m in mixes:
+            m.detach()
+    return res
+
+
+def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log) -> dict:  # noqa: ANN001
+    torch.set_num_threads(1)
+    _quiet()
+    world = load_world(s.assets)
+    pipe = world.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    backend = DiffusersBackend(pipe, resolution=W.SIZE)
+    experts = mole.load_experts(world.expert_paths(CONCEPTS))
+    sets = {}
+    for tname, templates in (("train", TRAIN_TEMPLATES), ("held_out", HELD_OUT_TEMPLATES)):
+        for k in (2, 3):
+            items = []
+            for sub in itertools.combinations(CONCEPTS, k):
+                for p, attrs in prompts_for(sub, templates, s.prompts, 7000 + seed + k):
+                    items += [(p, attrs, sub)] * s.images
+            sets[f"{k}_{tname}"] = items
+    base = [(W.caption(sp), sp.attributes) for sp in W.sample_specs(s.base, 3000 + seed, W.BASE_VALUES)]
+    methods: dict[str, dict] = {"stack": {"mode": "static", "weights": [1.0] * 3},
+                                "nla": {"mode": "uniform"}}
+    for lam in SWEEP:
+        methods[f"static_{lam:g}"] = {"mode": "uniform", "strength": lam}
+    refs = references(world, seed, 8)
+    for r in recipes:
+        cfg = TrainConfig(**{**dict(steps=s.steps, lr=s.lr, resolution=W.SIZE, batch_size=8, seed=seed,
+                                    checkpoint_every=0), **r.fields})
+        extra = {"compose_prompts": training_prompts(seed), "guide": load_toy_guide(world.clip_path)} \
+            if r.compose else {}
+        t0 = time.perf_counter()
+        gates = train(cfg, backend, experts, refs, **extra).gates
+        methods[r.name] = {"gates": gates, "train_s": round(time.perf_counter() - t0, 1)}
+        log(f"seed {seed}: trained {r.name} in {methods[r.name]['train_s']} s")
+    out = {}
+    for name, m in methods.items():
+        out[name] = evaluate(world, pipe, backend, experts, m, sets, base, seed, s)
+        if "train_s" in m:
+            out[name]["train_s"] = m["train_s"]
+        log(f"seed {seed}: {name:22s} " + " ".join(f"{k} {v:.3f}" for k, v in out[name].items()
+                                                   if isinstance(v, float)))
+    return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and spread over seeds; the static sweep collapses to its best λ by 3-concept composition."""
+    methods = runs[0].keys()
+    agg = {}
+    for m in methods:
+        keys = [k for k, v in runs[0][m].items() if isinstance(v, float)]
+        agg[m] = {k: (float(np.mean([r[m][k] for r in runs])), float(np.std([r[m][k] for r in runs])))
+                  for k in keys}
+        if "routing" in runs[0][m]:
+            agg[m]["routing"] = {c: {w: float(np.mean([r[m]["routing"][c][w] for r in runs]))
+                                     for w in ("named", "others", "none")} for c in CONCEPTS}
+    sweep = [m for m in agg if m.startswith("static_")]
+    best = max(sweep, key=lambda m: agg[m]["3_train"][0])
+    agg["static_best"] = {**agg[best], "lambda": float(best.split("_")[1])}
+    return agg
+
+
+def table(agg: dict) -> str:
+    cols = ["2_train", "3_train", "2_held_out", "3_held_out", "base", "sample_entropy"]
+    lines = ["| method | 2 concepts | 3 concepts | 2 held-out | 3 held-out | base | per-sample gate entropy |",
+             "|---|---|---|---|---|---|---|"]
+    for m, e in agg.items():
+        if m.startswith("static_") and m != "static_best":
+            continue
+        label = f"static λ = {e['lambda']:g}" if m == "static_best" else m
+        lines.append(f"| {label} | " + " | ".join(f"{e[c][0]:.2f} ± {e[c][1]:.2f}" if c in e else "—"
+                                                   for c in cols) + " |")
+    lines += ["", "Routing: mean effective gate per expert on prompts that name it / name only others / name none",
+              "", "| method | " + " | ".join(CONCEPTS) + " |", "|---|" + "---|" * len(CONCEPTS)]
+    for m, e in agg.items():
+        if "routing" in e:
+            lines.append(f"| {m} | " + " | ".join(f"{e['routing'][c]['named']:.2f} / {e['routing'][c]['others']:.2f}"
+                                                   f" / {e['routing'][c]['none']:.2f}" for c in CONCEPTS) + " |")
+    return "\n".join(lines)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 seed, 4 prompts × 4 images per composition, 120 gate "
+                    "steps")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (one thread each)")
+    ap.add_argument("--steps", type=int, default=None, help="gate-training steps (default 300; quick 120)")
+    ap.add_argument("--recipes", default=None, help=f"comma list of recipes (default all: "
+                    f"{','.join(r.name for r in RECIPES)})")
+    ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
+    args = ap.parse_args(argv)
+    known = {r.name: r for r in RECIPES}
+    names = args.recipes.split(",") if args.recipes else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        ap.error(f"--recipes: unknown {unknown}; choose from {sorted(known)}")
+    recipes = [known[n] for n in names]
+    s = argparse.Namespace(assets=args.assets, sample_steps=12, guidance=5.0, lr=3e-2,
+                           steps=args.steps or (120 if args.quick else 300),
+                           prompts=4 if args.quick else 16, images=4, base=32 if args.quick else 64)
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    log = _log
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(run_seed, seeds, [s] * len(seeds), [recipes] * len(seeds), [log] * len(seeds)))
+    else:
+        runs = [run_seed(seed, s, recipes, log) for seed in seeds]
+    agg = summarise(runs)
+    text = table(agg)
+    print(text)
+    OUT.mkdir(exist_ok=True)
+    summary = {"bench": "composition", "quick": args.quick, "seeds": seeds, "gate_steps": s.steps,
+               "images_per_composition": s.prompts * s.images, "elapsed_s": round(time.perf_counter() - t0, 1),
+               "results": agg}
+    (OUT / ("composition_quick.json" if args.quick else "composition.json")).write_text(json.dumps(summary, indent=1))
+    (OUT / ("composition_quick.md" if args.quick else "composition.md")).write_text(text + "\n")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
