@@ -72,6 +72,10 @@ RECIPES = [
     Recipe("mole_softmax_compose", dict(COMPOSE_COMMON, granularity="network", alpha=0.5)),
     Recipe("mole_sigmoid_compose", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid", alpha=0.0)),
 ]
+ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to unseen templates
+    Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
+                                                alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
+]
 
 
 def template_values(templates: dict, concepts: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -249,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{','.join(r.name for r in RECIPES)})")
     ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
     args = ap.parse_args(argv)
-    known = {r.name: r for r in RECIPES}
-    names = args.recipes.split(",") if args.recipes else list(known)
+    known = {r.name: r for r in RECIPES + ON_REQUEST}
+    names = args.recipes.split(",") if args.recipes else [r.name for r in RECIPES]
     unknown = [n for n in names if n not in known]
     if unknown:
         ap.error(f"--recipes: unknown {unknown}; choose from {sorted(known)}")

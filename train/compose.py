@@ -117,10 +117,25 @@ class ComposeObjective:
         n_comp -= n_twin
         comp = [self.prompts.compositions[i] for i in
                 torch.randint(len(self.prompts.compositions), (n_comp,), generator=gen).tolist()]
+        if self.cfg.word_dropout > 0:
+            comp = [self._drop_words(p, gen) for p in comp]
         twins = [twin_prompt(p, list(self.ref_emb)) for p in comp[:n_twin]]
         base = ([self.prompts.base[i] for i in torch.randint(len(self.prompts.base), (n_base,), generator=gen).tolist()]
                 if n_base else [])
         return comp + twins + base, n_comp, n_twin
+
+    def _drop_words(self, prompt: str, gen: torch.Generator) -> str:
+        """``prompt`` with each word that names no concept dropped with probability ``word_dropout``: the
+        routers then cannot lean on the words that happen to co-occur with a concept in the training prompts."""
+        names = {c.lower() for c in self.ref_emb}
+        words = prompt.split()
+        keep = torch.rand(len(words), generator=gen) >= self.cfg.word_dropout
+        kept = [w for w, k in zip(words, keep.tolist()) if k or re.sub(r"[^\w-]", "", w.lower()) in names]
+        out = " ".join(kept)
+        if out not in self.text_emb:
+            self.text_emb[out] = self.guide.embed_texts([out]).detach()[0]
+            self.named[out] = named_concepts(out, list(self.ref_emb))
+        return out
 
     def _encode(self, prompts: list[str]) -> tuple[dict, dict]:
         """Conditioning of ``prompts`` and of the empty prompt, through the (gated) text encoders."""

@@ -60,6 +60,8 @@ class TrainConfig:
     twin_prior: bool = _opt(True, "compose: half of each batch's composition slots are the compositions' twins "
                             "(concept words removed, same noise) under the prior term: the two terms then differ "
                             "only in the trigger words, which is what the gates must learn to read")
+    word_dropout: float = _opt(0.0, "compose: drop each word of a composition prompt that names no concept with "
+                               "this probability (the routers must then read the trigger words)")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -107,6 +109,8 @@ class TrainConfig:
             raise MoleError(f"`lr_schedule` must be constant or cosine, got {self.lr_schedule!r}")
         if self.grad_step not in ("random", "last"):
             raise MoleError(f"`grad_step` must be random or last, got {self.grad_step!r}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise MoleError(f"`word_dropout` must be in [0, 1), got {self.word_dropout}")
         if not 0.0 <= self.base_share < 1.0:
             raise MoleError(f"`base_share` must be in [0, 1), got {self.base_share}")
         self.gate_config()  # family, m_max, init_gate, text_pool, tau: one-line errors now

@@ -159,3 +159,25 @@ def test_cli_trains_compose_gates_and_samples_with_them(toy, tmp_path):
                    "--clip-arch", "toy", "--clip-model", str(world.clip_path), *extra)
         assert bad.returncode == 2 and msg in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
     assert out.read_bytes() == before
+
+
+def test_word_dropout_keeps_every_trigger_word_and_twins_drop_them(toy):
+    world, pipe, backend, experts, refs, prompts, guide = toy
+    cfg = TrainConfig(**{**RECIPE, "word_dropout": 0.6, "base_share": 0.25})
+    emb = {c: torch.zeros(64) for c in CONCEPTS}
+    obj = ComposeObjective(cfg, backend, [], guide, prompts, emb, (4, 8, 8))
+    gen = torch.Generator().manual_seed(3)
+    shortened = 0
+    for _ in range(20):
+        drawn, n_comp, n_twin = obj.draw(gen, 8)
+        assert (n_comp, n_twin) == (3, 3) and len(drawn) == 8
+        for p in drawn[:n_comp]:
+            original = next(o for o in prompts.compositions if set(p.split()) <= set(o.split())
+                            and named_concepts(o, CONCEPTS) == named_concepts(p, CONCEPTS))
+            shortened += len(p.split()) < len(original.split())
+            assert p in obj.text_emb and obj.named[p] == named_concepts(original, CONCEPTS)
+        for comp, twin in zip(drawn[:n_twin], drawn[n_comp:n_comp + n_twin]):
+            assert named_concepts(twin, CONCEPTS) == [] and twin.split() == [
+                w for w in comp.split() if w not in CONCEPTS]
+        assert all(p in prompts.base for p in drawn[n_comp + n_twin:])
+    assert shortened > 10
