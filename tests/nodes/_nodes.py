@@ -59,3 +59,25 @@ def constant_gates(mole, model, experts, folder: Path, name: str, probs: list[fl
     bias = torch.tensor(probs).log()
     return _write_variant(mole, model, experts, folder, name,
                           lambda k, v: bias.clone() if k.endswith(".bias") else torch.zeros_like(v))
+
+
+def constant_sigmoid_gates(mole, model, experts, folder: Path, name: str, gates: list[float]):
+    """Sigmoid-family gates that ignore their input: zero weights, magnitude 1 (ρ = 0 with m_max = 2) and
+    ``bias = logit(gate)``, so expert i runs at ``gates[i]`` (the values need not sum to 1)."""
+    import dataclasses
+
+    import mole_core
+
+    _, _, fresh = apply(mole, model, experts, "gated")
+    gf = fresh.gate_file
+    cfg = dataclasses.replace(gf.config, family="sigmoid", m_max=2.0)
+    bias = torch.tensor(gates).logit()
+    tensors = {}
+    for scope, meta in gf.scopes.items():
+        n, d = len(gates), int(meta["feature_dim"])
+        tensors.update({f"gates.{scope}.weight": torch.zeros(n, d), f"gates.{scope}.bias": bias.clone(),
+                        f"gates.{scope}.log_tau": torch.zeros(()), f"gates.{scope}.magnitude_logit": torch.zeros(()),
+                        f"gates.{scope}.center": torch.zeros(d)})
+    info = {**gf.info, "gate_config": cfg.to_dict()}
+    mole_core.write_gate_file(mole_core.GateFile(gf.path, cfg, gf.experts, gf.scopes, tensors, info), folder / name)
+    return load_gates(mole, name)

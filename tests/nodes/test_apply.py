@@ -7,7 +7,7 @@ import torch
 
 from tests.nodes import _loras
 from tests.nodes._helpers import encode, lora_loader, sample, unload_all
-from tests.nodes._nodes import apply, constant_gates, load, random_gates, rel
+from tests.nodes._nodes import apply, constant_gates, constant_sigmoid_gates, load, random_gates, rel
 
 pytestmark = pytest.mark.comfy
 
@@ -143,6 +143,23 @@ def test_gated_constant_gates_equal_static_and_masking_renormalises(mole, tiny, 
     with torch.inference_mode():
         assert rel(sample(gated), sample(static)) <= 1e-5
         assert rel(sample(masked), sample(renorm)) <= 1e-5
+
+
+def test_sigmoid_gate_files_run_each_expert_on_its_own_and_masking_only_zeroes(mole, tiny, experts, comfy_dirs):
+    """A format-2 sigmoid gate file (as the CLI's compose training writes) in MoLE Load Gates + MoLE Apply:
+    gates that sum to more than 1 equal the same static weights; masking zeroes without renormalising."""
+    model, _ = tiny
+    three = load(mole, model, None, ("a.safetensors", 1.0, True), ("b.safetensors", 0.5, True),
+                 ("c.safetensors", 1.0, True))
+    gates = constant_sigmoid_gates(mole, model, three, comfy_dirs["mole_gates"], "sig.safetensors", [0.9, 0.6, 0.3])
+    assert gates.gate_file.config.family == "sigmoid" and gates.gate_file.info["version"] == 2
+    gated, _, _ = apply(mole, model, three, "gated", gates=gates)
+    static, _, _ = apply(mole, model, three, "static weights", "0.9, 0.6, 0.3")
+    masked, _, _ = apply(mole, model, three, "gated", gates=gates, mask="1, 0, 1")
+    zeroed, _, _ = apply(mole, model, three, "static weights", "0.9, 0, 0.3")
+    with torch.inference_mode():
+        assert rel(sample(gated), sample(static)) <= 1e-5
+        assert rel(sample(masked), sample(zeroed)) <= 1e-5
 
 
 def test_gated_two_resolutions_one_gate_file_and_timestep_statistics(mole, tiny, experts, comfy_dirs, base_out):
