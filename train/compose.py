@@ -55,6 +55,16 @@ class ComposePrompts:
             raise MoleError("objective 'compose' needs at least one composition prompt")
 
 
+def _bare(word: str) -> str:
+    """A prompt word as concept names are matched: lower case, punctuation stripped."""
+    return re.sub(r"[^\w-]", "", word.lower())
+
+
+def names_a_concept(word: str, concepts: list[str]) -> bool:
+    """Whether ``word`` (one whitespace-separated prompt word) is a concept's name."""
+    return _bare(word) in {c.lower() for c in concepts if c}
+
+
 def named_concepts(prompt: str, concepts: list[str]) -> list[str]:
     """Concepts whose name appears in ``prompt`` as a whole word (case-insensitive): name each
     reference sub-folder after its LoRA's trigger word."""
@@ -65,9 +75,7 @@ def named_concepts(prompt: str, concepts: list[str]) -> list[str]:
 def twin_prompt(prompt: str, concepts: list[str]) -> str:
     """``prompt`` without the concepts' names (whole words, case-insensitive): what the prompt asks of
     the base model alone, so the gated model should draw it as the base model does."""
-    names = {c.lower() for c in concepts if c}
-    words = [w for w in prompt.split() if re.sub(r"[^\w-]", "", w.lower()) not in names]
-    return " ".join(words)
+    return " ".join(w for w in prompt.split() if not names_a_concept(w, concepts))
 
 
 def rollout_timesteps(T: int, steps: int) -> list[int]:
@@ -127,10 +135,10 @@ class ComposeObjective:
     def _drop_words(self, prompt: str, gen: torch.Generator) -> str:
         """``prompt`` with each word that names no concept dropped with probability ``word_dropout``: the
         routers then cannot lean on the words that happen to co-occur with a concept in the training prompts."""
-        names = {c.lower() for c in self.ref_emb}
+        concepts = list(self.ref_emb)
         words = prompt.split()
         keep = torch.rand(len(words), generator=gen) >= self.cfg.word_dropout
-        kept = [w for w, k in zip(words, keep.tolist()) if k or re.sub(r"[^\w-]", "", w.lower()) in names]
+        kept = [w for w, k in zip(words, keep.tolist()) if k or names_a_concept(w, concepts)]
         out = " ".join(kept)
         if out not in self.text_emb:
             self.text_emb[out] = self.guide.embed_texts([out]).detach()[0]

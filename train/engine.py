@@ -190,14 +190,15 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
         if clip_guide is not None and "clip" in cfg.objectives:
             clip_guide.prepare([to_tensor(load_image(r), cfg.resolution) for r in refs],
                                [r.concept for r in refs], [r.caption for r in refs])
+        shape = latent_shape(backend, cfg.resolution) if cfg.center_features or "compose" in cfg.objectives else ()
         if cfg.center_features:
-            _calibrate(backend, gated, cfg, sorted({r.caption for r in refs}) + _compose_texts(compose_prompts, refs))
+            _calibrate(backend, gated, shape, sorted({r.caption for r in refs}) + _compose_texts(compose_prompts, refs))
         compose = None
         if "compose" in cfg.objectives:
             refs_emb = reference_embeddings(guide, [to_tensor(load_image(r), cfg.resolution) for r in refs],
                                             [r.concept for r in refs])
             compose = ComposeObjective(cfg, backend, [m for m in (gated, static) if m is not None], guide,
-                                       compose_prompts, refs_emb, latent_shape(backend, cfg.resolution))
+                                       compose_prompts, refs_emb, shape)
         backend.set_gradient_checkpointing(cfg.gradient_checkpointing)
         return _run(cfg, backend, experts, cache, gated, objectives, rank, world, progress, should_stop,
                     checkpoint_path, resume_from, out_path, compose)
@@ -217,9 +218,9 @@ def _compose_texts(prompts: ComposePrompts | None, refs: list[Reference]) -> lis
     return [*prompts.compositions, *[twin_prompt(p, concepts) for p in prompts.compositions], *prompts.base, ""]
 
 
-def _calibrate(backend: Backend, mix: Mixture, cfg: TrainConfig, prompts: list[str]) -> None:
-    """Centre the gates' features on ``prompts`` (text encoders and UNet see each once, at mid noise)."""
-    shape = latent_shape(backend, cfg.resolution)
+def _calibrate(backend: Backend, mix: Mixture, shape: tuple[int, ...], prompts: list[str]) -> None:
+    """Centre the gates' features on ``prompts`` (text encoders and UNet see each once, at mid noise, on
+    latents of ``shape``)."""
     texts = sorted(set(prompts))
 
     def run() -> None:

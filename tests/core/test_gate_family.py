@@ -47,6 +47,11 @@ def _lead_input(net, mix, x):
     return seen
 
 
+def _pooled(f: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels (conv input) or tokens (linear input): the gate's pooled feature, by hand."""
+    return f.mean((2, 3)) if f.dim() == 4 else f.mean(1)
+
+
 def test_sigmoid_gates_equal_the_hand_computed_formula(net_experts):
     net, experts = net_experts
     cfg = mole.GateConfig(granularity="block", family="sigmoid", m_max=1.5)
@@ -56,8 +61,7 @@ def test_sigmoid_gates_equal_the_hand_computed_formula(net_experts):
     inputs = _lead_input(net, mix, x)
     for name in mix.scopes:
         gate = mix.scope_gate(name)
-        f = inputs[name]
-        pooled = f.mean((2, 3)) if f.dim() == 4 else f.mean(1)
+        pooled = _pooled(inputs[name])
         z = (rms_normalize(pooled) @ gate.weight.T + gate.bias) / gate.log_tau.exp().clamp(cfg.tau_min, cfg.tau_max)
         m = 1.5 / (1 + math.exp(-float(gate.magnitude_logit.detach())))
         want = m / (1 + torch.exp(-z))
@@ -219,15 +223,13 @@ def test_calibrated_centres_are_the_mean_features_and_round_trip(net_experts, tm
     seen = [_lead_input(net, mix, x) for x in batches]
     assert mix.calibrate_centers(lambda: [net(x) for x in batches]) == len(mix.scopes)
     for name in mix.scopes:
-        pooled = torch.cat([s[name].mean((2, 3)) if s[name].dim() == 4 else s[name].mean(1) for s in seen])
+        pooled = torch.cat([_pooled(s[name]) for s in seen])
         torch.testing.assert_close(mix.scope_gate(name).center, pooled.mean(0))
     x = torch.randn(2, 4, 8, 8)
     inputs = _lead_input(net, mix, x)
     for name in mix.scopes:
         gate = mix.scope_gate(name)
-        f = inputs[name]
-        pooled = f.mean((2, 3)) if f.dim() == 4 else f.mean(1)
-        z = (rms_normalize(pooled - gate.center) @ gate.weight.T + gate.bias) / gate.tau
+        z = (rms_normalize(_pooled(inputs[name]) - gate.center) @ gate.weight.T + gate.bias) / gate.tau
         torch.testing.assert_close(mix.live_gates[name], gate.magnitude * torch.sigmoid(z))
     with torch.no_grad():
         want = net(x)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import mole_core as mole
+from tests.train._toy import load_toy
 from train.backend import predicted_x0
 from train.compose import (
     ComposeObjective,
@@ -30,7 +31,6 @@ from train.compose import (
 from train.config import TrainConfig
 from train.data import Reference, load_image, to_tensor
 from train.engine import train
-from train.toy.api import DEFAULT_ASSETS
 
 CONCEPTS = ["purple", "striped", "star"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,17 +40,9 @@ RECIPE = dict(resolution=32, batch_size=4, seed=0, checkpoint_every=0, objective
 
 @pytest.fixture(scope="module")
 def toy():  # noqa: ANN201
-    if not (DEFAULT_ASSETS / "manifest.json").is_file():
-        pytest.fail(f"toy assets missing at {DEFAULT_ASSETS}: run `python -m train.toy build`")
-    from train.diffusers_backend import DiffusersBackend, _quiet
-    from train.toy import load_world
     from train.toy.guide import load_toy_guide
 
-    _quiet()
-    world = load_world()
-    pipe = world.pipeline()
-    backend = DiffusersBackend(pipe, resolution=32)
-    experts = mole.load_experts(world.expert_paths(CONCEPTS))
+    world, pipe, backend, experts = load_toy(CONCEPTS)
     refs = [Reference(None, cap, name, img) for name, items in world.reference_images(CONCEPTS, 4, 0).items()
             for img, cap in items]
     comps = [c.prompt for k in (2, 3) for sub in itertools.combinations(CONCEPTS, k)

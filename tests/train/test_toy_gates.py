@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import mole_core as mole
+from tests.train._toy import load_toy
 from train.config import TrainConfig
 from train.data import Reference
 from train.engine import evaluate_denoise, gate_statistics, reference_cache, train
-from train.toy.api import DEFAULT_ASSETS
 
 CONCEPTS = ["purple", "pink", "star"]
 CFG = dict(steps=80, lr=3e-2, resolution=32, batch_size=8, checkpoint_every=0, seed=0)
@@ -31,16 +31,7 @@ def _refs(world, seed: int, n: int) -> list[Reference]:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def setup():  # noqa: ANN201
-    if not (DEFAULT_ASSETS / "manifest.json").is_file():
-        pytest.fail(f"toy assets missing at {DEFAULT_ASSETS}: run `python -m train.toy build`")
-    from train.diffusers_backend import DiffusersBackend, _quiet
-    from train.toy import load_world
-
-    _quiet()
-    world = load_world()
-    pipe = world.pipeline()
-    backend = DiffusersBackend(pipe, resolution=32)
-    experts = mole.load_experts(world.expert_paths(CONCEPTS))
+    world, _, backend, experts = load_toy(CONCEPTS)
     cfg = TrainConfig(**CFG)
     train_cache = reference_cache(backend, experts, _refs(world, 0, 8), cfg)
     held_out = reference_cache(backend, experts, _refs(world, 7, 6), cfg)
