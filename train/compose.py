@@ -20,7 +20,6 @@ longer change. The rollout's noise and step come from the trainer's seeded gener
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -227,5 +226,3 @@ def latent_shape(backend: Backend, resolution: int) -> tuple[int, ...]:
         z = backend.encode_images(torch.zeros(1, 3, resolution, resolution, device=backend.device))
     return tuple(z.shape[1:])
 
-
-ComposeFn = Callable[[torch.Generator, int], dict[str, torch.Tensor]]
