@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -178,16 +179,52 @@ class ComfyEncoder:
         return {k: v.to(self.device) for k, v in tensors.items()}
 
 
-def unify_context(cache: CachedSet) -> CachedSet:
-    """Repeat every caption's context to a common token length (ComfyUI's ``CONDCrossAttn`` rule:
-    repetition does not change attention), so the trainer can batch captions of different lengths."""
-    lengths = [c["c_crossattn"].shape[1] for c in cache.conds]
-    common = math.lcm(*lengths)
-    for c in cache.conds:
+def unify_lengths_(conds: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Repeat every context to a common token length in place (ComfyUI's ``CONDCrossAttn`` rule: repetition
+    does not change attention), so prompts of different lengths batch together."""
+    common = math.lcm(*(c["c_crossattn"].shape[1] for c in conds))
+    for c in conds:
         ctx = c["c_crossattn"]
         if ctx.shape[1] != common:
             c["c_crossattn"] = ctx.repeat(1, common // ctx.shape[1], 1)
+    return conds
+
+
+def unify_context(cache: CachedSet) -> CachedSet:
+    """:func:`unify_lengths_` over the references' captions, so the trainer can batch them."""
+    unify_lengths_(cache.conds)
     return cache
+
+
+@dataclass
+class PromptTable:
+    """Conditioning of every prompt the compose objective can draw, encoded once in the prompt thread:
+    ``lora`` through the CLIP with the experts' text-encoder parts (NLA, as training sees them), ``base``
+    through the CLIP without any LoRA (the prior term's base model). All contexts share one token length."""
+
+    lora: dict[str, dict[str, torch.Tensor]]
+    base: dict[str, dict[str, torch.Tensor]]
+
+    @classmethod
+    def encode(cls, lora: ComfyEncoder, base: ComfyEncoder, prompts: list[str]) -> PromptTable:
+        texts = sorted(set(prompts))
+        rows = {"lora": [lora.encode_prompts([t]) for t in texts], "base": [base.encode_prompts([t]) for t in texts]}
+        unify_lengths_(rows["lora"] + rows["base"])
+        return cls(dict(zip(texts, rows["lora"])), dict(zip(texts, rows["base"])))
+
+    def to(self, device: torch.device) -> PromptTable:
+        """Normal-mode clones on ``device`` (for the training thread)."""
+        with torch.inference_mode(False):
+            return PromptTable(*({p: {k: v.detach().clone().to(device) for k, v in c.items()} for p, c in t.items()}
+                                 for t in (self.lora, self.base)))
+
+    @staticmethod
+    def lookup(table: dict[str, dict[str, torch.Tensor]], prompts: list[str]) -> dict[str, torch.Tensor]:
+        missing = [p for p in prompts if p not in table]
+        if missing:
+            raise mole_core.MoleError(f"prompt {missing[0]!r} was not encoded before training (ComfyUI encodes the "
+                                      "composition, base and reference prompts once)")
+        return {k: torch.cat([table[p][k] for p in prompts]) for k in table[prompts[0]]}
 
 
 def cache_to(cache: CachedSet, device: torch.device) -> CachedSet:
@@ -204,10 +241,12 @@ class ComfyBackend:
 
     prediction_type = "epsilon"
 
-    def __init__(self, model: Any, vae_model: nn.Module | None = None, vae_scale_factor: int = 8):
+    def __init__(self, model: Any, vae_model: nn.Module | None = None, vae_scale_factor: int = 8,
+                 prompts: PromptTable | None = None):
         self.model = model
         self.vae_model = vae_model
         self.vae_scale_factor = vae_scale_factor
+        self.prompts = prompts
         self.sigmas, self.alphas_cumprod = schedule(model)
         self.device = next(model.diffusion_model.parameters()).device
         self._sigmas_dev = self.sigmas.to(self.device)
@@ -228,8 +267,22 @@ class ComfyBackend:
         raise mole_core.MoleError("images are encoded once in the prompt thread (ComfyEncoder)")
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        raise mole_core.MoleError("prompts are encoded once in the prompt thread; text-encoder gates are not "
-                                  "trained in ComfyUI")
+        """Conditioning from the :class:`PromptTable` encoded in the prompt thread (objective compose)."""
+        if self.prompts is None:
+            raise mole_core.MoleError("prompts are encoded once in the prompt thread; text-encoder gates are not "
+                                      "trained in ComfyUI")
+        return PromptTable.lookup(self.prompts.lora, prompts)
+
+    def encode_base_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Conditioning without any LoRA in the text encoders (the compose objective's prior term)."""
+        if self.prompts is None:
+            raise mole_core.MoleError("base prompts are encoded in the prompt thread (objective compose only)")
+        return PromptTable.lookup(self.prompts.base, prompts)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one latent at ``resolution`` pixels (no VAE in the training thread)."""
+        side = resolution // self.vae_scale_factor
+        return self.model.latent_format.latent_channels, side, side
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """ε̂ for VP inputs ``x_t (B, C, h, w)`` at integer timesteps ``t (B,)`` (exact for ε and v models)."""
@@ -244,7 +297,7 @@ class ComfyBackend:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """UNet latents → images in [-1, 1] through the private VAE copy (CLIP objective only)."""
         if self.vae_model is None:
-            raise mole_core.MoleError("decoding needs the VAE copy (objective 'denoise + clip')")
+            raise mole_core.MoleError("decoding needs the VAE copy (objectives 'denoise + clip' and 'compose')")
         z = self.model.process_latent_out(latents)
         dtype = next(self.vae_model.parameters()).dtype
         return self.vae_model.decode(z.to(dtype)).float()

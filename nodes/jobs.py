@@ -34,11 +34,12 @@ from torch import nn
 import mole_core
 from mole_core.gate_file import GateFile
 
+from ..train.compose import ComposePrompts
 from ..train.config import TrainConfig
 from ..train.data import CachedSet, Reference
 from ..train.engine import TrainResult, gate_statistics, train
 from ..train.worker import Job, JobContext, Worker
-from .comfy_backend import ComfyBackend
+from .comfy_backend import ComfyBackend, PromptTable
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class TrainingSpec:
     vae_model: nn.Module | None = None
     vae_scale_factor: int = 8
     clip_guide: tuple[str, str] | None = None  # (open_clip .safetensors path, architecture)
+    compose_prompts: ComposePrompts | None = None  # objective compose: what the rollouts sample
+    prompt_table: PromptTable | None = None  # objective compose: every prompt encoded, on the load device
     node: str | None = None
     mode: str = "background"
     result: TrainResult | None = None
@@ -219,12 +222,12 @@ class _Runner:
         done = False
         try:
             spec.model.to(spec.load_device)
-            backend = ComfyBackend(spec.model, spec.vae_model, spec.vae_scale_factor)
+            backend = ComfyBackend(spec.model, spec.vae_model, spec.vae_scale_factor, spec.prompt_table)
             resume_from = ctx.resume_from if ctx.resume_from and os.path.isfile(ctx.resume_from) else None
             progress = _progress_after_resume(ctx) if resume_from else ctx.progress
             result = train(spec.cfg, backend, spec.experts, spec.refs, progress=progress,
                            should_stop=ctx.should_stop, checkpoint_path=spec.checkpoint, resume_from=resume_from,
-                           clip_guide=self._guide(backend), cache=spec.cache)
+                           clip_guide=self._guide(backend), cache=spec.cache, compose_prompts=spec.compose_prompts)
             spec.result = result
             if result.cancelled and not spec.finish_early:
                 return _summary(spec, result, saved=False)
@@ -243,7 +246,7 @@ class _Runner:
 
     def _guide(self, backend: ComfyBackend) -> Any:
         spec = self.spec
-        if "clip" not in spec.cfg.objectives or spec.clip_guide is None:
+        if not {"clip", "compose"} & set(spec.cfg.objectives) or spec.clip_guide is None:
             return None
         if spec._guide is None:
             from ..train.evaluate import load_clip
@@ -302,7 +305,7 @@ def _summary(spec: TrainingSpec, result: TrainResult, saved: bool) -> dict:
 
 def _release(spec: TrainingSpec) -> None:
     """Drop everything heavy a finished (or no longer resumable) job holds; its state stays listed."""
-    spec.model = spec.vae_model = spec._guide = spec.cache = None
+    spec.model = spec.vae_model = spec._guide = spec.cache = spec.prompt_table = None
     spec.experts, spec.refs = [], []
     mm.soft_empty_cache()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 import uuid
 from typing import Any
@@ -23,17 +24,19 @@ from comfy_api.latest import io, ui
 
 import mole_core
 from mole_core.gate_file import GateFile
-from mole_core.gates import GATE_INPUTS
+from mole_core.gates import FAMILIES, GATE_INPUTS
 from mole_core.naming import GRANULARITIES
 
+from ..train.compose import ComposePrompts, named_concepts, twin_prompt
 from ..train.config import TrainConfig
-from ..train.data import references_from_images
+from ..train.data import Reference, references_from_images
 from ..train.engine import prepare_references
 from ..train.plots import training_curves
 from . import jobs
 from .apply import TE, static_clip, static_vector
 from .comfy_backend import (
     ComfyEncoder,
+    PromptTable,
     cache_to,
     check_trainable,
     private_copy,
@@ -47,7 +50,7 @@ from .gates import gate_path_for_save
 from .types import ExpertsIO, GatesIO, MoleExperts, MoleGates
 
 RUN_MODES = ("background", "wait")
-OBJECTIVES = {"denoise": "denoise", "denoise + clip": "denoise,clip"}
+OBJECTIVES = {"denoise": "denoise", "denoise + clip": "denoise,clip", "compose": "compose"}
 CLIP_FOLDER = "mole_clip"
 NONE = "None"
 POLL_S = 0.05
@@ -62,12 +65,54 @@ def register_clip_folder() -> None:
 
 
 # ----- preparation (prompt thread) -----
-def split_prompts(text: str) -> list[str]:
+def split_prompts(text: str, field: str = "prompts") -> list[str]:
     """One prompt per non-empty line."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if not lines:
+    if not lines and field == "prompts":
         raise mole_core.MoleError("`prompts` is empty: write one prompt for all images, or one line per image")
     return lines
+
+
+def split_concepts(text: str) -> list[str]:
+    """Trigger words, comma- or newline-separated."""
+    return [w.strip() for w in (text or "").replace("\n", ",").split(",") if w.strip()]
+
+
+def assign_concepts(refs: list[Reference], concepts: list[str]) -> None:
+    """Set each reference's concept to the one trigger word its prompt names (objective compose: the local
+    term compares images with their named concepts' references). One-line errors when a concept has no
+    reference image or a reference prompt names several concepts."""
+    bad = [c for c in concepts if not re.fullmatch(r"[\w-]+", c)]
+    if bad:
+        raise mole_core.MoleError(f"`concepts`: {bad[0]!r} is not one word (write each LoRA's trigger word, "
+                                  "comma-separated)")
+    for i, ref in enumerate(refs):
+        named = named_concepts(ref.caption, concepts)
+        if len(named) > 1:
+            raise mole_core.MoleError(f"reference {i + 1}'s prompt names several concepts ({', '.join(named)}): "
+                                      "give each reference image one concept")
+        ref.concept = named[0] if named else ""
+    missing = [c for c in concepts if not any(r.concept == c for r in refs)]
+    if missing:
+        raise mole_core.MoleError(f"`concepts`: no reference prompt names {missing[0]!r} (each concept needs "
+                                  "reference images whose prompt contains its trigger word)")
+
+
+def compose_inputs(refs: list[Reference], composition_prompts: str, base_prompts: str, concepts: str
+                   ) -> tuple[ComposePrompts, list[str]]:
+    """What objective compose samples, and every prompt it can encode (twins, base, references, empty)."""
+    names = split_concepts(concepts)
+    if not names:
+        raise mole_core.MoleError("objective 'compose' needs `concepts`: the LoRAs' trigger words, comma-separated")
+    comps = split_prompts(composition_prompts, "composition_prompts")
+    if not comps:
+        raise mole_core.MoleError("objective 'compose' needs `composition_prompts`: one prompt per line, each "
+                                  "naming two or more concepts")
+    assign_concepts(refs, names)
+    prompts = ComposePrompts(comps, split_prompts(base_prompts, "base_prompts"))
+    everything = [*prompts.compositions, *(twin_prompt(p, names) for p in prompts.compositions), *prompts.base,
+                  *(r.caption for r in refs), ""]
+    return prompts, everything
 
 
 def checkpoint_path(file: str) -> str:
@@ -87,9 +132,8 @@ def nla_clip(clip: Any, experts: MoleExperts) -> Any:
 
 
 def initial_gates(model: Any, experts: MoleExperts, cfg: TrainConfig) -> GateFile:
-    """The untrained (uniform) gates; building them also checks the experts against the model now."""
-    gate_cfg = mole_core.GateConfig(granularity=cfg.granularity, gate_input=cfg.gate_input, tau_init=cfg.tau_init)
-    mix = mole_core.attach(build_index(model=model)[0], experts.experts(), gate_cfg, components=["unet"],
+    """The untrained gates; building them also checks the experts against the model now."""
+    mix = mole_core.attach(build_index(model=model)[0], experts.experts(), cfg.gate_config(), components=["unet"],
                            hooks=False)
     return mole_core.snapshot(mix, training={**cfg.to_dict(), "steps_done": 0})
 
@@ -107,29 +151,38 @@ def normal_experts(experts: MoleExperts) -> list[mole_core.Expert]:
 
 def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch.Tensor, prompts: str,
             cfg: TrainConfig, name: str, mode: str, node: str | None,
-            clip_guide: tuple[str, str] | None = None) -> tuple[jobs.TrainingSpec, GateFile]:
+            clip_guide: tuple[str, str] | None = None, compose: tuple[str, str, str] = ("", "", "")
+            ) -> tuple[jobs.TrainingSpec, GateFile]:
     """Everything a job needs, made in the prompt thread; returns ``(spec, initial gates)``.
+
+    ``compose`` is ``(composition prompts, base prompts, concepts)`` for objective compose: every prompt
+    it can draw is encoded here, with the experts' text-encoder parts (NLA) and without (the prior term).
 
     Raises:
         MoleError: bad name, empty batch, prompt count ≠ image count, unsupported model, experts that
-            do not fit the model, missing CLIP guide for the CLIP objective.
+            do not fit the model, missing CLIP guide for the CLIP and compose objectives, compose inputs
+            missing or inconsistent.
     """
     file, path = gate_path_for_save(name)
     check_trainable(model)
-    if "clip" in cfg.objectives and clip_guide is None:
-        raise mole_core.MoleError("objective 'denoise + clip' needs `clip_guide` (an open_clip .safetensors in "
-                                  "models/mole_clip)")
+    needs_guide = {"clip", "compose"} & set(cfg.objectives)
+    if needs_guide and clip_guide is None:
+        raise mole_core.MoleError(f"objective {'compose' if 'compose' in needs_guide else 'denoise + clip'!r} "
+                                  "needs `clip_guide` (an open_clip .safetensors in models/mole_clip)")
     refs = references_from_images(images, split_prompts(prompts))
+    compose_prompts, everything = compose_inputs(refs, *compose) if "compose" in cfg.objectives else (None, [])
     start = initial_gates(model, experts, cfg)
     encoder = ComfyEncoder(model.model, vae, nla_clip(clip, experts), cfg.resolution)
     cache = unify_context(prepare_references(encoder, refs, cfg))
+    table = (PromptTable.encode(encoder, ComfyEncoder(model.model, vae, clip, cfg.resolution), everything)
+             .to(model.load_device) if compose_prompts else None)
     copy_ = private_copy(model, training_memory(model, cfg.resolution, cfg.batch_size))
-    vae_model = private_module(vae.first_stage_model, vae.patcher) if "clip" in cfg.objectives else None
+    vae_model = private_module(vae.first_stage_model, vae.patcher) if needs_guide else None
     spec = jobs.TrainingSpec(
         file=file, path=path, checkpoint=checkpoint_path(file), cfg=cfg, experts=normal_experts(experts), refs=refs,
         cache=cache_to(cache, model.load_device), model=copy_, load_device=model.load_device,
         offload_device=model.offload_device, vae_model=vae_model, vae_scale_factor=encoder.vae_scale_factor,
-        clip_guide=clip_guide, node=node, mode=mode)
+        clip_guide=clip_guide, compose_prompts=compose_prompts, prompt_table=table, node=node, mode=mode)
     return spec, start
 
 
@@ -216,7 +269,13 @@ class MoleTrainGates(io.ComfyNode):
                                        "names; best on held-out loss for concept LoRAs)."),
                 io.Combo.Input("objective", options=list(OBJECTIVES), default="denoise",
                                tooltip="denoise: the model's own denoising loss on the references. denoise + clip: "
-                                       "plus CLIP image/text similarity of the denoised estimate (needs clip_guide)."),
+                                       "plus CLIP image/text similarity of the denoised estimate (needs clip_guide). "
+                                       "compose: the paper's V&L recipe: each step samples composition_prompts "
+                                       "(a few DDIM steps with CFG) and scores the image against the prompt "
+                                       "(global) and the named concepts' reference images (local), and keeps "
+                                       "base_prompts close to the model without LoRAs (prior). Needs clip_guide, "
+                                       "concepts and composition_prompts; use gate_input prompt and gate_family "
+                                       "sigmoid."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of batches, timesteps and noise: same seed and inputs, same gates."),
                 io.String.Input("name", default="mole_trained",
@@ -234,6 +293,21 @@ class MoleTrainGates(io.ComfyNode):
                                tooltip="open_clip .safetensors in models/mole_clip, for objective 'denoise + clip'."),
                 io.String.Input("clip_guide_arch", default="ViT-B-32", optional=True,
                                 tooltip="open_clip architecture name of clip_guide (e.g. ViT-B-32, ViT-L-14)."),
+                io.Combo.Input("gate_family", options=list(FAMILIES), default="softmax", optional=True,
+                               tooltip="softmax: the paper's gates (the experts share a total weight of 1). "
+                                       "sigmoid: each expert switched on or off on its own, times a learned "
+                                       "magnitude (up to 2): can reach every LoRA at full strength and switch "
+                                       "unnamed LoRAs off: use it with objective compose."),
+                io.String.Input("composition_prompts", multiline=True, default="", optional=True,
+                                tooltip="objective compose: one prompt per line, each naming two or more concepts "
+                                        "by their trigger words (e.g. 'a purple striped circle on grey')."),
+                io.String.Input("base_prompts", multiline=True, default="", optional=True,
+                                tooltip="objective compose: prompts that name no concept (one per line): the gated "
+                                        "model must draw them as the model without LoRAs does. Optional: the "
+                                        "composition prompts without their trigger words serve too."),
+                io.String.Input("concepts", default="", optional=True,
+                                tooltip="objective compose: the LoRAs' trigger words, comma-separated. Each "
+                                        "reference prompt names one of them (that image is its reference)."),
             ],
             outputs=[GatesIO.Output(display_name="gates",
                                     tooltip="wait: the trained gates (with their statistics on the references). "
@@ -255,15 +329,18 @@ class MoleTrainGates(io.ComfyNode):
     def execute(cls, model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch.Tensor, prompts: str,
                 steps: int, lr: float, alpha: float, granularity: str, gate_input: str, objective: str, seed: int,
                 name: str, run: str, resolution: int, batch_size: int, clip_guide: str = NONE,
-                clip_guide_arch: str = "ViT-B-32") -> io.NodeOutput:
+                clip_guide_arch: str = "ViT-B-32", gate_family: str = "softmax", composition_prompts: str = "",
+                base_prompts: str = "", concepts: str = "") -> io.NodeOutput:
         if run not in RUN_MODES or objective not in OBJECTIVES:
             raise mole_core.MoleError(f"`run` must be one of {RUN_MODES} and `objective` one of {list(OBJECTIVES)}")
         cfg = TrainConfig(steps=steps, lr=lr, alpha=alpha, granularity=granularity, gate_input=gate_input,
-                          objective=OBJECTIVES[objective], seed=seed, resolution=resolution, batch_size=batch_size,
-                          warmup_steps=min(10, steps // 10), checkpoint_every=max(1, steps // 20))
+                          gate_family=gate_family, objective=OBJECTIVES[objective], seed=seed, resolution=resolution,
+                          batch_size=batch_size, warmup_steps=min(10, steps // 10),
+                          checkpoint_every=max(1, steps // 20), center_features=objective == "compose")
         guide = (folder_paths.get_full_path_or_raise(CLIP_FOLDER, clip_guide), clip_guide_arch) \
             if clip_guide not in (NONE, "", None) else None
-        spec, start = prepare(model, clip, vae, experts, images, prompts, cfg, name, run, node_id(cls), guide)
+        spec, start = prepare(model, clip, vae, experts, images, prompts, cfg, name, run, node_id(cls), guide,
+                              (composition_prompts, base_prompts, concepts))
         job = jobs.submit(spec)
         if run == "background":
             gates = MoleGates(start, experts.names, source=f"MoLE Train Gates job {job.id} (training in the "

@@ -43,6 +43,11 @@ class Backend(Protocol):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn activation recomputation of the denoiser on or off."""
 
+    # Optional, for hosts that encode prompts once, before training (ComfyUI):
+    # ``encode_base_prompts(prompts)``: conditioning without any LoRA in the text encoders (the compose
+    # objective's prior term; by default the mixtures are detached and ``encode_prompts`` is called);
+    # ``latent_shape(resolution)``: ``(C, h, w)`` of one latent (by default one VAE encode).
+
 
 def _coeffs(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a = alphas_cumprod.to(like.device)[t].to(like.dtype)

@@ -201,7 +201,8 @@ class ComposeObjective:
         for m in attached:
             m.detach()
         try:
-            cond, uncond = self._encode(prompts)
+            encode = getattr(self.backend, "encode_base_prompts", None)  # hosts that pre-encode prompts
+            cond, uncond = (encode(prompts), encode([""] * len(prompts))) if encode else self._encode(prompts)
             return self._guided(x_t, t, cond, uncond)
         finally:
             for m in attached:
@@ -221,7 +222,10 @@ def reference_embeddings(guide: ImageTextGuide, images: list[torch.Tensor], conc
 
 
 def latent_shape(backend: Backend, resolution: int) -> tuple[int, ...]:
-    """Shape ``(C, h, w)`` of one latent at ``resolution`` pixels (one VAE encode of a blank image)."""
+    """Shape ``(C, h, w)`` of one latent at ``resolution`` pixels: the backend's own ``latent_shape`` when it
+    has one, else one VAE encode of a blank image."""
+    if hasattr(backend, "latent_shape"):
+        return tuple(backend.latent_shape(resolution))
     with torch.no_grad():
         z = backend.encode_images(torch.zeros(1, 3, resolution, resolution, device=backend.device))
     return tuple(z.shape[1:])

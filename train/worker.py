@@ -78,7 +78,7 @@ class JobContext:
 
     def progress(self, info: dict) -> None:
         self.job.progress = info
-        keep = {k: v for k, v in info.items() if k in ("step", "loss", "gate_entropy", "mean_gates",
+        keep = {k: v for k, v in info.items() if k in ("step", "loss", "terms", "gate_entropy", "mean_gates",
                                                        "mean_gate_entropy", "lr")}
         self.job.history.append(keep)
         self._worker.emit("progress", {"job": self.job.id, "name": self.job.name, "revision": self.job.touch(), **info})

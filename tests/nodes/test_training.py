@@ -369,3 +369,95 @@ def test_apply_with_clip_mixes_text_parts_uniformly_for_unet_only_gates(mole, ti
         got = comfy_nodes.CLIPTextEncode().encode(c, "a ball")[0][0][0]
         want = comfy_nodes.CLIPTextEncode().encode(mole.train_node.nla_clip(clip, experts), "a ball")[0][0][0]
     assert torch.equal(got, want) and [h.component for h in out.holders] == ["unet"]
+
+
+# ----- objective compose -----
+COMPOSE = dict(objective="compose", gate_family="sigmoid", gate_input="prompt", alpha=0.0, granularity="network",
+               prompts="a red ball\na red ball\na blue ball\na blue ball", concepts="red, blue",
+               composition_prompts="a red blue ball\na blue red ball on grass", base_prompts="a ball\na cube")
+
+
+@pytest.fixture(scope="module")
+def clip_guide(comfy_dirs) -> dict:
+    """A tiny open_clip (random weights) in ``models/mole_clip`` with its architecture as a config JSON."""
+    import json
+
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from tests.train.test_engine import tiny_clip
+
+    folder = comfy_dirs["mole_gates"].parent / "mole_clip"
+    folder.mkdir(exist_ok=True)
+    model, _, cfg = tiny_clip()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "tiny_guide.safetensors")
+    (folder / "tiny-guide.json").write_text(json.dumps(cfg))
+    folder_paths.add_model_folder_path("mole_clip", str(folder))
+    return {"clip_guide": "tiny_guide.safetensors", "clip_guide_arch": str(folder / "tiny-guide.json")}
+
+
+def test_prompt_table_equals_clip_text_encode_with_and_without_the_loras(mole, tiny, vae, experts, files):
+    """The compose objective's conditioning: with the experts' text parts it is CLIPTextEncode on chained
+    LoraLoaders at 1/N (NLA), without them CLIPTextEncode on the bare CLIP."""
+    from tests.nodes._helpers import encode
+
+    model, clip = tiny
+    cb = mole.comfy_backend
+    with torch.inference_mode():
+        nla = mole.train_node.nla_clip(clip, experts)
+        table = cb.PromptTable.encode(cb.ComfyEncoder(model.model, vae, nla, 64),
+                                      cb.ComfyEncoder(model.model, vae, clip, 64), ["a red blue ball", ""])
+        _, oracle = lora_loader(model, clip, files["a"], 0.0, 0.5)
+        _, oracle = lora_loader(model, oracle, files["b"], 0.0, 0.5)
+        want_lora, want_base = encode(oracle, "a red blue ball"), encode(clip, "a red blue ball")
+    got_lora, got_base = table.lora["a red blue ball"]["c_crossattn"], table.base["a red blue ball"]["c_crossattn"]
+    assert (want_lora - want_base).abs().max() > 1e-3  # the LoRAs' text parts change the conditioning
+    torch.testing.assert_close(got_lora, want_lora, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_base, want_base, atol=1e-5, rtol=1e-5)
+    backend = cb.ComfyBackend(cb.private_copy(model, 0), prompts=table.to(torch.device("cpu")))
+    both = backend.encode_prompts(["", "a red blue ball"])["c_crossattn"]
+    assert torch.equal(both[1:], table.lora["a red blue ball"]["c_crossattn"])
+    import mole_core
+
+    with pytest.raises(mole_core.MoleError, match="was not encoded before training"):
+        backend.encode_prompts(["a green ball"])
+
+
+def test_compose_objective_trains_sigmoid_gates_in_the_node(mole, tiny, vae, experts, images, comfy_dirs, clip_guide):
+    out = train_node(mole, tiny, vae, experts, images, "compose/run", steps=3, batch_size=4, **COMPOSE, **clip_guide)
+    gates, _ = out.args
+    job = last_job(mole)
+    assert job.status == "done", job.error
+    terms = job.history[-1]["terms"]
+    assert set(terms) == {"global", "local", "prior"} and all(v >= 0 for v in terms.values()), terms
+    info = gates.gate_file.info
+    assert gates.gate_file.config.family == "sigmoid" and info["training"]["objective"] == "compose"
+    assert info["training"]["center_features"] is True
+    start = mole.train_node.initial_gates(tiny[0], experts, mole.train_node.TrainConfig(
+        gate_family="sigmoid", gate_input="prompt", granularity="network"))
+    moved = [k for k, v in gates.gate_file.tensors.items() if k.endswith(".weight")
+             and not torch.equal(v, start.tensors[k])]
+    assert moved, "no router weight moved: the compose loss did not reach the gates"
+    saved = load_gates(mole, "compose/run.safetensors")  # loads in MoLE Load Gates and samples
+    m, _, _ = apply(mole, tiny[0], experts, "gated", gates=saved)
+    with torch.inference_mode():
+        assert torch.isfinite(sample(m)).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({}, "objective 'compose' needs `clip_guide`"),
+    ({"concepts": ""}, "needs `concepts`"),
+    ({"composition_prompts": " \n"}, "needs `composition_prompts`"),
+    ({"concepts": "red, green"}, "no reference prompt names 'green'"),
+    ({"prompts": "a red blue ball"}, "names several concepts"),
+    ({"concepts": "red ball"}, "is not one word"),
+])
+def test_compose_inputs_are_checked_before_any_work(mole, tiny, vae, experts, images, comfy_dirs, clip_guide,
+                                                    change, message):
+    import mole_core
+
+    args = {**COMPOSE, **({} if not change else clip_guide), **change}
+    jobs_before = len(mole.jobs.worker().jobs())
+    with pytest.raises(mole_core.MoleError, match=message):
+        train_node(mole, tiny, vae, experts, images, "bad", **args)
+    assert len(mole.jobs.worker().jobs()) == jobs_before

@@ -82,6 +82,7 @@ def test_training_panel_renders_curves_gates_and_status(results):
     assert panel["status"] == "done" and panel["step"] == 4 and panel["history"] == 4, panel
     assert panel["gateLabels"] == ["a.safetensors", "b.safetensors"]
     assert panel["canvas"]["inked"] > 1000 and "step 4/4" in panel["text"] and "browser/tiny" in panel["text"]
+    assert " · denoise " in panel["text"], panel["text"]  # the loss terms are shown beside the total
     assert (ARTIFACTS / "panel.png").stat().st_size > 2000
 
 

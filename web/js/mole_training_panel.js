@@ -27,6 +27,9 @@ const panels = new Set();
 /** @param {number|null|undefined} v @param {number} [digits] */
 const fmt = (v, digits = 4) => (typeof v === "number" && Number.isFinite(v) ? v.toPrecision(digits) : "–");
 
+/** A history row with its loss terms (global, local, prior, denoise, balance…) as top-level keys. @param {any} h */
+const flat = (h) => ({ ...h, ...(h.terms || {}) });
+
 /** @param {number|null|undefined} s seconds */
 const duration = (s) => (typeof s !== "number" ? "" : s < 90 ? `${Math.round(s)} s` : `${Math.round(s / 60)} min`);
 
@@ -47,7 +50,7 @@ class TrainingPanel {
     this.eta = head.appendChild(el("span", "mole-eta"));
     this.canvas = el("canvas", "mole-curves");
     this.canvas.setAttribute("role", "img");
-    this.canvas.setAttribute("aria-label", "training curves: loss, gate entropy");
+    this.canvas.setAttribute("aria-label", "training curves: loss and its terms, gate entropy");
     this.gates = el("div", "mole-gates");
     const buttons = el("div", "mole-buttons");
     this.buttons = {};
@@ -85,7 +88,7 @@ class TrainingPanel {
     if (!this.stale(job.id, job.revision)) this.job = { ...(this.job?.id === job.id ? this.job : {}), ...job };
     if (history) {
       const last = history.at(-1)?.step ?? 0;
-      this.history = [...history, ...this.history.filter((h) => h.step > last)];
+      this.history = [...history.map(flat), ...this.history.filter((h) => h.step > last)];
     }
     this.schedule();
   }
@@ -123,8 +126,8 @@ class TrainingPanel {
     this.job.revision = p.revision ?? this.job.revision;
     this.job.progress = p;
     this.history = this.history.filter((h) => h.step < p.step);
-    this.history.push({ step: p.step, loss: p.loss, gate_entropy: p.gate_entropy, mean_gates: p.mean_gates,
-      mean_gate_entropy: p.mean_gate_entropy });
+    this.history.push(flat({ step: p.step, loss: p.loss, terms: p.terms, gate_entropy: p.gate_entropy,
+      mean_gates: p.mean_gates, mean_gate_entropy: p.mean_gate_entropy }));
     this.schedule();
   }
 
@@ -157,7 +160,8 @@ class TrainingPanel {
     if (job) {
       this.status.textContent = `${status}: ${job.file ?? job.name}`;
       this.status.dataset.status = status;
-      this.step.textContent = `step ${p.step ?? 0}/${job.steps ?? p.steps ?? "?"} · loss ${fmt(p.loss)}`;
+      const terms = Object.entries(p.terms || {}).map(([k, v]) => ` · ${k} ${fmt(v, 3)}`).join("");
+      this.step.textContent = `step ${p.step ?? 0}/${job.steps ?? p.steps ?? "?"} · loss ${fmt(p.loss)}${terms}`;
       this.eta.textContent = status === "running" && p.eta_s != null ? `ETA ${duration(p.eta_s)}` : "";
       this.error.textContent = job.error || (status === "cancelled" ? "cancelled: the checkpoint is kept" : "");
     }
@@ -182,7 +186,7 @@ class TrainingPanel {
     }));
   }
 
-  /** Loss (top) and gate entropy (bottom) against the step. */
+  /** Loss and its terms (top) and gate entropy (bottom) against the step. */
   drawCurves() {
     const c = this.canvas;
     const dpr = window.devicePixelRatio || 1;
@@ -198,7 +202,9 @@ class TrainingPanel {
     ctx.clearRect(0, 0, w, h);
     const first = this.history[0]?.step ?? 0;
     const span = [first, Math.max(first + 1, this.history.at(-1)?.step ?? 1)];
-    this.plot(ctx, [0, 0, w, h / 2], "loss", [["loss", "#4e79a7"]], span);
+    const terms = [...new Set(this.history.flatMap((r) => Object.keys(r.terms || {})))];
+    this.plot(ctx, [0, 0, w, h / 2], terms.length ? `loss = ${terms.join(" + ")}` : "loss",
+      [["loss", "#4e79a7"], ...terms.map((k, i) => [k, COLORS[(i + 1) % COLORS.length]])], span);
     this.plot(ctx, [0, h / 2, w, h / 2], "gate entropy (per image, of the mean)",
       [["gate_entropy", "#e15759"], ["mean_gate_entropy", "#59a14f"]], span);
     ctx.restore();
