@@ -5,6 +5,8 @@ MoLE gates (denoise objective on per-concept reference images — never on compo
 several variants and samples composition prompts with each method:
 
 - ``nla``: every expert at 1/N;  ``stack``: every expert at 1;  ``single_<concept>``: one expert alone;
+- ``switch`` / ``composite``: the training-free LoRA Switch (one LoRA per sampling step, cycling) and LoRA
+  Composite (each LoRA's own CFG prediction, averaged) of Zhong et al. (2024), text encoders at NLA;
 - ``mole_block`` / ``mole_layer``: learned gates per block / per transformer layer (α = 0.5);
 - ``mole_block_no_balance``: block gates without the balance loss (α = 0);
 - ``mole_block_experts``: block gates reading pooled expert outputs instead of the block input;
@@ -45,7 +47,7 @@ from train.config import TrainConfig  # noqa: E402
 from train.data import Reference  # noqa: E402
 from train.diffusers_backend import DiffusersBackend, _quiet  # noqa: E402
 from train.engine import reference_cache, train  # noqa: E402
-from train.sampling import attach_mixture  # noqa: E402
+from train.sampling import attach_mixture, attach_training_free  # noqa: E402
 from train.toy import load_world  # noqa: E402
 from train.toy import world as W  # noqa: E402
 from train.toy.evaluate import sample  # noqa: E402
@@ -116,15 +118,23 @@ def settings(args: argparse.Namespace) -> Settings:
     return s
 
 
+SWITCH_EVERY = 1  # the toy sampler runs 12 steps: 4 cycles through 3 LoRAs
+
+
 def static_methods(n: int, names: list[str]) -> dict[str, dict]:
-    out = {"nla": {"mode": "uniform"}, "stack": {"mode": "static", "weights": [1.0] * n}}
+    """The methods that train nothing: NLA, stacking, LoRA Switch, LoRA Composite, each LoRA alone."""
+    out = {"nla": {"mode": "uniform"}, "stack": {"mode": "static", "weights": [1.0] * n},
+           "switch": {"method": "switch"}, "composite": {"method": "composite"}}
     for i, c in enumerate(names):
         out[f"single_{c}"] = {"mode": "static", "weights": [1.0 if j == i else 0.0 for j in range(n)]}
     return out
 
 
-def attach_method(pipe, experts: list[mole.Expert], method: dict) -> list[mole.Mixture]:  # noqa: ANN001
-    """Mixtures for one method: static/uniform everywhere, or gated UNet + NLA text encoders."""
+def attach_method(pipe, experts: list[mole.Expert], method: dict) -> list:  # noqa: ANN001
+    """Mixtures for one method: static/uniform everywhere, gated UNet + NLA text encoders, or LoRA
+    Switch/Composite (hooks + mixtures; everything returned has ``detach``)."""
+    if "method" in method:
+        return attach_training_free(pipe, experts, method["method"], every=SWITCH_EVERY)
     return attach_mixture(pipe, experts, gates=method.get("gates"), mode=method.get("mode", "uniform"),
                           weights=method.get("weights"), strength=method.get("strength", 1.0))
 

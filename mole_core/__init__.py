@@ -20,16 +20,17 @@ from .expert import Expert, LoraFactor
 from .gate_file import GateFile, apply_gate_file, load_gates, read_gate_file, save_gates, snapshot, write_gate_file
 from .gates import GateConfig, balance_loss, entropy
 from .lora_files import load_expert, load_experts, parse_lora_spec, peft_scale
+from .methods import METHODS, average_blocks, composite_rows, repeat_blocks, switch_expert, switch_rows
 from .mixture import Mixture, attach
 from .model_index import ModelIndex, index_model
 from .naming import block_label, canonical_from_prefix, scope_of
 from .stats import GateStats
 
 __all__ = [
-    "BakedWeights", "Expert", "ExpertBank", "GateConfig", "GateFile", "GateStats", "LoraFactor", "Mixture",
-    "ModelIndex", "MoleError", "MoleWarning", "apply_gate_file", "attach", "bake_into_model", "balance_loss",
-    "block_label", "canonical_from_prefix", "entropy", "export_lora", "index_model", "load_expert", "load_experts",
-    "load_gates", "parse_lora_spec", "peft_scale", "read_gate_file", "save_gates", "scope_of", "snapshot",
-    "write_gate_file",
+    "METHODS", "BakedWeights", "Expert", "ExpertBank", "GateConfig", "GateFile", "GateStats", "LoraFactor", "Mixture",
+    "ModelIndex", "MoleError", "MoleWarning", "apply_gate_file", "attach", "average_blocks", "bake_into_model",
+    "balance_loss", "block_label", "canonical_from_prefix", "composite_rows", "entropy", "export_lora", "index_model",
+    "load_expert", "load_experts", "load_gates", "parse_lora_spec", "peft_scale", "read_gate_file", "repeat_blocks",
+    "save_gates", "scope_of", "snapshot", "switch_expert", "switch_rows", "write_gate_file",
 ]
 __version__ = "0.1.0"

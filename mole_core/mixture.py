@@ -93,6 +93,7 @@ class Mixture:
         self._weights: torch.Tensor | None = None
         self._mask = torch.ones(self.n)
         self._strength = 1.0
+        self._rows: torch.Tensor | None = None
         self.set_mode(mode, weights)
         self.set_mask(mask)
         self.strength = strength
@@ -208,7 +209,12 @@ class Mixture:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
             h = bank.shrink(x)
-            if self._mode == "gated":
+            if self._rows is not None:  # a host's per-sample gates (LoRA Switch / Composite)
+                g = self._rows_dev(h.device)
+                if is_lead and not scope.recorded:
+                    self.stats.record(scope.name, g)
+                    scope.recorded = True
+            elif self._mode == "gated":
                 if is_lead:
                     if prompt_input:
                         feats = self._prompt_features(x.shape[0])
@@ -279,6 +285,21 @@ class Mixture:
             raise MoleError("static mode needs `weights` (one per expert)")
         self._mode = mode
         self._refresh()
+
+    def set_row_gates(self, gates: torch.Tensor | None) -> None:
+        """Fixed gates per sample, ``(B, N)`` or ``(1, N)``, for the next forward passes, in place of the
+        mode's gates; ``None`` returns to them. Hosts set them before each model call for LoRA Switch and
+        LoRA Composite (:mod:`mole_core.methods`); they are recorded in :attr:`stats` like learned gates."""
+        if gates is not None and (gates.dim() != 2 or gates.shape[1] != self.n):
+            raise MoleError(f"row gates must have shape (batch, {self.n}), got {tuple(gates.shape)}")
+        self._rows = None if gates is None else gates.detach().float()
+        self._dev_cache = {k: v for k, v in self._dev_cache.items() if k[0] != "rows"}
+
+    def _rows_dev(self, device: torch.device) -> torch.Tensor:
+        key = ("rows", device)
+        if key not in self._dev_cache:
+            self._dev_cache[key] = self._rows.to(device)
+        return self._dev_cache[key]
 
     def set_mask(self, mask: list[bool] | list[int] | None) -> None:
         """Which experts are on (masking mode renormalises the remaining gates)."""

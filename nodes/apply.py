@@ -24,7 +24,8 @@ from .common import node_id, parse_floats, parse_mask
 from .injection import MoleHolder, holder_of
 from .types import ExpertsIO, GatesIO, MoleExperts, MoleGates, carry_over, merge_gate_files
 
-MODES = {"gated": "gated", "uniform (NLA)": "uniform", "static weights": "static"}
+MODES = {"gated": "gated", "uniform (NLA)": "uniform", "static weights": "static", "LoRA switch": "switch",
+         "LoRA composite": "composite"}
 TE = ("te", "te2")
 
 
@@ -133,6 +134,29 @@ def apply_gated(model: Any, clip: Any, experts: MoleExperts, gates: MoleGates | 
     return m, c, MoleGates(snapshot, experts.names, holders, source=source)
 
 
+def apply_method(model: Any, clip: Any, experts: MoleExperts, method: str, mask: list[bool], strength: float,
+                 switch_every: int, buckets: int, nid: str | None) -> tuple[Any, Any, MoleGates]:
+    """Clones carrying LoRA Switch or LoRA Composite on the UNet (:mod:`.injection`); the text-encoder
+    parts are merged at uniform weights (NLA), as in the CLI."""
+    existing = holder_of(model)
+    if existing is not None:
+        raise mole_core.MoleError(f"`model` already carries a MoLE (MoLE Apply #{existing.node_id}); connect the "
+                                  "model from before that node")
+    if switch_every < 1:
+        raise mole_core.MoleError(f"`switch_every` must be ≥ 1, got {switch_every}")
+    m = model.clone()
+    mix = mole_core.attach(build_index(model=model)[0], experts.experts(), mode="uniform", mask=mask,
+                           strength=strength, components=["unet"], hooks=False)
+    holder = MoleHolder(mix, "unet", nid, buckets, experts.names, method=method, switch_every=switch_every)
+    holder.install(m)
+    c = clip
+    if clip is not None and experts.has_component(*TE):
+        c = static_clip(clip, experts, static_vector("uniform", None, mask), strength)
+    # no gate tensors (nothing to save or bake); statistics after sampling, the mean over a cycle (1/N) before
+    table = fixed_gates(experts, static_vector("uniform", None, mask), False, nid)
+    return m, c, MoleGates(None, experts.names, [holder], fixed=table.fixed, source=f"{table.source} ({method})")
+
+
 def fixed_gates(experts: MoleExperts, vector: list[float], with_clip: bool, nid: str | None) -> MoleGates:
     """The fixed modes' weights as a per-block table (for Visualize Gates)."""
     comps = ("unet", *TE) if with_clip else ("unet",)
@@ -157,8 +181,12 @@ class MoleApply(io.ComfyNode):
                 io.Combo.Input("mode", options=list(MODES), default="gated",
                                tooltip="gated: learned per-image gates per UNet block (from `gates`; without gates "
                                        "they start uniform). uniform (NLA): every expert on gets 1/N. static "
-                                       "weights: the `weights` below. The last two are merged into the weights "
-                                       "and cost nothing while sampling."),
+                                       "weights: the `weights` below (these two are merged into the weights and "
+                                       "cost nothing while sampling). LoRA switch: one expert at a time, the next "
+                                       "every `switch_every` sampling steps. LoRA composite: every expert's own "
+                                       "CFG prediction, averaged (one batched UNet call of N times the batch). "
+                                       "The last two are training-free (Zhong et al. 2024); the CLIP gets the "
+                                       "text parts at 1/N."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Mixture strength: multiplies the whole mixture (1 = as trained)."),
                 io.String.Input("weights", default="",
@@ -176,6 +204,10 @@ class MoleApply(io.ComfyNode):
                 GatesIO.Input("gates", optional=True,
                               tooltip="Trained gates for gated mode (MoLE Load Gates); they must be for these "
                                       "experts, in this order."),
+                io.Int.Input("switch_every", default=1, min=1, max=1000, optional=True,
+                             tooltip="LoRA switch: sampling step s uses expert (s // switch_every) mod N, cycling "
+                                     "through the experts that are on (a sampler's extra model calls inside a "
+                                     "step stay on that step)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      GatesIO.Output(display_name="gates",
@@ -186,13 +218,17 @@ class MoleApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: Any, experts: MoleExperts, mode: str, strength: float, weights: str, mask: str,
-                timestep_buckets: int, clip: Any = None, gates: MoleGates | None = None) -> io.NodeOutput:
+                timestep_buckets: int, clip: Any = None, gates: MoleGates | None = None,
+                switch_every: int = 1) -> io.NodeOutput:
         if mode not in MODES:
             raise mole_core.MoleError(f"`mode` must be one of {list(MODES)}, got {mode!r}")
         kind, nid = MODES[mode], node_id(cls)
         on = parse_mask(mask, [e.enabled for e in experts.entries], experts.names)
         if kind == "gated":
             m, c, out_gates = apply_gated(model, clip, experts, gates, on, strength, timestep_buckets, nid)
+        elif kind in mole_core.METHODS:
+            m, c, out_gates = apply_method(model, clip, experts, kind, on, strength, switch_every, timestep_buckets,
+                                           nid)
         else:
             w = parse_floats(weights, "weights", len(experts), experts.names) if kind == "static" else None
             vector = static_vector(kind, w, on)

@@ -11,6 +11,12 @@ Statistics: an ``OUTER_SAMPLE`` wrapper resets :attr:`Mixture.stats` at the star
 run and stores its summary at the end (:attr:`MoleHolder.last_summary`, plus :data:`LAST_RUNS` keyed
 by the MoLE Apply node id); a ``DIFFUSION_MODEL`` wrapper sets the timestep bucket before every
 UNet call. All three are keyed ``"mole"``.
+
+LoRA Switch and LoRA Composite (:mod:`mole_core.methods`) run in the same ``DIFFUSION_MODEL`` wrapper, so
+they work under every sampler, scheduler and CFG function: Switch maps the call's sigma to a sampling step
+(:func:`sampling_step`) and sets that step's one-hot gates; Composite repeats the call's batch once per
+expert that is on, with one-hot gates per block, and averages the blocks, so the sampler's CFG yields
+the average of the experts' own guided predictions (CFG is linear) from one batched UNet call.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 import mole_core
+from mole_core.methods import repeat_batch
 
 log = logging.getLogger(__name__)
 
 KEY = "mole"
+UNET_ARGS = ("context", "y", "control", "transformer_options")  # UNetModel.forward after (x, timesteps)
 T_MAX = 1000.0  # ComfyUI's UNet timesteps run over [0, 1000) for SD-family models
 LAST_RUNS: dict[str, dict] = {}  # MoLE Apply node id → summary of that node's last sampling run
 
@@ -37,6 +45,19 @@ def timestep_bucket(timesteps: torch.Tensor | float, buckets: int) -> int:
         return 0
     t = float(timesteps.flatten()[0]) if isinstance(timesteps, torch.Tensor) else float(timesteps)
     return min(buckets - 1, max(0, int((1.0 - t / T_MAX) * buckets)))
+
+
+def sampling_step(transformer_options: dict) -> int:
+    """The sampling step of a model call: ``i`` with ``σ_i ≥ σ > σ_{i+1}`` in the sampler's schedule
+    (``sample_sigmas``). A sampler that calls the model several times per step at sigmas inside
+    ``(σ_{i+1}, σ_i]`` stays on step ``i``; a call exactly at ``σ_{i+1}`` (Heun's second evaluation)
+    counts as step ``i + 1``. 0 outside a sampler."""
+    sched, sigma = transformer_options.get("sample_sigmas"), transformer_options.get("sigmas")
+    if not isinstance(sched, torch.Tensor) or not isinstance(sigma, torch.Tensor) or sched.numel() < 2:
+        return 0
+    s = float(sigma.flatten()[0])
+    above = sched[:-1].float() >= s * (1 - 1e-5)
+    return max(0, int(above.sum()) - 1)
 
 
 def bucket_label(bucket: int, buckets: int) -> str:
@@ -54,8 +75,10 @@ class MoleHolder:
     """
 
     def __init__(self, mix: mole_core.Mixture, component: str, node_id: str | None = None, buckets: int = 4,
-                 expert_names: list[str] | None = None):
+                 expert_names: list[str] | None = None, method: str = "gated", switch_every: int = 1):
         self.mix = mix
+        self.method = method  # gated | switch | composite
+        self.switch_every = switch_every
         self.component = component
         self.node_id = node_id
         self.buckets = max(1, int(buckets))
@@ -105,9 +128,29 @@ class MoleHolder:
 
     def diffusion_model_wrapper(self, executor: Any, x: torch.Tensor, timesteps: Any, *args: Any,
                                 **kwargs: Any) -> Any:
+        if self.method == "gated":
+            if timesteps is not None:
+                self.mix.stats.bucket = timestep_bucket(timesteps, self.buckets)
+            return executor(x, timesteps, *args, **kwargs)
+        # UNetModel.forward passes (x, timesteps, context, y, control, transformer_options) positionally
+        kwargs = {**dict(zip(UNET_ARGS, args)), **kwargs}
+        if self.method == "switch":
+            step = sampling_step(kwargs.get("transformer_options") or {})
+            self.mix.stats.bucket = step
+            self.mix.set_row_gates(mole_core.switch_rows(step, self.switch_every, self.mix.mask))
+            return executor(x, timesteps, **kwargs)
         if timesteps is not None:
             self.mix.stats.bucket = timestep_bucket(timesteps, self.buckets)
-        return executor(x, timesteps, *args, **kwargs)
+        if self.method == "composite":
+            batch = x.shape[0]
+            rows = mole_core.composite_rows(self.mix.mask, batch)
+            blocks = rows.shape[0] // batch
+            self.mix.set_row_gates(rows)
+            opts = kwargs.pop("transformer_options", None)  # not repeated: ComfyUI's per-call options
+            out = executor(*repeat_batch([x, timesteps], batch, blocks), transformer_options=opts,
+                           **repeat_batch(kwargs, batch, blocks))
+            return mole_core.average_blocks(out, blocks)
+        raise mole_core.MoleError(f"unknown MoLE method {self.method!r}")
 
     def summary(self) -> dict | None:
         """Statistics to show: the last sampling run (UNet) or everything encoded so far (CLIP)."""
@@ -118,7 +161,10 @@ class MoleHolder:
     def finish_run(self) -> dict:
         """Store the summary of the statistics recorded since :meth:`reset`."""
         summary = self.mix.stats.summary()
-        summary["bucket_labels"] = {str(b): bucket_label(b, self.buckets) for b in range(self.buckets)}
+        if self.method == "switch":  # one bucket per sampling step
+            summary["bucket_labels"] = {b: f"step {b}" for b in summary.get("by_bucket", {})}
+        else:
+            summary["bucket_labels"] = {str(b): bucket_label(b, self.buckets) for b in range(self.buckets)}
         self.last_summary = summary
         self.runs += 1
         if self.node_id is not None:

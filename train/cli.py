@@ -14,11 +14,14 @@ import os
 import sys
 from pathlib import Path
 
-from mole_core import MoleError
+from mole_core import METHODS, MoleError
 
 from .config import TrainConfig, config_fields
 
 EXIT_ERROR = 2
+
+
+METHOD_CHOICES = ("gated", "uniform", "static", *METHODS)
 
 
 def _floats(text: str) -> list[float]:
@@ -83,6 +86,8 @@ def _add_sample_parser(sub: argparse._SubParsersAction, name: str, help_: str) -
     p.add_argument("--num", type=int, default=1, help="number of images")
     p.add_argument("--mask", type=_mask, default=None, help="experts on/off, e.g. 1,0,1 (gates renormalised)")
     p.add_argument("--strength", type=float, default=1.0, help="mixture strength λ")
+    p.add_argument("--switch-every", type=int, default=1, metavar="K",
+                   help="LoRA Switch: step s uses expert (s // K) mod N (of the experts that are on)")
     p.add_argument("--out", default="mole_samples", help="output folder")
     return p
 
@@ -93,12 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
-    s = _add_sample_parser(sub, "sample", "generate images with learned gates, static weights or NLA")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--gates", default=None, help="gate file from `train`")
-    g.add_argument("--weights", type=_floats, default=None, help="static weights w1,w2,... (one per expert)")
-    g.add_argument("--uniform", action="store_true", help="NLA: 1/N each")
-    c = _add_sample_parser(sub, "compare", "MoLE vs NLA vs each single expert, same seeds → table + grid")
+    s = _add_sample_parser(sub, "sample", "generate images with learned gates, static weights, NLA, LoRA Switch "
+                           "or LoRA Composite")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--gates", default=None, help="gate file from `train` (method gated)")
+    g.add_argument("--weights", type=_floats, default=None, help="static weights w1,w2,... (one per expert; "
+                   "method static)")
+    g.add_argument("--uniform", action="store_true", help="NLA: 1/N each (method uniform)")
+    s.add_argument("--method", default=None, choices=METHOD_CHOICES,
+                   help="gated (--gates) | uniform | static (--weights) | switch: one LoRA at a time, the next every "
+                   "--switch-every steps | composite: every LoRA's own CFG prediction, averaged (one batched "
+                   "forward). Default: from --gates/--weights/--uniform")
+    c = _add_sample_parser(sub, "compare", "MoLE vs NLA vs LoRA Switch vs LoRA Composite vs each single expert, "
+                           "same seeds → table + grid")
     c.add_argument("--gates", required=True, help="gate file from `train`")
     c.add_argument("--references", default=None, help="reference folder for CLIP image alignment")
     c.add_argument("--clip-model", default=None, help="local open_clip .safetensors checkpoint for metrics")

@@ -155,7 +155,7 @@ def _spec(args: argparse.Namespace, **over):  # noqa: ANN202
     from .sampling import SampleSpec
 
     kw = dict(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
-              size=args.size, num=args.num, mask=args.mask, strength=args.strength)
+              size=args.size, num=args.num, mask=args.mask, strength=args.strength, switch_every=args.switch_every)
     kw.update(over)
     return SampleSpec(**kw)
 
@@ -163,7 +163,11 @@ def _spec(args: argparse.Namespace, **over):  # noqa: ANN202
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sampling import sample_images, save_png
 
-    spec = _spec(args, gates=args.gates, weights=args.weights, uniform=args.uniform)
+    wanted = {"gated": ("gates", "--gates FILE"), "static": ("weights", "--weights w1,w2,...")}
+    if args.method in wanted and getattr(args, wanted[args.method][0]) is None:
+        raise MoleError(f"--method {args.method} needs {wanted[args.method][1]}")
+    spec = _spec(args, gates=args.gates, weights=args.weights, uniform=args.uniform or args.method == "uniform",
+                 method=args.method if args.method in mole.METHODS else None)
     if args.gates:
         mole.read_gate_file(args.gates)  # fail fast: corrupt gate file
     out = _outdir(args.out)
@@ -181,7 +185,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     out = _outdir(args.out)
     pipe, experts = _load(args)
-    runs = [("mole", _spec(args, gates=args.gates)), ("nla", _spec(args, uniform=True))]
+    runs = [("mole", _spec(args, gates=args.gates)), ("nla", _spec(args, uniform=True)),
+            ("switch", _spec(args, method="switch")), ("composite", _spec(args, method="composite"))]
     for i, e in enumerate(experts):
         runs.append((f"only_{Path(e.name).stem}", _spec(args, weights=[1.0 if j == i else 0.0
                                                                            for j in range(len(experts))])))

@@ -11,7 +11,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import mole_core as mole
-from mole_core import Mixture, MoleError
+from mole_core import METHODS, Mixture, MoleError
+
+from .method_hooks import MethodHooks
 
 
 @dataclass
@@ -31,12 +33,20 @@ class SampleSpec:
     mask: list[bool] | None = None
     strength: float = 1.0
     timestep_buckets: int = 4
+    method: str | None = None  # switch | composite (training-free methods); None: from gates/weights/uniform
+    switch_every: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         chosen = sum([self.gates is not None, self.weights is not None, self.uniform])
-        if chosen != 1:
-            raise MoleError("give exactly one of --gates FILE, --weights w1,w2,... or --uniform")
+        if self.method in METHODS:
+            if chosen:
+                raise MoleError(f"--method {self.method} takes no --gates, --weights or --uniform")
+        elif chosen != 1:
+            raise MoleError("give exactly one of --gates FILE, --weights w1,w2,... or --uniform (or --method "
+                            "switch|composite)")
+        if self.switch_every < 1:
+            raise MoleError(f"--switch-every must be ≥ 1, got {self.switch_every}")
         if self.steps <= 0 or self.num <= 0:
             raise MoleError(f"--steps and --num must be > 0, got {self.steps}, {self.num}")
         if self.size % 8:
@@ -44,6 +54,9 @@ class SampleSpec:
 
     @property
     def mode(self) -> str:
+        """gated | static | uniform | switch | composite."""
+        if self.method in METHODS:
+            return self.method
         return "gated" if self.gates else "static" if self.weights is not None else "uniform"
 
 
@@ -64,8 +77,23 @@ def attach_mixture(pipe, experts: list[mole.Expert], *, gates: str | Path | mole
     return mixes
 
 
-def attach_for_sampling(pipe, experts: list[mole.Expert], spec: SampleSpec) -> list[Mixture]:  # noqa: ANN001
-    """:func:`attach_mixture` for the CLI's sampling options."""
+def attach_training_free(pipe, experts: list[mole.Expert], method: str, *, mask: list[bool] | None = None,  # noqa: ANN001
+                         strength: float = 1.0, every: int = 1) -> list:
+    """LoRA Switch or Composite: the UNet mixture driven by :class:`MethodHooks`, the text encoders at NLA.
+    Returns the mixtures and the hooks (detach every one when done; the hooks first)."""
+    unet = mole.attach(pipe, experts, mode="uniform", mask=mask, strength=strength, components=["unet"])
+    out: list = [MethodHooks(pipe.unet, unet, method, lambda: pipe.scheduler.timesteps, every), unet]
+    rest = [c for c in mole.index_model(pipe).components() if c != "unet"]
+    if any(c in rest for e in experts for c in e.components()):
+        out.append(mole.attach(pipe, experts, mode="uniform", mask=mask, strength=strength, components=rest))
+    return out
+
+
+def attach_for_sampling(pipe, experts: list[mole.Expert], spec: SampleSpec) -> list:  # noqa: ANN001
+    """:func:`attach_mixture` (or :func:`attach_training_free`) for the CLI's sampling options."""
+    if spec.mode in METHODS:
+        return attach_training_free(pipe, experts, spec.mode, mask=spec.mask, strength=spec.strength,
+                                    every=spec.switch_every)
     return attach_mixture(pipe, experts, gates=spec.gates if spec.mode == "gated" else None, mode=spec.mode,
                           weights=spec.weights, mask=spec.mask, strength=spec.strength)
 
@@ -82,28 +110,34 @@ def _bucket_hook(mix: Mixture, buckets: int, T: int):  # noqa: ANN202
 def sample_images(pipe, experts: list[mole.Expert], spec: SampleSpec) -> list[tuple[Image.Image, dict]]:  # noqa: ANN001
     """Generate ``spec.num`` images (seed, seed+1, ...). Each comes with a JSON-able info dict:
     settings plus the per-block mean gates recorded while sampling (and per timestep bucket)."""
-    mixes = attach_for_sampling(pipe, experts, spec)
+    attached = attach_for_sampling(pipe, experts, spec)
+    hooks = attached[0] if spec.mode in METHODS else None  # Switch records per step, Composite per timestep
+    mixes = [m for m in attached if isinstance(m, Mixture)]
     T = int(pipe.scheduler.config.num_train_timesteps)
     handle = pipe.unet.register_forward_pre_hook(_bucket_hook(mixes[0], spec.timestep_buckets, T),
-                                                 with_kwargs=True)
+                                                 with_kwargs=True, prepend=True)
     out = []
     try:
         for i in range(spec.num):
             for m in mixes:
                 m.stats.reset()
+            if hooks is not None:
+                hooks.steps.clear()
             gen = torch.Generator(device="cpu").manual_seed(spec.seed + i)
             image = pipe(spec.prompt, negative_prompt=spec.negative or None, num_inference_steps=spec.steps,
                          guidance_scale=spec.cfg, height=spec.size, width=spec.size, generator=gen).images[0]
-            stats = mixes[0].stats.summary() if spec.mode == "gated" else {}
+            stats = mixes[0].stats.summary() if spec.mode in ("gated", *METHODS) else {}
+            method = ({"switch_every": spec.switch_every, "switch_experts": list(hooks.steps)}
+                      if spec.mode == "switch" else {})
             info = {"prompt": spec.prompt, "negative": spec.negative, "seed": spec.seed + i, "steps": spec.steps,
                     "cfg": spec.cfg, "size": spec.size, "mode": spec.mode, "weights": spec.weights,
                     "mask": spec.mask, "strength": spec.strength, "gates": Path(spec.gates).name if spec.gates
                     else None, "experts": [e.name for e in experts], "mean_gates": stats.get("mean", {}),
-                    "mean_gates_by_bucket": stats.get("by_bucket", {}), **spec.extra}
+                    "mean_gates_by_bucket": stats.get("by_bucket", {}), **method, **spec.extra}
             out.append((image, info))
     finally:
         handle.remove()
-        for m in mixes:
+        for m in attached:
             m.detach()
     return out
 

@@ -20,12 +20,13 @@ def load(mole, model, clip, *picks, experts=None):
         return mole.loaders.MoleLoadExperts.execute(model=model, clip=clip, experts=experts, **slots(*picks)).args[0]
 
 
-def apply(mole, model, experts, mode="gated", weights="", mask="", clip=None, gates=None, strength=1.0, buckets=4):
+def apply(mole, model, experts, mode="gated", weights="", mask="", clip=None, gates=None, strength=1.0, buckets=4,
+          switch_every=1):
     """MoLE Apply → ``(model, clip, gates)``."""
     with torch.inference_mode():
         out = mole.apply.MoleApply.execute(model=model, experts=experts, mode=mode, strength=strength,
                                            weights=weights, mask=mask, timestep_buckets=buckets, clip=clip,
-                                           gates=gates)
+                                           gates=gates, switch_every=switch_every)
     return out.args
 
 
