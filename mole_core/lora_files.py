@@ -11,6 +11,7 @@ experts (with a warning); DoRA is refused. Only ``.safetensors`` files are read,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,26 +42,26 @@ _ROLE_SUFFIXES = (
 )
 _PEFT_NAMED = re.compile(r"^(.+)\.lora_([AB])\.([A-Za-z0-9_-]+)\.weight$")
 _SUBFOLDERS = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file (or of a folder's safetensors/json files), cached by size and mtime."""
+    """sha256 of a file (or of a folder's safetensors/json files), cached by path, size and mtime."""
     p = Path(path)
     files = sorted(q for q in p.rglob("*") if q.suffix in (".safetensors", ".json")) if p.is_dir() else [p]
+    digests = [_file_digest(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    if not p.is_dir():
+        return digests[0]
     h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
-        if key not in _HASH_CACHE:
-            fh = hashlib.sha256()
-            with open(f, "rb") as fp:
-                for chunk in iter(lambda: fp.read(1 << 20), b""):
-                    fh.update(chunk)
-            _HASH_CACHE[key] = fh.hexdigest()
-        h.update(_HASH_CACHE[key].encode())
-    return h.hexdigest() if p.is_dir() else _HASH_CACHE[(str(files[0].resolve()), files[0].stat().st_size,
-                                                          files[0].stat().st_mtime_ns)]
+    for d in digests:
+        h.update(d.encode())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)  # bounded: a long-running server hashes many files over its life
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    fh = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for chunk in iter(lambda: fp.read(1 << 20), b""):
+            fh.update(chunk)
+    return fh.hexdigest()
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -7,6 +7,27 @@ import torch
 from .gates import share_entropy as entropy
 
 
+def timestep_bucket(t: torch.Tensor | float, buckets: int, t_max: float = 1000.0) -> int:
+    """Timestep bucket of a model call, in sampling order: bucket 0 = the noisiest steps (``t`` near
+    ``t_max``) … ``buckets - 1`` = the last steps (``t`` near 0). Every front end records with this."""
+    if buckets <= 1:
+        return 0
+    tv = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+    return min(buckets - 1, max(0, int((1.0 - tv / t_max) * buckets)))
+
+
+def bucket_label(bucket: int, buckets: int, t_max: float = 1000.0) -> str:
+    """``"t 1000-750"`` for bucket 0 of 4."""
+    hi = round(t_max * (buckets - bucket) / buckets)
+    lo = round(t_max * (buckets - bucket - 1) / buckets)
+    return f"t {hi}-{lo}"
+
+
+def bucket_labels(buckets: int, t_max: float = 1000.0) -> dict[str, str]:
+    """Labels of every bucket, keyed like :meth:`GateStats.summary`'s ``by_bucket``."""
+    return {str(b): bucket_label(b, buckets, t_max) for b in range(buckets)}
+
+
 class GateStats:
     """Running mean gate per expert and mean entropy, per scope and timestep bucket.
 

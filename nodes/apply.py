@@ -34,7 +34,8 @@ def static_vector(mode: str, weights: list[float] | None, mask: list[bool]) -> l
     if mode == "uniform":
         on = sum(mask)
         return [1.0 / on if m else 0.0 for m in mask]
-    assert weights is not None
+    if weights is None:
+        raise mole_core.MoleError("static weights mode needs `weights`: one number per expert, e.g. 0.6, 0.4")
     return [w if m else 0.0 for w, m in zip(weights, mask)]
 
 

@@ -30,6 +30,7 @@ from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 import mole_core
 from mole_core.methods import repeat_batch
+from mole_core.stats import bucket_labels, timestep_bucket
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ KEY = "mole"
 UNET_ARGS = ("context", "y", "control", "transformer_options")  # UNetModel.forward after (x, timesteps)
 T_MAX = 1000.0  # ComfyUI's UNet timesteps run over [0, 1000) for SD-family models
 LAST_RUNS: dict[str, dict] = {}  # MoLE Apply node id → summary of that node's last sampling run
-
-
-def timestep_bucket(timesteps: torch.Tensor | float, buckets: int) -> int:
-    """Bucket 0 = the noisiest steps (t near 1000) … ``buckets - 1`` = the last steps (t near 0)."""
-    if buckets <= 1:
-        return 0
-    t = float(timesteps.flatten()[0]) if isinstance(timesteps, torch.Tensor) else float(timesteps)
-    return min(buckets - 1, max(0, int((1.0 - t / T_MAX) * buckets)))
 
 
 def sampling_step(transformer_options: dict) -> int:
@@ -58,13 +51,6 @@ def sampling_step(transformer_options: dict) -> int:
     s = float(sigma.flatten()[0])
     above = sched[:-1].float() >= s * (1 - 1e-5)
     return max(0, int(above.sum()) - 1)
-
-
-def bucket_label(bucket: int, buckets: int) -> str:
-    """``"t 1000-750"`` for bucket 0 of 4."""
-    hi = round(T_MAX * (buckets - bucket) / buckets)
-    lo = round(T_MAX * (buckets - bucket - 1) / buckets)
-    return f"t {hi}-{lo}"
 
 
 class MoleHolder:
@@ -130,7 +116,7 @@ class MoleHolder:
                                 **kwargs: Any) -> Any:
         if self.method == "gated":
             if timesteps is not None:
-                self.mix.stats.bucket = timestep_bucket(timesteps, self.buckets)
+                self.mix.stats.bucket = timestep_bucket(timesteps, self.buckets, T_MAX)
             return executor(x, timesteps, *args, **kwargs)
         # UNetModel.forward passes (x, timesteps, context, y, control, transformer_options) positionally
         kwargs = {**dict(zip(UNET_ARGS, args)), **kwargs}
@@ -140,7 +126,7 @@ class MoleHolder:
             self.mix.set_row_gates(mole_core.switch_rows(step, self.switch_every, self.mix.mask))
             return executor(x, timesteps, **kwargs)
         if timesteps is not None:
-            self.mix.stats.bucket = timestep_bucket(timesteps, self.buckets)
+            self.mix.stats.bucket = timestep_bucket(timesteps, self.buckets, T_MAX)
         if self.method == "composite":
             batch = x.shape[0]
             rows = mole_core.composite_rows(self.mix.mask, batch)
@@ -164,7 +150,7 @@ class MoleHolder:
         if self.method == "switch":  # one bucket per sampling step
             summary["bucket_labels"] = {b: f"step {b}" for b in summary.get("by_bucket", {})}
         else:
-            summary["bucket_labels"] = {str(b): bucket_label(b, self.buckets) for b in range(self.buckets)}
+            summary["bucket_labels"] = bucket_labels(self.buckets, T_MAX)
         self.last_summary = summary
         self.runs += 1
         if self.node_id is not None:

@@ -44,7 +44,7 @@ from .comfy_backend import ComfyBackend, PromptTable
 log = logging.getLogger(__name__)
 
 MAX_PARKED = 2
-STATS_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+STATS_FRACTIONS = (0.9, 0.7, 0.5, 0.3, 0.1)  # bucket 0 = the noisiest, as everywhere
 _lock = threading.Lock()
 _worker: Worker | None = None
 _parked: list[TrainingSpec] = []

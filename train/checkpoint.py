@@ -57,11 +57,12 @@ def read_checkpoint(path: str | os.PathLike) -> TrainState:
     name = Path(path).name
     try:
         info = json.loads(meta["mole_state"])
-        assert info["format"] == FORMAT
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise ValueError("not a MoLE training state")
         n = int(info["n_params"])
         params = [tensors[f"param.{i}"] for i in range(n)]
         rng = tensors["rng"]
-    except (KeyError, AssertionError, json.JSONDecodeError, ValueError):
+    except (KeyError, TypeError, json.JSONDecodeError, ValueError):
         raise MoleError(f"{name}: not a MoLE training checkpoint (or it is corrupt)") from None
     optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
     return TrainState(int(info["step"]), rng, params, optim, info)

@@ -373,7 +373,7 @@ def evaluate_denoise(backend: Backend, cache: CachedSet, *, draws: int = 8, seed
 
 @torch.no_grad()
 def gate_statistics(backend: Backend, experts: list[mole.Expert], gates: GateFile, cache: CachedSet, *,
-                    fractions: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0) -> dict:
+                    fractions: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3, 0.1), seed: int = 0) -> dict:
     """Mean gate per expert and block on the references at a few noise levels (for heatmaps).
 
     Returns :meth:`mole_core.GateStats.summary` with one bucket per noise level."""

@@ -12,6 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import mole_core as mole
 from mole_core import METHODS, Mixture, MoleError
+from mole_core.stats import bucket_labels, timestep_bucket
 
 from .method_hooks import MethodHooks
 
@@ -102,8 +103,7 @@ def _bucket_hook(mix: Mixture, buckets: int, T: int):  # noqa: ANN202
     def hook(module, args, kwargs):  # noqa: ANN001, ANN202
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if t is not None:
-            tv = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-            mix.stats.bucket = min(buckets - 1, int(tv * buckets / T))
+            mix.stats.bucket = timestep_bucket(t, buckets, T)
     return hook
 
 
@@ -127,13 +127,15 @@ def sample_images(pipe, experts: list[mole.Expert], spec: SampleSpec) -> list[tu
             image = pipe(spec.prompt, negative_prompt=spec.negative or None, num_inference_steps=spec.steps,
                          guidance_scale=spec.cfg, height=spec.size, width=spec.size, generator=gen).images[0]
             stats = mixes[0].stats.summary() if spec.mode in ("gated", *METHODS) else {}
+            labels = ({b: f"step {b}" for b in stats.get("by_bucket", {})} if spec.mode == "switch"
+                      else bucket_labels(spec.timestep_buckets, T) if stats else {})
             method = ({"switch_every": spec.switch_every, "switch_experts": list(hooks.steps)}
                       if spec.mode == "switch" else {})
             info = {"prompt": spec.prompt, "negative": spec.negative, "seed": spec.seed + i, "steps": spec.steps,
                     "cfg": spec.cfg, "size": spec.size, "mode": spec.mode, "weights": spec.weights,
                     "mask": spec.mask, "strength": spec.strength, "gates": Path(spec.gates).name if spec.gates
                     else None, "experts": [e.name for e in experts], "mean_gates": stats.get("mean", {}),
-                    "mean_gates_by_bucket": stats.get("by_bucket", {}), **method, **spec.extra}
+                    "mean_gates_by_bucket": stats.get("by_bucket", {}), "bucket_labels": labels, **method, **spec.extra}
             out.append((image, info))
     finally:
         handle.remove()

@@ -97,3 +97,42 @@ def test_gate_file_saved_by_comfy_loads_in_the_cli(mole, tiny, files, experts, c
     with mole_core.attach(diffusers_unet, cli_experts, gates=comfy_dirs["mole_gates"] / "for_cli.safetensors"):
         reference = diffusers_forward(diffusers_unet, inputs)
     assert rel(ours, reference) <= 1e-4
+
+
+def test_cli_and_node_record_the_same_timestep_buckets(mole, tiny, files, experts, comfy_dirs, diffusers_unet,
+                                                       inputs):
+    """One bucket direction everywhere (bucket 0 = the noisiest steps): the CLI's sampling hook and MoLE
+    Apply's wrapper file the same calls under the same buckets, with the same labels."""
+    import mole_core
+    from train.sampling import _bucket_hook
+
+    gates = random_gates(mole, tiny[0], experts, comfy_dirs["mole_gates"], "buckets.safetensors", std=0.5)
+    x, _, ctx = inputs
+    calls = [torch.tensor([900.0, 900.0]), torch.tensor([100.0, 100.0])]
+    mix = mole_core.attach(diffusers_unet, mole_core.load_experts([files["a"], files["b"]]), gates=gates.gate_file)
+    hook = diffusers_unet.register_forward_pre_hook(_bucket_hook(mix, 4, 1000), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for t in calls:
+                diffusers_unet(x, t, encoder_hidden_states=ctx)
+        cli = mix.stats.summary()
+    finally:
+        hook.remove()
+        mix.detach()
+    m, _, live = apply(mole, tiny[0], experts, "gated", gates=gates, buckets=4)
+    holder = live.holders[0]
+    holder.reset()
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        comfy.model_management.load_models_gpu([m])
+        try:
+            for t in calls:
+                holder.diffusion_model_wrapper(m.model.diffusion_model, x, t, context=ctx, transformer_options={})
+        finally:
+            comfy.model_management.unload_all_models()
+    node = holder.finish_run()
+    assert sorted(cli["by_bucket"]) == sorted(node["by_bucket"]) == ["0", "3"]  # t 900: bucket 0; t 100: bucket 3
+    assert node["bucket_labels"]["0"] == mole_core.stats.bucket_label(0, 4) == "t 1000-750"
+    for b in ("0", "3"):
+        for scope, g in cli["by_bucket"][b].items():
+            torch.testing.assert_close(torch.tensor(node["by_bucket"][b][scope]), torch.tensor(g), atol=1e-4, rtol=1e-4)
