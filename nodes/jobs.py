@@ -251,11 +251,8 @@ class _Runner:
         if spec._guide is None:
             from ..train.evaluate import load_clip
 
-            try:
-                spec._guide = load_clip(spec.clip_guide[0], spec.clip_guide[1], str(backend.device))
-            except mole_core.MoleError as exc:  # the loader speaks CLI flags; name the node's inputs
-                msg = str(exc).replace("--clip-model ", "`clip_guide` ").replace("--clip-arch ", "`clip_guide_arch` ")
-                raise mole_core.MoleError(msg) from None
+            spec._guide = load_clip(spec.clip_guide[0], spec.clip_guide[1], str(backend.device),
+                                    names=("`clip_guide`", "`clip_guide_arch`"))
         return spec._guide
 
     def _with_statistics(self, backend: ComfyBackend, gates: GateFile) -> GateFile:

@@ -23,7 +23,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     if not args.lora:
         raise MoleError("no LoRAs: give at least one --lora FILE")
     experts = mole.load_experts(args.lora)
-    pipe = load_pipeline(args.base, device_of(args.device))
+    pipe = load_pipeline(args.base, device_of(args.device), name="--base")
     return pipe, experts
 
 
@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .checkpoint import read_checkpoint
 
         read_checkpoint(args.resume)  # fail fast on a corrupt checkpoint, before loading the model
-    refs = scan_folder(args.images, cfg.prompt)
+    refs = scan_folder(args.images, cfg.prompt, name="--images", prompt_name="--prompt")
     prompts = _compose_prompts(args, refs) if "compose" in cfg.objectives else None
     rank, size = world()
     pipe, experts = _load(args)
@@ -62,9 +62,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "clip" in cfg.objectives or "compose" in cfg.objectives:
         if not args.clip_model:
             raise MoleError(f"objective {cfg.objective!r} needs --clip-model FILE (a local open_clip .safetensors)")
-        from .evaluate import load_guide
+        from .evaluate import CLI_NAMES, load_guide
 
-        guide = load_guide(args.clip_model, args.clip_arch, str(pipe.device))
+        guide = load_guide(args.clip_model, args.clip_arch, str(pipe.device), CLI_NAMES)
     backend = DiffusersBackend(pipe, cfg.resolution)
     cache = reference_cache(backend, experts, refs, cfg)
     bar = _progress_bar(cfg.steps) if rank == 0 else None
@@ -192,9 +192,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                                                            for j in range(len(experts))])))
     guide = None
     if args.clip_model:
-        from .evaluate import load_clip
+        from .evaluate import CLI_NAMES, load_clip
 
-        guide = load_clip(args.clip_model, args.clip_arch)
+        guide = load_clip(args.clip_model, args.clip_arch, names=CLI_NAMES)
     rows, tiles, labels = [], [], []
     for name, spec in runs:
         folder = out / name
@@ -227,9 +227,9 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_folder, load_clip
+    from .evaluate import CLI_NAMES, evaluate_folder, load_clip
 
-    guide = load_clip(args.clip_model, args.clip_arch)
+    guide = load_clip(args.clip_model, args.clip_arch, names=CLI_NAMES)
     res = evaluate_folder(guide, args.images, args.prompt, args.references)
     text = _json(res)
     if args.out:
@@ -245,7 +245,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.base:
         from .diffusers_backend import load_pipeline
 
-        model = load_pipeline(args.base)
+        model = load_pipeline(args.base, name="--base")
     out = [describe(f, model) for f in args.files]
     print(_json(out) if args.json else "\n".join(format_description(d) for d in out))
     return 0

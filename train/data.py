@@ -33,11 +33,13 @@ def _read_text(p: Path) -> str | None:
     return p.read_text(encoding="utf-8").strip() if p.is_file() else None
 
 
-def scan_folder(root: str | Path, prompt: str = "") -> list[Reference]:
-    """List reference images under ``root`` with their captions; one-line errors when unusable."""
+def scan_folder(root: str | Path, prompt: str = "", name: str = "reference folder",
+                prompt_name: str = "a global prompt") -> list[Reference]:
+    """List reference images under ``root`` with their captions; one-line errors when unusable, naming the
+    folder as ``name`` and the global prompt as ``prompt_name`` (the CLI passes its flags)."""
     root = Path(root)
     if not root.is_dir():
-        raise MoleError(f"--images {root}: not a directory")
+        raise MoleError(f"{name} {root}: not a directory")
     refs: list[Reference] = []
     folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for folder in folders:
@@ -46,10 +48,10 @@ def scan_folder(root: str | Path, prompt: str = "") -> list[Reference]:
         for img in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             caption = _read_text(img.with_suffix(".txt")) or folder_prompt or _read_text(root / "prompt.txt") or prompt
             if not caption:
-                raise MoleError(f"{img}: no caption (.txt beside it), folder prompt.txt or --prompt")
+                raise MoleError(f"{img}: no caption (.txt beside it), folder prompt.txt or {prompt_name}")
             refs.append(Reference(img, caption, concept))
     if not refs:
-        raise MoleError(f"--images {root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+        raise MoleError(f"{name} {root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
     return refs
 
 

@@ -13,18 +13,20 @@ from mole_core import MoleError
 from .backend import PREDICTION_TYPES
 
 
-def load_pipeline(base: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):  # noqa: ANN201
-    """Load a diffusers folder (or a single-file checkpoint diffusers can read offline)."""
+def load_pipeline(base: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,  # noqa: ANN201
+                  name: str = "base model"):
+    """Load a diffusers folder (or a single-file checkpoint diffusers can read offline); errors name the
+    input ``name`` (the CLI passes its flag)."""
     import diffusers
 
     _quiet()
     p = Path(base)
     if not p.exists():
-        raise MoleError(f"--base {p}: not found")
+        raise MoleError(f"{name} {p}: not found")
     try:
         if p.is_dir():
             if not (p / "model_index.json").exists():
-                raise MoleError(f"--base {p}: not a diffusers folder (no model_index.json)")
+                raise MoleError(f"{name} {p}: not a diffusers folder (no model_index.json)")
             cls_name = json.loads((p / "model_index.json").read_text()).get("_class_name", "StableDiffusionPipeline")
             cls = getattr(diffusers, cls_name, diffusers.DiffusionPipeline)
             kwargs = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls_name else {}
@@ -33,12 +35,12 @@ def load_pipeline(base: str | Path, device: str = "cpu", dtype: torch.dtype = to
             pipe = diffusers.StableDiffusionPipeline.from_single_file(str(p), local_files_only=True,
                                                                       dtype=dtype)
         else:
-            raise MoleError(f"--base {p}: give a diffusers folder or a .safetensors checkpoint")
+            raise MoleError(f"{name} {p}: give a diffusers folder or a .safetensors checkpoint")
     except MoleError:
         raise
     except Exception as exc:  # diffusers raises many types; report one line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MoleError(f"--base {p}: diffusers could not load it offline ({msg[:200]}); "
+        raise MoleError(f"{name} {p}: diffusers could not load it offline ({msg[:200]}); "
                         "convert it to a diffusers folder first") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

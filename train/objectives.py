@@ -122,7 +122,7 @@ OBJECTIVE_BUILDERS: dict[str, Callable[..., Callable[[StepContext], dict[str, to
 
 def _need_guide(guide: Any) -> ClipGuide:
     if guide is None:
-        raise MoleError("objective 'clip' needs a CLIP model (--clip-model FILE)")
+        raise MoleError("objective 'clip' needs an image-text guide (a local open_clip .safetensors)")
     return guide
 
 
