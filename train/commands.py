@@ -87,12 +87,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise MoleError(handle.error or "training failed")
     result = handle.result
     if rank == 0:
+        written = Path(result.path or out)  # a cancelled run writes beside --out, never over it
         stats = gate_statistics(backend, experts, result.gates, cache)
         payload = heatmap_payload(stats["mean"], [e.name for e in experts], by_bucket=stats["by_bucket"])
-        save_heatmap(payload, str(out.with_name(out.stem + "_heatmap.png")))
-        training_curves(result.history).save(out.with_name(out.stem + "_curves.png"))
+        save_heatmap(payload, str(written.with_name(written.name.removesuffix(".safetensors") + "_heatmap.png")))
+        training_curves(result.history).save(written.with_name(written.name.removesuffix(".safetensors")
+                                                                + "_curves.png"))
         state = "cancelled — resume with --resume " + ckpt if result.cancelled else "done"
-        print(f"{state}: {result.steps_done}/{cfg.steps} steps; gates → {out}; checkpoint → {ckpt}")
+        print(f"{state}: {result.steps_done}/{cfg.steps} steps; gates → {written}; checkpoint → {ckpt}")
         print(f"final: {json.dumps({k: v for k, v in result.metrics.items() if k != 'lr'})}")
     return 0
 

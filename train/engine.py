@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -46,6 +47,14 @@ class TrainResult:
     steps_done: int = 0
     cancelled: bool = False
     metrics: dict = field(default_factory=dict)
+    path: str | None = None  # where the gates were written (a cancelled run: the partial file)
+
+
+def partial_path(out_path: str) -> str:
+    """Where a cancelled or diverged run writes its gates: beside ``out_path``, never over it, so a gate file
+    saved before is never replaced by a failed run (``g.safetensors`` → ``g.partial.safetensors``)."""
+    p = Path(out_path)
+    return str(p.with_name(p.name.removesuffix(".safetensors") + ".partial.safetensors"))
 
 
 def _dist() -> tuple[int, int]:
@@ -303,7 +312,7 @@ def _run(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], cache: 
             _save_last_good(mix, out_path, cfg, history, step, rank)
             where = "loss" if not math.isfinite(total) else "gradient"
             raise TrainingDiverged(f"non-finite {where} at step {step + 1} ({_fmt(terms_acc)}); training stopped, "
-                                   f"last good gates kept{' in ' + out_path if out_path else ''}")
+                                   f"last good gates kept{' in ' + partial_path(out_path) if out_path else ''}")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         for group in opt.param_groups:
@@ -327,9 +336,10 @@ def _run(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], cache: 
     metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
     gf = mole.snapshot(mix, training={**cfg.to_dict(), "steps_done": steps_done, "world_size": world},
                        metrics=metrics)
-    if out_path and rank == 0:
-        mole.write_gate_file(gf, out_path)
-    return TrainResult(gf, history, steps_done, cancelled, metrics)
+    path = (partial_path(out_path) if cancelled else out_path) if out_path else None
+    if path and rank == 0:
+        mole.write_gate_file(gf, path)
+    return TrainResult(gf, history, steps_done, cancelled, metrics, path)
 
 
 def _keep(box: dict, result: tuple[torch.Tensor, dict]) -> torch.Tensor:
@@ -344,7 +354,7 @@ def _fmt(terms: dict[str, float]) -> str:
 def _save_last_good(mix: Mixture, out_path: str | None, cfg: TrainConfig, history: list, step: int,
                     rank: int) -> None:
     if out_path and rank == 0:
-        mole.save_gates(mix, out_path, training={**cfg.to_dict(), "steps_done": step, "diverged": True},
+        mole.save_gates(mix, partial_path(out_path), training={**cfg.to_dict(), "steps_done": step, "diverged": True},
                         metrics=history[-1] if history else {})
 
 

@@ -10,7 +10,7 @@ import torch
 import mole_core as mole
 from train.config import TrainConfig
 from train.data import scan_folder
-from train.engine import TrainingDiverged, train
+from train.engine import TrainingDiverged, partial_path, train
 
 CFG = dict(resolution=64, batch_size=2, lr=2e-2, warmup_steps=2, checkpoint_every=0, seed=3)
 
@@ -80,8 +80,30 @@ def test_nan_guard_stops_with_clear_error_and_keeps_last_good_gates(backend, lor
     with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 .*last good gates kept in"):
         train(TrainConfig(steps=5, **CFG), _NanAfter(backend, 3), mole.load_experts(lora_set.paths),
               scan_folder(refs_dir), out_path=str(out))
-    gf = mole.read_gate_file(out)  # finite (read_gate_file checks) and marked
+    gf = mole.read_gate_file(partial_path(str(out)))  # finite (read_gate_file checks) and marked
     assert gf.info["training"]["diverged"] and gf.info["training"]["steps_done"] == 2
+
+
+@pytest.mark.parametrize("failure", ["diverged", "cancelled"])
+def test_a_failed_run_never_replaces_the_saved_gates(backend, lora_set, refs_dir, tmp_path, failure):
+    """A diverged or cancelled run writes beside --out (``*.partial.safetensors``); the file saved before
+    stays byte-identical."""
+    experts = mole.load_experts(lora_set.paths)
+    out = tmp_path / "g.safetensors"
+    train(TrainConfig(steps=2, **CFG), backend, experts, scan_folder(refs_dir), out_path=str(out))
+    before = out.read_bytes()
+    if failure == "diverged":
+        with pytest.raises(TrainingDiverged):
+            train(TrainConfig(steps=5, seed=1, **{k: v for k, v in CFG.items() if k != "seed"}),
+                  _NanAfter(backend, 3), experts, scan_folder(refs_dir), out_path=str(out))
+    else:
+        seen: list = []
+        res = train(TrainConfig(steps=5, seed=1, **{k: v for k, v in CFG.items() if k != "seed"}), backend, experts,
+                    scan_folder(refs_dir), out_path=str(out), progress=lambda p: seen.append(p),
+                    should_stop=lambda: len(seen) >= 2)
+        assert res.cancelled and res.path == partial_path(str(out))
+    assert out.read_bytes() == before
+    assert mole.read_gate_file(partial_path(str(out))).info["training"]["steps_done"] == 2
 
 
 def test_gradient_checkpointing_gives_the_same_gates(backend, lora_set, refs_dir):
