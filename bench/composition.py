@@ -14,7 +14,8 @@ composition. Per seed and method:
   name only other concepts, and that name none — the text encoder's and the UNet's scopes averaged;
 - per-sample gate entropy (of each sample's gate shares, averaged), not the entropy of the mean gate.
 
-Rows: ``stack``, ``nla``, the best ``static λ`` of a sweep (every LoRA at λ/3 in UNet and text encoders,
+Rows: ``stack``, ``nla``, ``switch`` (LoRA Switch, every step), ``composite`` (LoRA Composite), the best
+``static λ`` of a sweep (every LoRA at λ/3 in UNet and text encoders,
 picked by 3-concept composition), ``mole_denoise`` (the default recipe of earlier releases), and the
 compose recipes. ``python bench/composition.py --quick --json`` prints one JSON object as its last line.
 """
@@ -41,7 +42,7 @@ from train.config import TrainConfig  # noqa: E402
 from train.data import Reference  # noqa: E402
 from train.diffusers_backend import DiffusersBackend, _quiet  # noqa: E402
 from train.engine import train  # noqa: E402
-from train.sampling import attach_mixture  # noqa: E402
+from train.sampling import attach_mixture, attach_training_free  # noqa: E402
 from train.toy import load_world  # noqa: E402
 from train.toy import world as W  # noqa: E402
 from train.toy.evaluate import sample  # noqa: E402
@@ -75,6 +76,12 @@ RECIPES = [
 ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to unseen templates
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
+    Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
+                                                alpha=0.0, exclude_weight=2.0)),
+    Recipe("mole_sigmoid_compose_tetokens", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
+                                                 alpha=0.0, text_pool="tokens")),
+    Recipe("mole_sigmoid_compose_prior4", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
+                                               alpha=0.0, prior_weight=4.0, base_share=0.33)),
 ]
 
 
@@ -119,7 +126,7 @@ def composition_accuracy(world, pipe, sets: dict, seed: int, s: argparse.Namespa
 def routing(backend, mixes: list[mole.Mixture], n: int, prompts: list[str]) -> dict:  # noqa: ANN001
     """Mean effective gate per expert on prompts naming it / naming only others / naming none, and the
     mean per-sample entropy of the gate shares (gated mixtures only)."""
-    gated = [m for m in mixes if m.mode == "gated"]
+    gated = [m for m in mixes if isinstance(m, mole.Mixture) and m.mode == "gated"]
     if not gated:
         return {}
     shape = latent_shape(backend, W.SIZE)
@@ -146,8 +153,11 @@ def routing(backend, mixes: list[mole.Mixture], n: int, prompts: list[str]) -> d
 
 def evaluate(world, pipe, backend, experts, method: dict, sets: dict, base: list, seed: int,  # noqa: ANN001
              s: argparse.Namespace) -> dict:
-    mixes = attach_mixture(pipe, experts, gates=method.get("gates"), mode=method.get("mode", "uniform"),
-                           weights=method.get("weights"), strength=method.get("strength", 1.0))
+    if "method" in method:  # LoRA Switch / Composite: hooks + mixtures
+        mixes = attach_training_free(pipe, experts, method["method"], every=1)
+    else:
+        mixes = attach_mixture(pipe, experts, gates=method.get("gates"), mode=method.get("mode", "uniform"),
+                               weights=method.get("weights"), strength=method.get("strength", 1.0))
     try:
         res = composition_accuracy(world, pipe, sets, seed, s)
         images = sample(pipe, [p for p, _ in base], seed=2000 + seed, steps=s.sample_steps, guidance=s.guidance)
@@ -178,7 +188,8 @@ def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log) -> di
             sets[f"{k}_{tname}"] = items
     base = [(W.caption(sp), sp.attributes) for sp in W.sample_specs(s.base, 3000 + seed, W.BASE_VALUES)]
     methods: dict[str, dict] = {"stack": {"mode": "static", "weights": [1.0] * 3},
-                                "nla": {"mode": "uniform"}}
+                                "nla": {"mode": "uniform"}, "switch": {"method": "switch"},
+                                "composite": {"method": "composite"}}
     for lam in SWEEP:
         methods[f"static_{lam:g}"] = {"mode": "uniform", "strength": lam}
     refs = references(world, seed, 8)

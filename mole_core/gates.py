@@ -24,7 +24,7 @@ from .naming import GRANULARITIES
 
 GATE_INPUTS = ("input", "experts", "prompt")
 FAMILIES = ("softmax", "sigmoid")
-TEXT_POOLS = ("mean", "max")
+TEXT_POOLS = ("mean", "max", "tokens")
 MODES = ("gated", "uniform", "static")
 
 
@@ -47,7 +47,8 @@ class GateConfig:
     m_max: float = field(default=2.0, metadata={"help": "sigmoid family: upper bound of the per-scope magnitude"})
     init_gate: float = field(default=0.5, metadata={"help": "sigmoid family: every expert's gate at the start"})
     text_pool: str = field(default="mean", metadata={"help": "how text-encoder scopes pool their token states: "
-                                                     "mean | max (max keeps a trigger word visible)"})
+                                                     "mean | max (max keeps a trigger word visible) | tokens "
+                                                     "(score every token, keep each expert's largest logit)"})
     token_routing: bool = field(default=False, metadata={"help": "prompt-reading gates (UNet 'prompt', text "
                                                          "encoders) score every token and keep each expert's "
                                                          "largest logit, instead of scoring pooled features"})

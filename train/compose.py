@@ -173,19 +173,44 @@ class ComposeObjective:
                 x0, eps = x0_and_eps(kind, alphas, x, self._guided(x, t, cond, uncond), t)
                 x = alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps
         t_last = self.timesteps[k]
-        base_out = self._base_prediction(x[n_comp:], t_last, prompts[n_comp:]) if n > n_comp else None
+        exclude = self.cfg.exclude_weight > 0
+        first = 0 if exclude else n_comp  # rows that need the base model's prediction
+        base_out = self._base_prediction(x[first:], t_last, prompts[first:]) if n > first else None
         cond, uncond = self._encode(prompts)  # with a graph: the text-encoder gates train too
         out = self._guided(x, t_last, cond, uncond)
         terms: dict[str, torch.Tensor] = {}
-        if n_comp:
-            x0, _ = x0_and_eps(kind, alphas, x[:n_comp], out[:n_comp], t_last)
+        rows = n if exclude else n_comp  # rows whose image is scored by the guide
+        emb = None
+        if rows:
+            x0, _ = x0_and_eps(kind, alphas, x[:rows], out[:rows], t_last)
             emb = self.guide.embed_images(self.backend.decode(x0))
+        if n_comp:
             text = torch.stack([self.text_emb[p] for p in prompts[:n_comp]]).to(emb.device)
-            terms["global"] = self.cfg.global_weight * (1 - (emb * text).sum(-1)).mean()
-            terms["local"] = self.cfg.local_weight * self._local(emb, prompts[:n_comp])
-        terms["prior"] = (self.cfg.prior_weight * F.mse_loss(out[n_comp:].float(), base_out.float())
-                          if base_out is not None else out.sum() * 0.0)
+            terms["global"] = self.cfg.global_weight * (1 - (emb[:n_comp] * text).sum(-1)).mean()
+            terms["local"] = self.cfg.local_weight * self._local(emb[:n_comp], prompts[:n_comp])
+        if exclude:
+            with torch.no_grad():
+                x0_base, _ = x0_and_eps(kind, alphas, x, base_out, t_last)
+                emb_base = self.guide.embed_images(self.backend.decode(x0_base))
+            terms["exclude"] = self.cfg.exclude_weight * self._exclude(emb, emb_base, prompts)
+        prior_base = base_out[n_comp - first:] if base_out is not None else None
+        terms["prior"] = (self.cfg.prior_weight * F.mse_loss(out[n_comp:].float(), prior_base.float())
+                          if n > n_comp else out.sum() * 0.0)
         return terms
+
+    def _exclude(self, emb: torch.Tensor, emb_base: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Mean over images and the concepts their prompt does *not* name of
+        ``relu(cos(image, refs_c) − cos(base image, refs_c))``: no image may look more like an unnamed
+        concept than the base model's image of the same prompt and noise does — a per-concept signal that
+        switches each LoRA off where its concept is not asked for (the prior term only says "no LoRA")."""
+        losses = []
+        for row, base, p in zip(emb, emb_base, prompts):
+            named = set(named_concepts(p, list(self.ref_emb)))
+            for c, ref in self.ref_emb.items():
+                if c and c not in named:
+                    ref = ref.to(row.device)
+                    losses.append(F.relu((row * ref).sum() - (base * ref).sum()))
+        return torch.stack(losses).mean() if losses else emb.sum() * 0.0
 
     def _local(self, emb: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         losses = []

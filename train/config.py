@@ -39,8 +39,9 @@ class TrainConfig:
                             "on its own times a learnable per-scope magnitude in [0, m_max]", choices=FAMILIES)
     m_max: float = _opt(2.0, "sigmoid gates: upper bound of the per-scope magnitude")
     init_gate: float = _opt(0.5, "sigmoid gates: every expert's gate at the start")
-    text_pool: str = _opt("mean", "text-encoder gates pool token states by mean | max (max routes by trigger words)",
-                          choices=TEXT_POOLS)
+    text_pool: str = _opt("mean", "text-encoder gates pool token states by mean | max (max routes by trigger words) "
+                          "| tokens (every token scored, each expert's largest logit kept: at the first layer a "
+                          "trigger word's score does not depend on the words around it)", choices=TEXT_POOLS)
     token_routing: bool = _opt(False, "prompt-reading gates score every token and keep each expert's largest "
                                "logit (a trigger word anywhere in the prompt switches its LoRA)")
     center_features: bool = _opt(False, "centre every gate's features on the training prompts' mean (one pass "
@@ -57,6 +58,9 @@ class TrainConfig:
     global_weight: float = _opt(1.0, "compose: weight of the image–composed-prompt similarity term")
     local_weight: float = _opt(0.5, "compose: weight of the image–named-concept-references similarity term")
     prior_weight: float = _opt(1.0, "compose: weight of the base-prompt prior preservation term")
+    exclude_weight: float = _opt(0.0, "compose: weight of the exclusion term: no image may look more like a concept "
+                                 "its prompt does not name than the base model's image does (per-concept "
+                                 "routing signal; scores every row, +1 base-model call per step)")
     twin_prior: bool = _opt(True, "compose: half of each batch's composition slots are the compositions' twins "
                             "(concept words removed, same noise) under the prior term: the two terms then differ "
                             "only in the trigger words, which is what the gates must learn to read")

@@ -269,3 +269,30 @@ def test_token_routing_scores_every_token_and_keeps_the_largest_logit(tiny_sd15,
         te(input_ids=ids)
     torch.testing.assert_close(mix.live_gates[te_scope], hand(te_scope, seen[te_scope]))
     mix.detach()
+
+
+def test_text_pool_tokens_scores_every_token_of_the_text_encoder_only(tiny_sd15, lora_set):
+    """``text_pool="tokens"``: text-encoder gates ``m σ(max_t (W rms(tok_t − c) + b) / τ)``; the UNet's prompt
+    gates keep the max-pooled context (token routing on the text encoders alone)."""
+    te = copy.deepcopy(tiny_sd15["text_encoder"]).eval()
+    unet = copy.deepcopy(tiny_sd15["unet"]).eval()
+    experts = mole.load_experts(lora_set.paths)
+    mix = mole.attach({"te": te, "unet": unet}, experts, mole.GateConfig(
+        family="sigmoid", gate_input="prompt", text_pool="tokens", granularity="network"))
+    _randomize(mix)
+    ids = torch.randint(0, te.config.vocab_size, (2, 7))
+    seen = _lead_input(lambda i: te(input_ids=i), mix, ids)
+    te_scope = next(s for s in mix.scopes if s.startswith("te:"))
+    gate = mix.scope_gate(te_scope)
+    z = (rms_normalize(seen[te_scope] - gate.center) @ gate.weight.T + gate.bias).amax(1) / gate.tau
+    torch.testing.assert_close(mix.live_gates[te_scope], gate.magnitude * torch.sigmoid(z))
+    from tests.fixtures.oracle import unet_inputs
+
+    inputs = unet_inputs(unet, batch=2)
+    with torch.no_grad():
+        unet(**inputs)
+    unet_scope = next(s for s in mix.scopes if s.startswith("unet:"))
+    gate = mix.scope_gate(unet_scope)
+    z = (rms_normalize(inputs["encoder_hidden_states"].amax(1) - gate.center) @ gate.weight.T + gate.bias) / gate.tau
+    torch.testing.assert_close(mix.live_gates[unet_scope], gate.magnitude * torch.sigmoid(z))
+    mix.detach()

@@ -77,9 +77,21 @@ def testx0_and_eps_matches_the_backend_algebra_for_every_parameterisation():
     assert torch.isfinite(x0).all() and torch.equal(x0, -out) and torch.equal(eps, x)
 
 
-def test_gradients_reach_only_the_gates(toy):
+def test_exclude_term_by_hand():
+    """relu(cos(image, refs_c) − cos(base image, refs_c)) over the concepts a prompt does not name."""
+    obj = ComposeObjective.__new__(ComposeObjective)
+    obj.ref_emb = {"alpha": torch.tensor([1.0, 0.0]), "beta": torch.tensor([0.0, 1.0])}
+    emb = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
+    base = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # row 0 names alpha: only beta counts, 0.8 − 0.0; row 1 names none: alpha 0.8 − 0.0, beta relu(0.6 − 1.0) = 0
+    got = obj._exclude(emb, base, ["an alpha thing", "a plain thing"])
+    torch.testing.assert_close(got, torch.tensor((0.8 + 0.8 + 0.0) / 3))
+
+
+@pytest.mark.parametrize("extra", [{}, {"exclude_weight": 1.0, "text_pool": "tokens"}])
+def test_gradients_reach_only_the_gates(toy, extra):
     world, pipe, backend, experts, refs, prompts, guide = toy
-    cfg = TrainConfig(**RECIPE)
+    cfg = TrainConfig(**{**RECIPE, **extra})
     mix = mole.attach(pipe, experts, cfg.gate_config())
     frozen = [p for m in backend.denoiser_modules() for p in m.parameters()]
     flags = [p.requires_grad for p in frozen]
@@ -89,7 +101,8 @@ def test_gradients_reach_only_the_gates(toy):
         emb = reference_embeddings(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
         obj = ComposeObjective(cfg, backend, [mix], guide, prompts, emb, latent_shape(backend, 32))
         terms = obj(torch.Generator().manual_seed(0), 4)
-        assert set(terms) == {"global", "local", "prior"} and float(terms["prior"].detach()) > 0
+        want = {"global", "local", "prior"} | ({"exclude"} if extra else set())
+        assert set(terms) == want and float(terms["prior"].detach()) > 0
         sum(terms.values()).backward()
         assert all(p.grad is None for p in frozen)
         grads = {n: p.grad for n, p in mix.gates.named_parameters()}
