@@ -20,7 +20,7 @@ from mole_core.bake import export_lora
 
 from .apply import TE, apply_static, static_vector
 from .comfy_index import build_index
-from .common import check_relative_name, parse_floats
+from .common import check_relative_name, parse_floats, path_inside
 from .injection import holder_of
 from .lbw import lbw_text
 from .types import ExpertsIO, GatesIO, MoleExperts, MoleGates
@@ -60,6 +60,11 @@ def export(model: Any, clip: Any, experts: MoleExperts, vector: list[float] | No
            per_scope: dict[str, list[float]] | None, granularity: str, strength: float, prefix: str) -> str:
     """Write the baked mixture as one kohya LoRA into ``models/loras``; returns its relative name."""
     check_relative_name(prefix, "filename_prefix", "models/loras")
+    base = folder_paths.get_folder_paths("loras")[0]
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, base)
+    file = f"{name}_{counter:05}_.safetensors"
+    rel = f"{subfolder}/{file}" if subfolder else file
+    path = path_inside(base, rel, "filename_prefix", "models/loras")  # before any work
     index = build_index(model=model, clip=clip if clip is not None and experts.has_component(*TE) else None)[0]
     comps = [c for c in ("unet", *TE) if c in index.roots and experts.has_component(c)]
     mode = "gated" if per_scope is not None else "static"
@@ -69,12 +74,9 @@ def export(model: Any, clip: Any, experts: MoleExperts, vector: list[float] | No
     if per_scope is not None:
         zeros = [0.0] * len(experts)
         full = {s: per_scope.get(s, zeros) for s in mix.scopes}
-    base = folder_paths.get_folder_paths("loras")[0]
-    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, base)
     os.makedirs(folder, exist_ok=True)
-    file = f"{name}_{counter:05}_.safetensors"
-    export_lora(mix, os.path.join(folder, file), per_scope=full)
-    return f"{subfolder}/{file}" if subfolder else file
+    export_lora(mix, path, per_scope=full)
+    return rel
 
 
 class MoleBake(io.ComfyNode):

@@ -24,14 +24,22 @@ def register_gate_folder() -> None:
     folder_paths.folder_names_and_paths[GATES_FOLDER] = (paths, {".safetensors"})
 
 
+MAX_NAME = 512
+
+
 def check_relative_name(name: str, what: str, folder: str) -> str:
     """Refuse names that could leave their model folder; returns the name with ``/`` separators.
 
     Raises:
         MoleError: empty, absolute, drive-letter or ``..`` names, and pickle extensions.
     """
+    if "\x00" in (name or "") or len(name or "") > MAX_NAME:
+        raise mole_core.MoleError(f"`{what}`: a name without NUL characters and at most {MAX_NAME} characters "
+                                  f"is expected, got {len(name or '')} characters")
     clean = (name or "").strip().replace("\\", "/")
     parts = clean.split("/")
+    if any(len(p.encode()) > 200 for p in parts):
+        raise mole_core.MoleError(f"`{what}`: each folder or file name must be at most 200 bytes")
     if not clean or clean.startswith("/") or _DRIVE.match(clean) or ".." in parts or "" in parts:
         raise mole_core.MoleError(f"`{what}` {name!r} must be a file name inside {folder} "
                                   "(no '..', no absolute path)")
@@ -44,6 +52,15 @@ def inside(base: str, path: str) -> bool:
     """Whether ``path`` resolves (symlinks followed) to a location inside ``base``."""
     base_r, path_r = os.path.realpath(base), os.path.realpath(path)
     return os.path.commonpath([base_r, path_r]) == base_r
+
+
+def path_inside(base: str, relative: str, what: str, folder: str) -> str:
+    """The absolute path of ``relative`` under ``base``, refused (one-line MoleError naming ``what``) when it
+    would leave ``base`` once symlinks are followed: every write of the nodes goes through this."""
+    path = os.path.join(base, *relative.split("/"))
+    if not inside(base, path):
+        raise mole_core.MoleError(f"`{what}` must stay inside {folder} (a symlinked folder there points outside)")
+    return path
 
 
 def parse_floats(text: str, what: str, n: int | None = None, names: list[str] | None = None) -> list[float]:

@@ -20,7 +20,7 @@ import mole_core
 from mole_core import viz
 from mole_core.naming import execution_key
 
-from .common import GATES_FOLDER, check_relative_name, inside
+from .common import GATES_FOLDER, check_relative_name, path_inside
 from .types import GatesIO, MoleGates
 
 _FOLDER_LABEL = "models/mole_gates"
@@ -32,11 +32,7 @@ def gate_path_for_save(filename: str) -> tuple[str, str]:
     name = check_relative_name(filename, "filename", _FOLDER_LABEL)
     if not name.lower().endswith(".safetensors"):
         name += ".safetensors"
-    base = folder_paths.get_folder_paths(GATES_FOLDER)[0]
-    path = os.path.join(base, *name.split("/"))
-    if not inside(base, path):
-        raise mole_core.MoleError(f"`filename` {filename!r} must stay inside {_FOLDER_LABEL}")
-    return name, path
+    return name, path_inside(folder_paths.get_folder_paths(GATES_FOLDER)[0], name, "filename", _FOLDER_LABEL)
 
 
 def gate_path_for_load(name: str) -> str:

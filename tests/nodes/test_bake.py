@@ -63,3 +63,26 @@ def test_bake_errors(mole, tiny, experts):
         bake(mole, model, experts, "static weights", "1, 2, 3")
     with pytest.raises(mole_core.MoleError, match="filename_prefix"):
         bake(mole, model, experts, "uniform (NLA)", save_lora=True, prefix="../../evil")
+
+
+def test_bake_and_save_gates_refuse_a_symlinked_folder_that_points_outside(mole, tiny, experts, comfy_dirs, tmp_path):
+    """Every write resolves symlinks: a folder inside models/loras (or models/mole_gates) that links outside is
+    refused before any work, and nothing is written outside."""
+    import mole_core
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    links = [comfy_dirs["loras"] / "escape", comfy_dirs["mole_gates"] / "escape"]
+    for link in links:
+        link.symlink_to(outside, target_is_directory=True)
+    try:
+        with pytest.raises(mole_core.MoleError, match="`filename_prefix` must stay inside models/loras"):
+            bake(mole, tiny[0], experts, "uniform (NLA)", save_lora=True, prefix="escape/baked")
+        _, _, live = apply(mole, tiny[0], experts, "gated")
+        with pytest.raises(mole_core.MoleError, match="`filename` must stay inside"):
+            with torch.inference_mode():
+                mole.gates.MoleSaveGates.execute(gates=live, filename="escape/g", overwrite=True)
+    finally:
+        for link in links:
+            link.unlink()
+    assert list(outside.iterdir()) == []

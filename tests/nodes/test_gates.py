@@ -71,7 +71,8 @@ def test_save_and_load_round_trip_with_statistics(mole, sampled, comfy_dirs):
     assert back.expert_names == ["a.safetensors", "b.safetensors"]
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/tmp/evil", "C:/evil", "x.pt", ""])
+@pytest.mark.parametrize("name", ["../evil", "a/../../evil", "/tmp/evil", "C:/evil", "x.pt", "", "a\x00b",
+                                  "x" * 600, "d/" + "y" * 240])
 def test_save_refuses_names_outside_the_folder(mole, sampled, name):
     import mole_core
 
