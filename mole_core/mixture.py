@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .bank import ExpertBank
+from .checks import check_number, check_numbers
 from .errors import MoleError, MoleWarning
 from .expert import Expert, check_experts
 from .gates import MODES, GateConfig, ScopeGate, apply_mask, balance_loss, pool_input, pool_prompt, static_gates
@@ -280,7 +281,7 @@ class Mixture:
         if weights is not None:
             if len(weights) != self.n:
                 raise MoleError(f"`weights` must have one value per expert ({self.n}), got {len(weights)}")
-            self._weights = torch.tensor([float(w) for w in weights])
+            self._weights = torch.tensor(check_numbers(weights, "weights"))
         if mode == "static" and self._weights is None:
             raise MoleError("static mode needs `weights` (one per expert)")
         self._mode = mode
@@ -323,14 +324,14 @@ class Mixture:
 
     @strength.setter
     def strength(self, value: float) -> None:
-        self._strength = float(value)
+        self._strength = check_number(value, "strength")
         self._refresh()
 
     def set_expert_strengths(self, strengths: list[float]) -> None:
         if len(strengths) != self.n:
             raise MoleError(f"`strengths` must have one value per expert ({self.n}), got {len(strengths)}")
-        for e, s in zip(self.experts, strengths):
-            e.strength = float(s)
+        for e, s in zip(self.experts, check_numbers(strengths, "strengths")):
+            e.strength = s
         self._refresh()
 
     def _refresh(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from comfy_api.latest import io, ui
 
 import mole_core
+from mole_core.checks import check_number
 from mole_core.naming import execution_key
 
 from .comfy_index import build_index
@@ -224,6 +225,7 @@ class MoleApply(io.ComfyNode):
         if mode not in MODES:
             raise mole_core.MoleError(f"`mode` must be one of {list(MODES)}, got {mode!r}")
         kind, nid = MODES[mode], node_id(cls)
+        strength = check_number(strength, "`strength`", lo=-10, hi=10)
         on = parse_mask(mask, [e.enabled for e in experts.entries], experts.names)
         if kind == "gated":
             m, c, out_gates = apply_gated(model, clip, experts, gates, on, strength, timestep_buckets, nid)

@@ -9,6 +9,7 @@ from typing import Any
 import folder_paths
 
 import mole_core
+from mole_core.checks import check_numbers
 
 GATES_FOLDER = "mole_gates"
 _PICKLE_EXTS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
@@ -78,7 +79,7 @@ def parse_floats(text: str, what: str, n: int | None = None, names: list[str] | 
     if n is not None and len(values) != n:
         listed = f" ({', '.join(names)})" if names else ""
         raise mole_core.MoleError(f"`{what}` has {len(values)} values but there are {n} experts{listed}")
-    return values
+    return check_numbers(values, f"`{what}`")
 
 
 def _is_float(t: str) -> bool:

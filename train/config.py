@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from mole_core import GateConfig, MoleError
+from mole_core.checks import check_number
 from mole_core.gates import FAMILIES, GATE_INPUTS, TEXT_POOLS
 from mole_core.naming import GRANULARITIES
 
@@ -84,6 +85,9 @@ class TrainConfig:
     prompt: str = _opt("", "global prompt for images without a caption file or folder prompt")
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # every number finite (NaN/inf would train to NaN gates or never stop)
+            if isinstance(getattr(self, f.name), float):
+                check_number(getattr(self, f.name), f"`{f.name}`", lo=-1e6, hi=1e6)
         if self.steps <= 0:
             raise MoleError(f"`steps` must be > 0, got {self.steps}")
         if self.lr <= 0:

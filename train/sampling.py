@@ -12,6 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import mole_core as mole
 from mole_core import METHODS, Mixture, MoleError
+from mole_core.checks import check_number, check_numbers
 from mole_core.stats import bucket_labels, timestep_bucket
 
 from .method_hooks import MethodHooks
@@ -50,8 +51,15 @@ class SampleSpec:
             raise MoleError(f"--switch-every must be ≥ 1, got {self.switch_every}")
         if self.steps <= 0 or self.num <= 0:
             raise MoleError(f"--steps and --num must be > 0, got {self.steps}, {self.num}")
+        check_number(self.steps, "--steps", lo=1, hi=10000)
+        check_number(self.num, "--num", lo=1, hi=10000)
         if self.size % 8:
             raise MoleError(f"--size must be a multiple of 8, got {self.size}")
+        check_number(self.size, "--size", lo=8, hi=8192)
+        check_number(self.cfg, "--cfg", lo=0, hi=100)
+        self.strength = check_number(self.strength, "--strength")
+        if self.weights is not None:
+            self.weights = check_numbers(self.weights, "--weights")
 
     @property
     def mode(self) -> str:

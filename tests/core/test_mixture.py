@@ -309,3 +309,14 @@ def test_stats_recorded_once_under_gradient_checkpointing(net, experts):
     assert {int(c) for c in mix.stats._count.values()} == {3}
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mix.gate_parameters())
     mix.detach()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e9, "x"])
+def test_numbers_are_checked_once_by_the_shared_validator(value):
+    from mole_core.checks import check_number, check_numbers
+
+    with pytest.raises(mole.MoleError, match=r"^strength: a (finite )?number"):
+        check_number(value, "strength")
+    with pytest.raises(mole.MoleError, match=r"^weights\[2\]: "):
+        check_numbers([0.5, value], "weights")
+    assert check_number("0.25", "x") == 0.25

@@ -128,3 +128,21 @@ def test_method_flags_are_checked_before_loading(tmp_path, capsys, args, message
     rc = main(["sample", "--base", str(tmp_path / "missing"), "--lora", str(tmp_path / "x.safetensors"),
                "--prompt", "x", *args, "--out", str(tmp_path / "out")])
     assert rc != 0 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("sample", ["--weights", "nan,1"], "--weights[1]: a finite number is expected"),
+    ("sample", ["--uniform", "--strength", "nan"], "--strength: a finite number is expected"),
+    ("sample", ["--uniform", "--cfg", "inf"], "--cfg: a finite number is expected"),
+    ("sample", ["--uniform", "--size", "0"], "--size: a number in [8, 8192] is expected"),
+    ("sample", ["--uniform", "--size", "-64"], "--size: a number in [8, 8192] is expected"),
+    ("train", ["--images", ".", "--alpha", "nan"], "`alpha`: a finite number is expected"),
+    ("train", ["--images", ".", "--lr", "inf"], "`lr`: a finite number is expected"),
+])
+def test_bad_numbers_are_one_line_errors_before_loading(tmp_path, capsys, command, args, message):
+    extra = ["--prompt", "x", "--out", str(tmp_path / "out")] if command == "sample" else \
+        ["--out", str(tmp_path / "g.safetensors")]
+    rc = main([command, "--base", str(tmp_path / "missing"), "--lora", str(tmp_path / "x.safetensors"), *args,
+               *extra])
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and err.count("\n") == 1, err
