@@ -137,6 +137,26 @@ class ExpertBank:
         hc = (h * coef[:, :, None, None]).flatten(2)  # (B, R, H'W')
         return torch.baddbmm(out.flatten(2), b.flatten(1).expand(h.shape[0], -1, -1), hc).reshape(out.shape)
 
+    def add_one(self, out: torch.Tensor, x: torch.Tensor, expert: int, scale: float) -> torch.Tensor:
+        """``out + scale · B_e A_e x`` with only expert ``expert``'s rank rows (its slice of the bank): a single
+        LoRA's cost, for LoRA Switch. ``out`` unchanged when the expert has no factor on this layer."""
+        if expert not in self.experts:
+            return out
+        a, b, _ = self.tensors(x.device, x.dtype)
+        lo, hi = self._span(expert)
+        if self.conv is None:
+            h = F.linear(x, a[lo:hi])
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, hi - lo), b[:, lo:hi].t(),
+                               alpha=scale).reshape(out.shape)
+        h = F.conv2d(x, a[lo:hi], None, self.conv.stride, self.conv.padding, self.conv.dilation)
+        return out + scale * F.conv2d(h, b[:, lo:hi])
+
+    def _span(self, expert: int) -> tuple[int, int]:
+        """Rank rows ``[lo, hi)`` of ``expert`` (its rows are contiguous: the bank stacks expert by expert)."""
+        pos = self.experts.index(expert)
+        lo = int(sum(int((self.seg == e).sum()) for e in self.experts[:pos]))
+        return lo, lo + int((self.seg == expert).sum())
+
     def pooled_expert_outputs(self, h: torch.Tensor, n_experts: int) -> torch.Tensor:
         """Mean over tokens/pixels of every expert's output, ``(B, N, out)`` (paper Eq. 9).
 

@@ -95,6 +95,8 @@ class Mixture:
         self._mask = torch.ones(self.n)
         self._strength = 1.0
         self._rows: torch.Tensor | None = None
+        self._single: int | None = None  # the one expert of one-hot row gates (LoRA Switch's fast path)
+        self._single_scale: float | None = None
         self.set_mode(mode, weights)
         self.set_mask(mask)
         self.strength = strength
@@ -209,6 +211,11 @@ class Mixture:
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
+            if self._single is not None:  # one expert for every sample (LoRA Switch): only its rank rows
+                if is_lead and not scope.recorded:
+                    self.stats.record(scope.name, self._rows_dev(out.device))
+                    scope.recorded = True
+                return bank.add_one(out, x, self._single, self._single_scale)
             h = bank.shrink(x)
             if self._rows is not None:  # a host's per-sample gates (LoRA Switch / Composite)
                 g = self._rows_dev(h.device)
@@ -293,7 +300,11 @@ class Mixture:
         LoRA Composite (:mod:`mole_core.methods`); they are recorded in :attr:`stats` like learned gates."""
         if gates is not None and (gates.dim() != 2 or gates.shape[1] != self.n):
             raise MoleError(f"row gates must have shape (batch, {self.n}), got {tuple(gates.shape)}")
-        self._rows = None if gates is None else gates.detach().float()
+        self._rows = None if gates is None else gates.detach().float().cpu()
+        self._single = self._single_scale = None
+        if self._rows is not None and self._rows.shape[0] == 1 and int((self._rows != 0).sum()) == 1:
+            e = int(self._rows[0].nonzero()[0, 0])  # host tensor: no device sync
+            self._single, self._single_scale = e, float(self._rows[0, e] * self._scale_n[e])
         self._dev_cache = {k: v for k, v in self._dev_cache.items() if k[0] != "rows"}
 
     def _rows_dev(self, device: torch.device) -> torch.Tensor:
@@ -337,6 +348,8 @@ class Mixture:
     def _refresh(self) -> None:
         strengths = torch.tensor([e.strength for e in self.experts])
         self._scale_n = self._strength * strengths
+        if getattr(self, "_single", None) is not None:
+            self._single_scale = float(self._rows[0, self._single] * self._scale_n[self._single])
         self._masked = bool((self._mask == 0).any())
         self._static = static_gates(self._mode, self.n, self._mask, self._weights) if self._mode != "gated" else None
         self._dev_cache: dict = {}

@@ -111,3 +111,19 @@ def test_dense_fallback_factorisation_is_exact(shape):
     f = factor_from_delta(delta)
     assert f.dense
     torch.testing.assert_close(f.delta(), delta)
+
+
+@pytest.mark.parametrize("name,make,shape", CASES, ids=[c[0] for c in CASES])
+def test_add_one_is_the_single_expert_alone(name, make, shape):
+    """LoRA Switch's fast path: ``out + scale · expert e`` from e's rank rows equals the per-expert loop with
+    a one-hot gate; an expert without a factor on the layer leaves ``out`` unchanged."""
+    g = torch.Generator().manual_seed(1)
+    m = make()
+    factors = [_factor(m, r, g, a) for r, a in zip([4, 8, 16], [2.0, None, 32.0])]
+    bank = ExpertBank("unet:x", [(0, factors[0]), (2, factors[2])], m)  # expert 1 has no factor here
+    x = torch.randn(*shape, generator=g)
+    out = torch.randn_like(m(x))
+    for e, f in ((0, factors[0]), (2, factors[2])):
+        want = out + 0.7 * _naive(m, x, [f], torch.ones(shape[0], 1))
+        torch.testing.assert_close(bank.add_one(out, x, e, 0.7), want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(bank.add_one(out, x, 1, 0.7), out)
