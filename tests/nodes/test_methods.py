@@ -64,6 +64,9 @@ def test_switch_every_step_alternates_in_the_recorded_gates(mole, tiny, experts,
     for step, expert in enumerate(want):
         for g in by_step[step].values():
             assert g == [1.0 if i == expert else 0.0 for i in range(2)], (step, g)
+    with torch.inference_mode():  # the heatmap shows one column group per sampling step
+        payload = mole.gates.MoleVisualizeGates.execute(gates=gates, by_timestep=True, scale=1).ui["mole_gates"][0]
+    assert payload["bucket_labels"]["1"] == "step 1" and len(payload["buckets"]) == len(want)
 
 
 def test_composite_is_the_mean_of_each_loraloader_model_in_one_batched_call(mole, tiny, files, experts, call_inputs):
