@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/unet_step.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/compile_check.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/methods.py
 
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py

@@ -88,7 +88,9 @@ class ExpertBank:
         self.b_cat = torch.cat([f.up.float() * f.scale for _, f in fitted], 1)
         self.seg = torch.cat([torch.full((f.rank,), i, dtype=torch.long) for i, f in fitted])
         self.rank = int(self.seg.numel())
-        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # experts and their ranks: targets with the same layout share one coefficient tensor per forward
+        self.layout = tuple((i, f.rank) for i, f in fitted)
+        self._cache: dict[tuple, object] = {}
 
     @property
     def is_conv(self) -> bool:
@@ -156,6 +158,56 @@ class ExpertBank:
         pos = self.experts.index(expert)
         lo = int(sum(int((self.seg == e).sum()) for e in self.experts[:pos]))
         return lo, lo + int((self.seg == expert).sum())
+
+    def row_coefficients(self, gates: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-rank-row coefficients ``(B, 1…, R)`` from gates ``(B, N)`` and per-expert scales ``(N,)``, in
+        ``like``'s dtype and shaped to broadcast over its tokens/pixels (``like`` = the shrunk activations);
+        compute once per forward for every target of a scope with this bank's :attr:`layout`."""
+        _, _, seg = self.tensors(like.device, like.dtype)
+        coef = (gates if gates.device == like.device else gates.to(like.device)) * scale
+        coef = coef[:, seg] if coef.dtype == like.dtype else coef[:, seg].to(like.dtype)
+        coef = _match_batch(coef, like.shape[0], self.target)
+        if self.conv is not None:
+            return coef[:, :, None, None]
+        return coef.reshape(coef.shape[0], *([1] * (like.dim() - 2)), coef.shape[-1])
+
+    def expand_add_rows(self, out: torch.Tensor, h: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        """:meth:`expand_add` with coefficients already from :meth:`row_coefficients`: one multiply and one
+        fused GEMM per layer (views are free)."""
+        _, b, _ = self.tensors(h.device, h.dtype)
+        hc = h * coef
+        if self.conv is None:
+            if not torch.is_grad_enabled() and out.is_contiguous():  # sampling: accumulate into the fresh output
+                out.view(-1, out.shape[-1]).addmm_(hc.view(-1, hc.shape[-1]), self.up_t(h.device, h.dtype))
+                return out
+            return torch.addmm(out.reshape(-1, out.shape[-1]), hc.reshape(-1, hc.shape[-1]), b.t()).reshape(out.shape)
+        return torch.baddbmm(out.flatten(2), b.flatten(1).expand(h.shape[0], -1, -1), hc.flatten(2)).reshape(out.shape)
+
+    def up_t(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``B_catᵀ`` (Linear banks), cached next to the bank's other tensors."""
+        key = ("up_t", device, dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self.tensors(device, dtype)[1].t()
+        return hit
+
+    def scaled_up(self, coef: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``B_cat`` with fixed per-rank-row coefficients ``(R,)`` folded in, transposed for :meth:`add_fixed`
+        (Linear ``(R, out)``; Conv ``(out, R, 1, 1)``)."""
+        _, b, _ = self.tensors(device, dtype)
+        if self.conv is None:
+            return (b * coef.to(device, dtype)[None, :]).t().contiguous()
+        return b * coef.to(device, dtype)[None, :, None, None]
+
+    def add_fixed(self, out: torch.Tensor, x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``out + up(A_cat x)`` with ``up`` from :meth:`scaled_up`: fixed weights cost a plain rank-R LoRA."""
+        h = self.shrink(x)
+        if self.conv is None:
+            if not torch.is_grad_enabled() and out.is_contiguous():
+                out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), up)
+                return out
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up).reshape(out.shape)
+        return out + F.conv2d(h, up)
 
     def pooled_expert_outputs(self, h: torch.Tensor, n_experts: int) -> torch.Tensor:
         """Mean over tokens/pixels of every expert's output, ``(B, N, out)`` (paper Eq. 9).

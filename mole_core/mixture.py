@@ -50,6 +50,7 @@ class _Scope:
     feature_dim: int
     gate: torch.Tensor | None = None
     recorded: bool = False  # statistics taken for this forward (not again on a checkpoint recompute)
+    coefs: dict | None = None  # this forward's rank-row coefficients per bank layout (shared by the targets)
 
 
 class Mixture:
@@ -174,7 +175,7 @@ class Mixture:
 
         def hook(module: nn.Module, args: tuple) -> None:
             for s in scopes:
-                s.gate, s.recorded = None, False
+                s.gate, s.recorded, s.coefs = None, False, None
 
         def prompt_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hook(module, args)
@@ -216,7 +217,20 @@ class Mixture:
                     self.stats.record(scope.name, self._rows_dev(out.device))
                     scope.recorded = True
                 return bank.add_one(out, x, self._single, self._single_scale)
+            if self._rows is None and self._mode != "gated":  # fixed weights: folded into B once per refresh
+                key = (bank.target, out.device, out.dtype)
+                up = self._fixed_up.get(key)
+                if up is None:
+                    coef = (self._static[0] * self._scale_n)[bank.seg]
+                    up = self._fixed_up[key] = bank.scaled_up(coef, out.device, out.dtype)
+                return bank.add_fixed(out, x, up)
             h = bank.shrink(x)
+            # the scope's coefficients of this forward (sampling only: under autograd every target builds its own,
+            # so a gradient-checkpoint recompute saves the same tensors as the forward it replays)
+            if not is_lead and scope.coefs is not None and not torch.is_grad_enabled():
+                coef = scope.coefs.get((bank.layout, h.dtype, h.dim()))
+                if coef is not None:
+                    return bank.expand_add_rows(out, h, coef)
             if self._rows is not None:  # a host's per-sample gates (LoRA Switch / Composite)
                 g = self._rows_dev(h.device)
                 if is_lead and not scope.recorded:
@@ -232,7 +246,9 @@ class Mixture:
                         feats = pool_input(x, is_conv, pool)
                     if self._center_sums is not None:  # calibrate_centers(): collect the raw features
                         self._collect(scope.name, feats)
-                    g = gate(feats.to(gate.weight.device, torch.float32))
+                    if feats.dtype != torch.float32 or feats.device != gate.weight.device:
+                        feats = feats.to(gate.weight.device, torch.float32)
+                    g = gate(feats)
                     if self._masked:
                         g = apply_mask(g, self._mask_dev(g.device), convex)
                     scope.gate = g
@@ -245,11 +261,12 @@ class Mixture:
                     if g is None:
                         raise MoleError(f"{bank.target} ran before {scope.lead}, the layer that computes the gate "
                                         f"of scope {scope.name}, in this forward pass")
-                g = g.to(h.device)
-            else:
-                g = self._static_dev(h.device)
-            coef = (g * self._scale_n_dev(h.device))[:, bank.tensors(h.device, h.dtype)[2]]
-            return bank.expand_add(out, h, coef)
+            coef = bank.row_coefficients(g, self._scale_n_dev(h.device), h)
+            if not torch.is_grad_enabled():
+                if is_lead or scope.coefs is None:
+                    scope.coefs = {}
+                scope.coefs[(bank.layout, h.dtype, h.dim())] = coef
+            return bank.expand_add_rows(out, h, coef)
         return hook
 
     def _collect(self, scope: str, feats: torch.Tensor) -> None:
@@ -353,17 +370,12 @@ class Mixture:
         self._masked = bool((self._mask == 0).any())
         self._static = static_gates(self._mode, self.n, self._mask, self._weights) if self._mode != "gated" else None
         self._dev_cache: dict = {}
+        self._fixed_up: dict = {}  # fixed modes: B with the coefficients folded in, per target/device/dtype
 
     def _scale_n_dev(self, device: torch.device) -> torch.Tensor:
         key = ("scale", device)
         if key not in self._dev_cache:
             self._dev_cache[key] = self._scale_n.to(device)
-        return self._dev_cache[key]
-
-    def _static_dev(self, device: torch.device) -> torch.Tensor:
-        key = ("static", device)
-        if key not in self._dev_cache:  # no host→device copy of the static gates on every call
-            self._dev_cache[key] = self._static.to(device)
         return self._dev_cache[key]
 
     def _mask_dev(self, device: torch.device) -> torch.Tensor:

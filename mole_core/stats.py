@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .gates import share_entropy as entropy
-
 
 def timestep_bucket(t: torch.Tensor | float, buckets: int, t_max: float = 1000.0) -> int:
     """Timestep bucket of a model call, in sampling order: bucket 0 = the noisiest steps (``t`` near
@@ -53,15 +51,19 @@ class GateStats:
         if not self.enabled:
             return
         key = (scope, self.bucket)
-        g = g.detach().float()
+        if g.requires_grad:  # few ops: this runs once per scope in every sampling forward
+            g = g.detach()
+        if g.dtype != torch.float32:
+            g = g.float()
         n = g.new_full((), g.shape[0])
+        ent = torch.special.entr(g / g.sum(-1, keepdim=True).clamp_min(1e-12)).sum()  # Σ rows' share entropy
         if key in self._sums:  # out of place: the sums may be inference tensors from a sampling pass
             self._sums[key] = self._sums[key] + g.sum(0)
-            self._ent[key] = self._ent[key] + entropy(g).sum()
+            self._ent[key] = self._ent[key] + ent
             self._count[key] = self._count[key] + n
         else:
             self._sums[key] = g.sum(0)
-            self._ent[key] = entropy(g).sum()
+            self._ent[key] = ent
             self._count[key] = n
 
     @property

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
