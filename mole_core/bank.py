@@ -90,6 +90,10 @@ class ExpertBank:
         self.rank = int(self.seg.numel())
         # experts and their ranks: targets with the same layout share one coefficient tensor per forward
         self.layout = tuple((i, f.rank) for i, f in fitted)
+        offsets = [0]
+        for _, f in fitted:
+            offsets.append(offsets[-1] + f.rank)
+        self._spans = {i: (offsets[k], offsets[k + 1]) for k, (i, _) in enumerate(fitted)}  # Python ints: no syncs
         self._cache: dict[tuple, object] = {}
 
     @property
@@ -142,22 +146,17 @@ class ExpertBank:
     def add_one(self, out: torch.Tensor, x: torch.Tensor, expert: int, scale: float) -> torch.Tensor:
         """``out + scale · B_e A_e x`` with only expert ``expert``'s rank rows (its slice of the bank): a single
         LoRA's cost, for LoRA Switch. ``out`` unchanged when the expert has no factor on this layer."""
-        if expert not in self.experts:
+        span = self._spans.get(expert)
+        if span is None:
             return out
         a, b, _ = self.tensors(x.device, x.dtype)
-        lo, hi = self._span(expert)
+        lo, hi = span
         if self.conv is None:
             h = F.linear(x, a[lo:hi])
             return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, hi - lo), b[:, lo:hi].t(),
                                alpha=scale).reshape(out.shape)
         h = F.conv2d(x, a[lo:hi], None, self.conv.stride, self.conv.padding, self.conv.dilation)
         return out + scale * F.conv2d(h, b[:, lo:hi])
-
-    def _span(self, expert: int) -> tuple[int, int]:
-        """Rank rows ``[lo, hi)`` of ``expert`` (its rows are contiguous: the bank stacks expert by expert)."""
-        pos = self.experts.index(expert)
-        lo = int(sum(int((self.seg == e).sum()) for e in self.experts[:pos]))
-        return lo, lo + int((self.seg == expert).sum())
 
     def row_coefficients(self, gates: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-rank-row coefficients ``(B, 1…, R)`` from gates ``(B, N)`` and per-expert scales ``(N,)``, in

@@ -142,14 +142,23 @@ class ScopeGate(nn.Module):
             return torch.ones((), device=self.weight.device)
         return self.m_max * torch.sigmoid(self.magnitude_logit)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, d)`` pooled features, or ``(B, L, d)`` tokens: then every token is scored and the largest
-        logit per expert wins (token routing: one trigger word anywhere can switch its LoRA on)."""
+        logit per expert wins (token routing: one trigger word anywhere can switch its LoRA on).
+
+        ``mask`` ``(N,)`` of 0/1 (masking mode): softmax gates renormalise over the experts that are on
+        (``−inf`` logits for the others, exactly :func:`apply_mask`), sigmoid gates are zeroed. An all-on
+        mask changes nothing bit for bit, so hosts pass it always and torch.compile never guards on it."""
         logits = torch.nn.functional.linear(rms_normalize(features - self.center), self.weight, self.bias)
         if logits.dim() == 3:
             logits = logits.amax(1)
-        return gate_values(logits, self.tau, self.family, self.magnitude_logit if self.family == "sigmoid" else None,
-                           self.m_max)
+        if self.family == "softmax":
+            z = logits / self.tau
+            if mask is not None:
+                z = z + torch.log(mask)  # log 1 = 0 exactly; log 0 = −inf
+            return torch.softmax(z, dim=-1)
+        g = gate_values(logits, self.tau, self.family, self.magnitude_logit, self.m_max)
+        return g if mask is None else g * mask
 
 
 def _logit(p: float) -> float:

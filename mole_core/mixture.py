@@ -22,7 +22,7 @@ from .bank import ExpertBank
 from .checks import check_number, check_numbers
 from .errors import MoleError, MoleWarning
 from .expert import Expert, check_experts
-from .gates import MODES, GateConfig, ScopeGate, apply_mask, balance_loss, pool_input, pool_prompt, static_gates
+from .gates import MODES, GateConfig, ScopeGate, balance_loss, pool_input, pool_prompt, static_gates
 from .model_index import ModelIndex, index_model
 from .naming import execution_key, scope_of
 from .stats import GateStats
@@ -208,7 +208,6 @@ class Mixture:
         pool = self.config.text_pool if scope.component != "unet" else "mean"
         if self.config.token_routing and scope.component != "unet" and not is_conv:
             pool = "tokens"  # the gate scores every token and takes the max
-        convex = self.config.convex
 
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
@@ -248,9 +247,7 @@ class Mixture:
                         self._collect(scope.name, feats)
                     if feats.dtype != torch.float32 or feats.device != gate.weight.device:
                         feats = feats.to(gate.weight.device, torch.float32)
-                    g = gate(feats)
-                    if self._masked:
-                        g = apply_mask(g, self._mask_dev(g.device), convex)
+                    g = gate(feats, self._mask_dev(feats.device))  # the mask is data: no guard, no recompile
                     scope.gate = g
                     self.live_gates[scope.name] = g
                     if not scope.recorded:  # a gradient-checkpoint recompute re-runs this hook
@@ -322,7 +319,11 @@ class Mixture:
         if self._rows is not None and self._rows.shape[0] == 1 and int((self._rows != 0).sum()) == 1:
             e = int(self._rows[0].nonzero()[0, 0])  # host tensor: no device sync
             self._single, self._single_scale = e, float(self._rows[0, e] * self._scale_n[e])
-        self._dev_cache = {k: v for k, v in self._dev_cache.items() if k[0] != "rows"}
+        for key in [k for k in self._dev_cache if k[0] == "rows"]:  # in place (see _refresh)
+            if self._rows is None:
+                del self._dev_cache[key]
+            else:
+                self._dev_cache[key] = self._rows.to(key[1])
 
     def _rows_dev(self, device: torch.device) -> torch.Tensor:
         key = ("rows", device)
@@ -369,7 +370,15 @@ class Mixture:
             self._single_scale = float(self._rows[0, self._single] * self._scale_n[self._single])
         self._masked = bool((self._mask == 0).any())
         self._static = static_gates(self._mode, self.n, self._mask, self._weights) if self._mode != "gated" else None
-        self._dev_cache: dict = {}
+        # device copies of scale and mask, refreshed *in place* with the same keys: under torch.compile a new
+        # strength or mask is new data in the same guarded dict, not a recompile
+        cache: dict = getattr(self, "_dev_cache", {})
+        for kind, device in list(cache):
+            if kind == "scale":
+                cache[(kind, device)] = self._scale_n.to(device)
+            elif kind == "mask":
+                cache[(kind, device)] = self._mask.to(device)
+        self._dev_cache = cache
         self._fixed_up: dict = {}  # fixed modes: B with the coefficients folded in, per target/device/dtype
 
     def _scale_n_dev(self, device: torch.device) -> torch.Tensor:
