@@ -176,7 +176,7 @@ class ExpertBank:
         _, b, _ = self.tensors(h.device, h.dtype)
         hc = h * coef
         if self.conv is None:
-            if not torch.is_grad_enabled() and out.is_contiguous():  # sampling: accumulate into the fresh output
+            if _in_place_ok(out):  # eager sampling: accumulate into the fresh output
                 out.view(-1, out.shape[-1]).addmm_(hc.view(-1, hc.shape[-1]), self.up_t(h.device, h.dtype))
                 return out
             return torch.addmm(out.reshape(-1, out.shape[-1]), hc.reshape(-1, hc.shape[-1]), b.t()).reshape(out.shape)
@@ -202,7 +202,7 @@ class ExpertBank:
         """``out + up(A_cat x)`` with ``up`` from :meth:`scaled_up`: fixed weights cost a plain rank-R LoRA."""
         h = self.shrink(x)
         if self.conv is None:
-            if not torch.is_grad_enabled() and out.is_contiguous():
+            if _in_place_ok(out):
                 out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), up)
                 return out
             return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up).reshape(out.shape)
@@ -222,6 +222,13 @@ class ExpertBank:
         """Merged ``Σ_r coef_r · B_r A_r`` as a dense weight delta in fp32 (``coef (R,)``)."""
         d = (self.b_cat.flatten(1) * coef.float()[None, :]) @ self.a_cat.flatten(1)
         return d.reshape(self.out_dim, self.in_dim, *(self.kernel or ()))
+
+
+def _in_place_ok(out: torch.Tensor) -> bool:
+    """Whether a hook may add into the layer's output in place: eager sampling only (no autograd graph to
+    keep; under torch.compile the out-of-place form is what the compiler fuses, and in-place updates of a
+    hooked module's output are not replayed faithfully there)."""
+    return not torch.is_grad_enabled() and out.is_contiguous() and not torch.compiler.is_compiling()
 
 
 def _match_batch(coef: torch.Tensor, batch: int, target: str) -> torch.Tensor:
