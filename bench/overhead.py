@@ -101,7 +101,7 @@ def run(args: Namespace) -> dict:
         for n in args.experts:
             common.log(f"overhead: {topology}, N = {n} ...")
             units, targets = variants(unet, n, args)
-            calls = {k: (lambda u=u: u(**inputs, return_dict=False)[0]) for k, u in units.items()}
+            calls = {k: (lambda u=u, inputs=inputs: u(**inputs, return_dict=False)[0]) for k, u in units.items()}
             with torch.inference_mode():
                 for c in calls.values():
                     c()
