@@ -23,6 +23,7 @@ KEYS = {
     "train_step.py": ["ratio_train_vs_forward", "ratio_train_ckpt_vs_forward", "peak_mib", "flops",
                       "official_flops_over_ours", "checkpointing"],
     "overhead.py": ["rows", "gated_vs_peft", "machine"],
+    "gpu.py": ["rows", "machine"],
     "methods.py": ["ms", "ratio_to_base", "composite_vs_separate", "composite_vs_gated", "switch_vs_merged",
                    "composite_max_rel_diff_vs_separate"],
     "compile_check.py": ["graph_break_count", "graph_breaks_in_mole_core", "expert_tensor_copies_per_call", "copies",
