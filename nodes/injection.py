@@ -115,7 +115,9 @@ class MoleHolder:
     def diffusion_model_wrapper(self, executor: Any, x: torch.Tensor, timesteps: Any, *args: Any,
                                 **kwargs: Any) -> Any:
         if self.method == "gated":
-            if timesteps is not None:
+            # reading the timestep is a host sync (a graph break under torch.compile): compiled runs record
+            # their statistics without timestep buckets
+            if timesteps is not None and not torch.compiler.is_compiling():
                 self.mix.stats.bucket = timestep_bucket(timesteps, self.buckets, T_MAX)
             return executor(x, timesteps, *args, **kwargs)
         # UNetModel.forward passes (x, timesteps, context, y, control, transformer_options) positionally

@@ -1,5 +1,9 @@
-"""ComfyUI's own TorchCompileModel on MoLE Apply's gated output: compiled sampling equals eager, the graph is
-not broken by MoLE's hooks and a sampling run does not recompile per step."""
+"""ComfyUI's own TorchCompileModel on MoLE Apply's gated output: compiled sampling equals eager, MoLE's hooks
+do not break the graph and a sampling run does not recompile per step.
+
+ComfyUI picks its attention at start-up: PyTorch SDPA on GPUs (and with ``--use-pytorch-cross-attention``),
+the sub-quadratic CPU attention otherwise. The latter queries free memory through psutil inside every
+attention call, which breaks the graph there, between the LoRA targets of one block."""
 
 from __future__ import annotations
 
@@ -24,11 +28,7 @@ def _torch_compile_node():
     return module.TorchCompileModel
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue #15, also before this stop): under torch.compile in ComfyUI "
-                   "some of MoLE's forward hooks do not run (the gate of up_blocks.3.resnets.2 is never computed, "
-                   "gates downstream of down_blocks.1 differ): compiled sampling differs from eager by 7 %; the "
-                   "diffusers path compiles exactly (tests/core/test_compile.py)")
-def test_torch_compile_model_node_runs_gated_mole_like_eager(mole, tiny, experts, comfy_dirs):
+def _compiled_vs_eager(mole, tiny, experts, comfy_dirs, backend: str) -> tuple[float, int, int]:
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
@@ -38,11 +38,30 @@ def test_torch_compile_model_node_runs_gated_mole_like_eager(mole, tiny, experts
         eager = sample(m, steps=5)
         dynamo.reset()
         counters.clear()
-        compiled = _torch_compile_node().execute(model=m, backend="inductor").args[0]
+        compiled = _torch_compile_node().execute(model=m, backend=backend).args[0]
         got = sample(compiled, steps=5)
-    graphs = counters["stats"]["unique_graphs"]
-    breaks = sum(counters["graph_break"].values())
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     dynamo.reset()
-    assert rel(got, eager) <= 1e-4
-    assert breaks == 0, dict(counters["graph_break"])
-    assert graphs <= 2, f"{graphs} graphs for 5 sampling steps: a recompile per step"  # warm-up fills caches once
+    return rel(got, eager), graphs, breaks
+
+
+def test_torch_compile_model_node_runs_gated_mole_like_eager(mole, tiny, experts, comfy_dirs, monkeypatch):
+    """With PyTorch attention (ComfyUI's choice on a GPU): the inductor-compiled sampling equals eager, in one
+    graph without breaks, and the 5 steps (10 model calls with CFG) compile at most twice (the banks' device
+    caches fill on the first call)."""
+    import comfy.ldm.modules.attention as attention
+
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    diff, graphs, breaks = _compiled_vs_eager(mole, tiny, experts, comfy_dirs, "inductor")
+    assert diff <= 1e-4
+    assert breaks == 0
+    assert graphs <= 2, f"{graphs} graphs for 5 sampling steps: a recompile per step"
+
+
+@pytest.mark.xfail(strict=True, reason="known bug (issue #15, also before this stop): with ComfyUI's CPU attention "
+                   "(sub-quadratic; it reads free memory through psutil, a graph break inside every attention), "
+                   "MoLE's per-scope gate state does not survive the break and compiled sampling differs from "
+                   "eager by 7 %")
+def test_torch_compile_with_comfy_cpu_attention(mole, tiny, experts, comfy_dirs):
+    diff, _, _ = _compiled_vs_eager(mole, tiny, experts, comfy_dirs, "eager")  # dynamo alone shows it, in seconds
+    assert diff <= 1e-4
