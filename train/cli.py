@@ -31,6 +31,20 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _size(text: str) -> int | tuple[int, int]:
+    """``512`` or ``768x512`` (width x height)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or WxH in pixels, got {text!r}") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected N or WxH in pixels, got {text!r}")
+    return values[0], values[1]
+
+
 def _mask(text: str) -> list[bool]:
     vals = [v.strip().lower() for v in text.split(",") if v.strip()]
     if any(v not in ("0", "1", "true", "false", "on", "off") for v in vals):
@@ -82,7 +96,8 @@ def _add_sample_parser(sub: argparse._SubParsersAction, name: str, help_: str) -
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (then +1 per image)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--size", type=int, default=512, help="image size in pixels (square)")
+    p.add_argument("--size", type=_size, default=512, metavar="N|WxH",
+                   help="image size in pixels: one side (square) or width x height, multiples of 8")
     p.add_argument("--num", type=int, default=1, help="number of images")
     p.add_argument("--mask", type=_mask, default=None, help="experts on/off, e.g. 1,0,1 (gates renormalised)")
     p.add_argument("--strength", type=float, default=1.0, help="mixture strength λ")

@@ -27,7 +27,7 @@ class SampleSpec:
     seed: int = 0
     steps: int = 20
     cfg: float = 7.5
-    size: int = 512
+    size: int | tuple[int, int] = 512  # square side, or (width, height)
     num: int = 1
     gates: str | None = None
     weights: list[float] | None = None
@@ -53,13 +53,22 @@ class SampleSpec:
             raise MoleError(f"--steps and --num must be > 0, got {self.steps}, {self.num}")
         check_number(self.steps, "--steps", lo=1, hi=10000)
         check_number(self.num, "--num", lo=1, hi=10000)
-        if self.size % 8:
-            raise MoleError(f"--size must be a multiple of 8, got {self.size}")
-        check_number(self.size, "--size", lo=8, hi=8192)
+        for side in (self.width, self.height):
+            check_number(side, "--size", lo=8, hi=8192)
+            if side % 8:
+                raise MoleError(f"--size must be multiples of 8 (WxH or one side), got {self.width}x{self.height}")
         check_number(self.cfg, "--cfg", lo=0, hi=100)
         self.strength = check_number(self.strength, "--strength")
         if self.weights is not None:
             self.weights = check_numbers(self.weights, "--weights")
+
+    @property
+    def width(self) -> int:
+        return self.size[0] if isinstance(self.size, tuple) else self.size
+
+    @property
+    def height(self) -> int:
+        return self.size[1] if isinstance(self.size, tuple) else self.size
 
     @property
     def mode(self) -> str:
@@ -133,14 +142,14 @@ def sample_images(pipe, experts: list[mole.Expert], spec: SampleSpec) -> list[tu
                 hooks.steps.clear()
             gen = torch.Generator(device="cpu").manual_seed(spec.seed + i)
             image = pipe(spec.prompt, negative_prompt=spec.negative or None, num_inference_steps=spec.steps,
-                         guidance_scale=spec.cfg, height=spec.size, width=spec.size, generator=gen).images[0]
+                         guidance_scale=spec.cfg, height=spec.height, width=spec.width, generator=gen).images[0]
             stats = mixes[0].stats.summary() if spec.mode in ("gated", *METHODS) else {}
             labels = ({b: f"step {b}" for b in stats.get("by_bucket", {})} if spec.mode == "switch"
                       else bucket_labels(spec.timestep_buckets, T) if stats else {})
             method = ({"switch_every": spec.switch_every, "switch_experts": list(hooks.steps)}
                       if spec.mode == "switch" else {})
             info = {"prompt": spec.prompt, "negative": spec.negative, "seed": spec.seed + i, "steps": spec.steps,
-                    "cfg": spec.cfg, "size": spec.size, "mode": spec.mode, "weights": spec.weights,
+                    "cfg": spec.cfg, "size": f"{spec.width}x{spec.height}", "mode": spec.mode, "weights": spec.weights,
                     "mask": spec.mask, "strength": spec.strength, "gates": Path(spec.gates).name if spec.gates
                     else None, "experts": [e.name for e in experts], "mean_gates": stats.get("mean", {}),
                     "mean_gates_by_bucket": stats.get("by_bucket", {}), "bucket_labels": labels, **method, **spec.extra}
@@ -157,7 +166,7 @@ def save_png(image: Image.Image, info: dict, path: str | Path) -> Path:
     meta = PngInfo()
     meta.add_text("mole", json.dumps(info))
     meta.add_text("parameters", f"{info['prompt']}\nNegative prompt: {info['negative']}\nSteps: {info['steps']}, "
-                                f"CFG scale: {info['cfg']}, Seed: {info['seed']}, Size: {info['size']}x{info['size']}, "
+                                f"CFG scale: {info['cfg']}, Seed: {info['seed']}, Size: {info['size']}, "
                                 f"MoLE: {info['mode']}")
     image.save(path, pnginfo=meta)
     return Path(path)
