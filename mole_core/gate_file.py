@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import MoleError
+from .gate_schema import check_metadata, check_tensors
 from .gates import GateConfig, prior_gates
 from .lora_files import read_safetensors
 from .mixture import Mixture
@@ -108,27 +109,8 @@ def read_gate_file(path: str | os.PathLike) -> GateFile:
         info = json.loads(meta["mole"])
     except (KeyError, json.JSONDecodeError):
         raise MoleError(f"{name}: not a MoLE gate file (no 'mole' metadata)") from None
-    if info.get("format") != FORMAT:
-        raise MoleError(f"{name}: not a MoLE gate file (format {info.get('format')!r})")
-    if int(info.get("version", 0)) > VERSION:
-        raise MoleError(f"{name}: gate file version {info['version']} is newer than this MoLE ({VERSION})")
-    try:
-        cfg = GateConfig(**info["gate_config"])
-        experts, scopes = list(info["experts"]), dict(info["scopes"])
-    except (KeyError, TypeError) as exc:
-        raise MoleError(f"{name}: malformed gate metadata ({exc})") from None
-    except MoleError as exc:
-        raise MoleError(f"{name}: {exc}") from None
-    for s in scopes:
-        for part in _parts(cfg):
-            key = f"gates.{s}.{part}"
-            if key not in tensors:
-                raise MoleError(f"{name}: tensor {key} missing")
-            if not torch.isfinite(tensors[key]).all():
-                raise MoleError(f"{name}: tensor {key} contains NaN/inf")
-        center = tensors.get(f"gates.{s}.center")
-        if center is not None and not torch.isfinite(center).all():
-            raise MoleError(f"{name}: tensor gates.{s}.center contains NaN/inf")
+    cfg, experts, scopes = check_metadata(name, info, FORMAT, VERSION)
+    check_tensors(name, cfg, len(experts), scopes, tensors, _parts(cfg))
     return GateFile(str(path), cfg, experts, scopes, tensors, info)
 
 

@@ -58,8 +58,8 @@ class GateConfig:
             raise MoleError(f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.gate_input not in GATE_INPUTS:
             raise MoleError(f"`gate_input` must be one of {GATE_INPUTS}, got {self.gate_input!r}")
-        if not 0 < self.tau_min <= self.tau_init <= self.tau_max:
-            raise MoleError(f"need 0 < tau_min ≤ tau_init ≤ tau_max, got {self.tau_min}, {self.tau_init}, "
+        if not 1e-3 <= self.tau_min <= self.tau_init <= self.tau_max <= 1e3:  # a tinier τ overflows to NaN gates
+            raise MoleError(f"need 0.001 ≤ tau_min ≤ tau_init ≤ tau_max ≤ 1000, got {self.tau_min}, {self.tau_init}, "
                             f"{self.tau_max}")
         if self.family not in FAMILIES:
             raise MoleError(f"gate `family` must be one of {FAMILIES}, got {self.family!r}")

@@ -1,0 +1,83 @@
+"""The explicit schema of a gate file's metadata and tensors: anything else is a one-line MoleError.
+
+Metadata (``mole`` JSON): an object with ``format``, an integer ``version`` (1 … current), ``gate_config`` (an
+object of :class:`GateConfig` fields), ``experts`` (a non-empty list of objects with a string ``name``) and
+``scopes`` (a non-empty object of objects with an integer ``feature_dim`` ≥ 1). Tensors per scope, floating
+point, finite, exact shapes (no broadcasting): ``weight (N, d)``, ``bias (N,)``, ``log_tau ()``, sigmoid
+``magnitude_logit ()``, optional ``center (d,)``; router values bounded by :data:`MAX_ABS`. Tensors of no scope
+warn and are ignored.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import MoleError, MoleWarning
+from .gates import GateConfig
+
+MAX_ABS = 1e4  # a router weight, bias or log-temperature beyond this is corrupt, not trained
+
+
+def check_metadata(name: str, info: object, fmt: str, version: int) -> tuple[GateConfig, list[dict], dict]:
+    """``(config, experts, scopes)`` from a gate file's ``mole`` metadata, or a one-line MoleError."""
+    if not isinstance(info, dict):
+        raise MoleError(f"{name}: gate metadata must be a JSON object, got {type(info).__name__}")
+    if info.get("format") != fmt:
+        raise MoleError(f"{name}: not a MoLE gate file (format {info.get('format')!r})")
+    v = info.get("version", 1)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise MoleError(f"{name}: gate file `version` must be an integer ≥ 1, got {v!r}")
+    if v > version:
+        raise MoleError(f"{name}: gate file version {v} is newer than this MoLE ({version})")
+    cfg_dict = info.get("gate_config")
+    if not isinstance(cfg_dict, dict):
+        raise MoleError(f"{name}: `gate_config` must be a JSON object, got {type(cfg_dict).__name__}")
+    try:
+        cfg = GateConfig(**cfg_dict)
+    except TypeError as exc:
+        raise MoleError(f"{name}: malformed `gate_config` ({exc})") from None
+    except MoleError as exc:
+        raise MoleError(f"{name}: {exc}") from None
+    experts = info.get("experts")
+    if not isinstance(experts, list) or not experts or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) for e in experts):
+        raise MoleError(f"{name}: `experts` must be a non-empty list of objects with a string `name`")
+    scopes = info.get("scopes")
+    if not isinstance(scopes, dict) or not scopes:
+        raise MoleError(f"{name}: `scopes` must be a non-empty JSON object")
+    for s, meta in scopes.items():
+        d = meta.get("feature_dim") if isinstance(meta, dict) else None
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise MoleError(f"{name}: scope {s!r} needs an integer `feature_dim` ≥ 1, got {d!r}")
+    return cfg, experts, scopes
+
+
+def check_tensors(name: str, cfg: GateConfig, n_experts: int, scopes: dict, tensors: dict[str, torch.Tensor],
+                  parts: tuple[str, ...]) -> None:
+    """Exact shapes, floating dtypes, finite and bounded values for every scope's gate tensors."""
+    for s, meta in scopes.items():
+        d = meta["feature_dim"]
+        shapes = {"weight": (n_experts, d), "bias": (n_experts,), "log_tau": (), "magnitude_logit": (),
+                  "center": (d,)}
+        for part in (*parts, "center"):
+            key = f"gates.{s}.{part}"
+            t = tensors.get(key)
+            if t is None:
+                if part == "center":
+                    continue  # version 1: uncentred
+                raise MoleError(f"{name}: tensor {key} missing")
+            if not t.is_floating_point():
+                raise MoleError(f"{name}: tensor {key} must be floating point, got {t.dtype}")
+            if tuple(t.shape) != shapes[part]:
+                raise MoleError(f"{name}: tensor {key} has shape {tuple(t.shape)}, expected {shapes[part]}")
+            if not torch.isfinite(t).all():
+                raise MoleError(f"{name}: tensor {key} contains NaN/inf")
+            if t.numel() and float(t.abs().max()) > MAX_ABS:
+                raise MoleError(f"{name}: tensor {key} has values beyond ±{MAX_ABS:g} (corrupt)")
+    known = {f"gates.{s}.{p}" for s in scopes for p in (*parts, "center")}
+    extra = sorted(set(tensors) - known)
+    if extra:
+        warnings.warn(f"{name}: {len(extra)} tensors belong to no scope and are ignored (e.g. {extra[0]})",
+                      MoleWarning, stacklevel=3)
