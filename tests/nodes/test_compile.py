@@ -9,8 +9,6 @@ full suite the same check passed — a known, state-dependent bug (issue #15), s
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -21,13 +19,10 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow, pytest.mark.filterwarnings("i
 
 
 def _torch_compile_node():
-    from tests.nodes.conftest import COMFYUI
+    """ComfyUI's own TorchCompileModel (ComfyUI's root is on sys.path in the node tests)."""
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
 
-    spec = importlib.util.spec_from_file_location("nodes_torch_compile", COMFYUI / "comfy_extras"
-                                                  / "nodes_torch_compile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TorchCompileModel
+    return TorchCompileModel
 
 
 def _compiled_vs_eager(mole, tiny, experts, comfy_dirs, backend: str) -> tuple[float, int, int]:
