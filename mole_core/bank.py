@@ -131,18 +131,6 @@ class ExpertBank:
         coef = _match_batch(coef, h.shape[0], self.target)[:, :, None, None]
         return F.conv2d(h * coef, b)
 
-    def expand_add(self, out: torch.Tensor, h: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """``out + expand(h, coef)`` with the addition fused into the expand GEMM (``beta = 1``): one pass over
-        the layer output less, and no temporary of the output's size."""
-        _, b, _ = self.tensors(h.device, h.dtype)
-        coef = _match_batch(coef.to(h.dtype), h.shape[0], self.target)
-        if self.conv is None:
-            coef = coef.reshape(coef.shape[0], *([1] * (h.dim() - 2)), coef.shape[-1])
-            hc = (h * coef).reshape(-1, h.shape[-1])
-            return torch.addmm(out.reshape(-1, out.shape[-1]), hc, b.t()).reshape(out.shape)
-        hc = (h * coef[:, :, None, None]).flatten(2)  # (B, R, H'W')
-        return torch.baddbmm(out.flatten(2), b.flatten(1).expand(h.shape[0], -1, -1), hc).reshape(out.shape)
-
     def add_one(self, out: torch.Tensor, x: torch.Tensor, expert: int, scale: float) -> torch.Tensor:
         """``out + scale · B_e A_e x`` with only expert ``expert``'s rank rows (its slice of the bank): a single
         LoRA's cost, for LoRA Switch. ``out`` unchanged when the expert has no factor on this layer."""
@@ -152,9 +140,7 @@ class ExpertBank:
         a, b, _ = self.tensors(x.device, x.dtype)
         lo, hi = span
         if self.conv is None:
-            h = F.linear(x, a[lo:hi])
-            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, hi - lo), b[:, lo:hi].t(),
-                               alpha=scale).reshape(out.shape)
+            return _add_linear(out, F.linear(x, a[lo:hi]), b[:, lo:hi].t(), scale)
         h = F.conv2d(x, a[lo:hi], None, self.conv.stride, self.conv.padding, self.conv.dilation)
         return out + scale * F.conv2d(h, b[:, lo:hi])
 
@@ -171,15 +157,12 @@ class ExpertBank:
         return coef.reshape(coef.shape[0], *([1] * (like.dim() - 2)), coef.shape[-1])
 
     def expand_add_rows(self, out: torch.Tensor, h: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """:meth:`expand_add` with coefficients already from :meth:`row_coefficients`: one multiply and one
+        """``out + expand(h, ·)`` with coefficients already from :meth:`row_coefficients`: one multiply and one
         fused GEMM per layer (views are free)."""
-        _, b, _ = self.tensors(h.device, h.dtype)
         hc = h * coef
         if self.conv is None:
-            if _in_place_ok(out):  # eager sampling: accumulate into the fresh output
-                out.view(-1, out.shape[-1]).addmm_(hc.view(-1, hc.shape[-1]), self.up_t(h.device, h.dtype))
-                return out
-            return torch.addmm(out.reshape(-1, out.shape[-1]), hc.reshape(-1, hc.shape[-1]), b.t()).reshape(out.shape)
+            return _add_linear(out, hc, self.up_t(h.device, h.dtype))
+        _, b, _ = self.tensors(h.device, h.dtype)
         return torch.baddbmm(out.flatten(2), b.flatten(1).expand(h.shape[0], -1, -1), hc.flatten(2)).reshape(out.shape)
 
     def up_t(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -202,10 +185,7 @@ class ExpertBank:
         """``out + up(A_cat x)`` with ``up`` from :meth:`scaled_up`: fixed weights cost a plain rank-R LoRA."""
         h = self.shrink(x)
         if self.conv is None:
-            if _in_place_ok(out):
-                out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), up)
-                return out
-            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up).reshape(out.shape)
+            return _add_linear(out, h, up)
         return out + F.conv2d(h, up)
 
     def pooled_expert_outputs(self, h: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -222,6 +202,16 @@ class ExpertBank:
         """Merged ``Σ_r coef_r · B_r A_r`` as a dense weight delta in fp32 (``coef (R,)``)."""
         d = (self.b_cat.flatten(1) * coef.float()[None, :]) @ self.a_cat.flatten(1)
         return d.reshape(self.out_dim, self.in_dim, *(self.kernel or ()))
+
+
+def _add_linear(out: torch.Tensor, h: torch.Tensor, w_t: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out + alpha · h w_t`` over the token dimensions as one fused GEMM, accumulated into ``out`` in place
+    when :func:`_in_place_ok` (the layer's fresh output, eager sampling)."""
+    h2 = h.reshape(-1, h.shape[-1])
+    if _in_place_ok(out):
+        out.view(-1, out.shape[-1]).addmm_(h2, w_t, alpha=alpha)
+        return out
+    return torch.addmm(out.reshape(-1, out.shape[-1]), h2, w_t, alpha=alpha).reshape(out.shape)
 
 
 def _in_place_ok(out: torch.Tensor) -> bool:

@@ -14,11 +14,14 @@ model call maps to a sampling step (diffusers: the scheduler's timestep index; C
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import MoleError
+
+if TYPE_CHECKING:
+    from .mixture import Mixture
 
 METHODS = ("switch", "composite")
 
@@ -82,3 +85,26 @@ def average_blocks(out: torch.Tensor, blocks: int) -> torch.Tensor:
     if out.shape[0] % blocks:
         raise MoleError(f"LoRA Composite: the model returned {out.shape[0]} rows for {blocks} expert blocks")
     return out.reshape(blocks, out.shape[0] // blocks, *out.shape[1:]).mean(0)
+
+
+def start_switch_step(mix: Mixture, step: int, every: int) -> int:
+    """Before a model call of sampling step ``step``: LoRA Switch's one-hot gates on ``mix`` and its statistics
+    filed under that step (one heatmap column per step). Returns the expert."""
+    expert = switch_expert(step, every, mix.mask)
+    mix.stats.bucket = step
+    mix.set_row_gates(one_hot(mix.n, expert))
+    return expert
+
+
+def start_composite_call(mix: Mixture, batch: int) -> int:
+    """Before a model call of ``batch`` rows: LoRA Composite's one-hot rows on ``mix``. Returns the number of
+    blocks the host repeats the call's batch-first inputs into (:func:`repeat_batch`) and averages
+    (:func:`average_blocks`)."""
+    rows = composite_rows(mix.mask, batch)
+    mix.set_row_gates(rows)
+    return rows.shape[0] // batch
+
+
+def step_labels(by_bucket: dict) -> dict[str, str]:
+    """Heatmap labels of LoRA Switch's per-step statistics buckets."""
+    return {str(b): f"step {b}" for b in by_bucket}

@@ -326,10 +326,7 @@ class Mixture:
                 self._dev_cache[key] = self._rows.to(key[1])
 
     def _rows_dev(self, device: torch.device) -> torch.Tensor:
-        key = ("rows", device)
-        if key not in self._dev_cache:
-            self._dev_cache[key] = self._rows.to(device)
-        return self._dev_cache[key]
+        return self._on_device("rows", self._rows, device)
 
     def set_mask(self, mask: list[bool] | list[int] | None) -> None:
         """Which experts are on (masking mode renormalises the remaining gates)."""
@@ -368,29 +365,26 @@ class Mixture:
         self._scale_n = self._strength * strengths
         if getattr(self, "_single", None) is not None:
             self._single_scale = float(self._rows[0, self._single] * self._scale_n[self._single])
-        self._masked = bool((self._mask == 0).any())
         self._static = static_gates(self._mode, self.n, self._mask, self._weights) if self._mode != "gated" else None
         # device copies of scale and mask, refreshed *in place* with the same keys: under torch.compile a new
         # strength or mask is new data in the same guarded dict, not a recompile
-        cache: dict = getattr(self, "_dev_cache", {})
-        for kind, device in list(cache):
-            if kind == "scale":
-                cache[(kind, device)] = self._scale_n.to(device)
-            elif kind == "mask":
-                cache[(kind, device)] = self._mask.to(device)
-        self._dev_cache = cache
+        self._dev_cache: dict = getattr(self, "_dev_cache", {})
+        for kind, device in list(self._dev_cache):
+            if kind in ("scale", "mask"):
+                self._dev_cache[(kind, device)] = (self._scale_n if kind == "scale" else self._mask).to(device)
         self._fixed_up: dict = {}  # fixed modes: B with the coefficients folded in, per target/device/dtype
 
     def _scale_n_dev(self, device: torch.device) -> torch.Tensor:
-        key = ("scale", device)
-        if key not in self._dev_cache:
-            self._dev_cache[key] = self._scale_n.to(device)
-        return self._dev_cache[key]
+        return self._on_device("scale", self._scale_n, device)
 
     def _mask_dev(self, device: torch.device) -> torch.Tensor:
-        key = ("mask", device)
+        return self._on_device("mask", self._mask, device)
+
+    def _on_device(self, kind: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``value`` on ``device``, copied once per change (no host→device copy on every call)."""
+        key = (kind, device)
         if key not in self._dev_cache:
-            self._dev_cache[key] = self._mask.to(device)
+            self._dev_cache[key] = value.to(device)
         return self._dev_cache[key]
 
     # ----- training helpers -----

@@ -29,7 +29,7 @@ import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 import mole_core
-from mole_core.methods import repeat_batch
+from mole_core.methods import repeat_batch, start_composite_call, start_switch_step, step_labels
 from mole_core.stats import bucket_labels, timestep_bucket
 
 log = logging.getLogger(__name__)
@@ -123,17 +123,13 @@ class MoleHolder:
         # UNetModel.forward passes (x, timesteps, context, y, control, transformer_options) positionally
         kwargs = {**dict(zip(UNET_ARGS, args)), **kwargs}
         if self.method == "switch":
-            step = sampling_step(kwargs.get("transformer_options") or {})
-            self.mix.stats.bucket = step
-            self.mix.set_row_gates(mole_core.switch_rows(step, self.switch_every, self.mix.mask))
+            start_switch_step(self.mix, sampling_step(kwargs.get("transformer_options") or {}), self.switch_every)
             return executor(x, timesteps, **kwargs)
         if timesteps is not None:
             self.mix.stats.bucket = timestep_bucket(timesteps, self.buckets, T_MAX)
         if self.method == "composite":
             batch = x.shape[0]
-            rows = mole_core.composite_rows(self.mix.mask, batch)
-            blocks = rows.shape[0] // batch
-            self.mix.set_row_gates(rows)
+            blocks = start_composite_call(self.mix, batch)
             opts = kwargs.pop("transformer_options", None)  # not repeated: ComfyUI's per-call options
             out = executor(*repeat_batch([x, timesteps], batch, blocks), transformer_options=opts,
                            **repeat_batch(kwargs, batch, blocks))
@@ -150,7 +146,7 @@ class MoleHolder:
         """Store the summary of the statistics recorded since :meth:`reset`."""
         summary = self.mix.stats.summary()
         if self.method == "switch":  # one bucket per sampling step
-            summary["bucket_labels"] = {b: f"step {b}" for b in summary.get("by_bucket", {})}
+            summary["bucket_labels"] = step_labels(summary.get("by_bucket", {}))
         else:
             summary["bucket_labels"] = bucket_labels(self.buckets, T_MAX)
         self.last_summary = summary

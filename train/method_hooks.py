@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from mole_core import METHODS, Mixture, MoleError, average_blocks, composite_rows, switch_expert
-from mole_core.methods import one_hot, repeat_batch
+from mole_core import METHODS, Mixture, MoleError, average_blocks
+from mole_core.methods import repeat_batch, start_composite_call, start_switch_step
 
 
 class MethodHooks:
@@ -48,16 +48,10 @@ class MethodHooks:
         sample = args[0] if args else kwargs["sample"]
         if self.method == "switch":
             t = args[1] if len(args) > 1 else kwargs["timestep"]
-            step = self.step_of(t)
-            expert = switch_expert(step, self.every, self.mix.mask)
-            self.steps.append(expert)
-            self.mix.stats.bucket = step
-            self.mix.set_row_gates(one_hot(self.mix.n, expert))
+            self.steps.append(start_switch_step(self.mix, self.step_of(t), self.every))
             return args, kwargs
         batch = sample.shape[0]
-        rows = composite_rows(self.mix.mask, batch)
-        self._blocks = rows.shape[0] // batch
-        self.mix.set_row_gates(rows)
+        self._blocks = start_composite_call(self.mix, batch)
         return repeat_batch(args, batch, self._blocks), repeat_batch(kwargs, batch, self._blocks)
 
     def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:

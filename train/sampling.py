@@ -13,6 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 import mole_core as mole
 from mole_core import METHODS, Mixture, MoleError
 from mole_core.checks import check_number, check_numbers
+from mole_core.methods import step_labels
 from mole_core.stats import bucket_labels, timestep_bucket
 
 from .method_hooks import MethodHooks
@@ -144,7 +145,7 @@ def sample_images(pipe, experts: list[mole.Expert], spec: SampleSpec) -> list[tu
             image = pipe(spec.prompt, negative_prompt=spec.negative or None, num_inference_steps=spec.steps,
                          guidance_scale=spec.cfg, height=spec.height, width=spec.width, generator=gen).images[0]
             stats = mixes[0].stats.summary() if spec.mode in ("gated", *METHODS) else {}
-            labels = ({b: f"step {b}" for b in stats.get("by_bucket", {})} if spec.mode == "switch"
+            labels = (step_labels(stats.get("by_bucket", {})) if spec.mode == "switch"
                       else bucket_labels(spec.timestep_buckets, T) if stats else {})
             method = ({"switch_every": spec.switch_every, "switch_experts": list(hooks.steps)}
                       if spec.mode == "switch" else {})
