@@ -50,8 +50,6 @@ class SampleSpec:
                             "switch|composite)")
         if self.switch_every < 1:
             raise MoleError(f"--switch-every must be ≥ 1, got {self.switch_every}")
-        if self.steps <= 0 or self.num <= 0:
-            raise MoleError(f"--steps and --num must be > 0, got {self.steps}, {self.num}")
         check_number(self.steps, "--steps", lo=1, hi=10000)
         check_number(self.num, "--num", lo=1, hi=10000)
         for side in (self.width, self.height):
