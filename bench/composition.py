@@ -80,6 +80,8 @@ ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to 
                                                 alpha=0.0, exclude_weight=2.0)),
     Recipe("mole_sigmoid_compose_tetokens", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                  alpha=0.0, text_pool="tokens")),
+    Recipe("mole_sigmoid_compose_router", dict(COMPOSE_COMMON, gate_input="router", granularity="network",
+                                               gate_family="sigmoid", alpha=0.0)),
     Recipe("mole_sigmoid_compose_prior4", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                alpha=0.0, prior_weight=4.0, base_share=0.33)),
 ]

@@ -2,7 +2,9 @@
 
 Tensors: ``gates.<scope>.weight (N, d)``, ``gates.<scope>.bias (N,)``, ``gates.<scope>.log_tau ()``, for
 the sigmoid family ``gates.<scope>.magnitude_logit ()``, and ``gates.<scope>.center (d,)`` (the feature centre;
-format version 2 — version-1 files are uncentred softmax gates and load unchanged).
+format version 2 — version-1 files are uncentred softmax gates and load unchanged). ``gate_input="router"``
+(version 3): every scope's feature size is 0 and ``router.weight (N, d)``, ``router.center (d,)`` hold the
+shared router on the first text-encoder layer (metadata ``router``: its lead target and ``feature_dim``).
 Metadata key ``mole`` (JSON): format version, experts (name, sha256, ranks, order), gate
 config, scopes (lead target, feature size), base-model family, training config, metrics.
 Loading refuses a different expert set/order/hash with one line naming the difference.
@@ -27,7 +29,7 @@ from .lora_files import read_safetensors
 from .mixture import Mixture
 
 FORMAT = "mole-gates"
-VERSION = 2
+VERSION = 3  # the newest format read; files say the oldest that reads them (2 unless they carry a router)
 
 
 def _parts(cfg: GateConfig) -> tuple[str, ...]:
@@ -81,7 +83,13 @@ def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None
         for part in (*_parts(mix.config), "center"):
             tensors[f"gates.{name}.{part}"] = getattr(g, part).float()
         scopes[name] = {"lead": scope.lead, "feature_dim": scope.feature_dim, "targets": len(scope.targets)}
-    info = {"format": FORMAT, "version": VERSION, "experts": [dict(e.summary(), order=i)
+    extra = dict(extra or {})
+    if mix.router_lead is not None:
+        router = mix.gates["router"]
+        tensors["router.weight"], tensors["router.center"] = router.weight.float(), router.center.float()
+        extra["router"] = {"lead": mix.router_lead, "feature_dim": int(router.weight.shape[1])}
+    version = VERSION if mix.routed else 2  # the oldest format that reads the file
+    info = {"format": FORMAT, "version": version, "experts": [dict(e.summary(), order=i)
                                                               for i, e in enumerate(mix.experts)],
             "gate_config": mix.config.to_dict(), "scopes": scopes, "family": mix.index.family,
             "training": training or {}, "metrics": metrics or {}, **(extra or {})}
@@ -110,7 +118,8 @@ def read_gate_file(path: str | os.PathLike) -> GateFile:
     except (KeyError, json.JSONDecodeError):
         raise MoleError(f"{name}: not a MoLE gate file (no 'mole' metadata)") from None
     cfg, experts, scopes = check_metadata(name, info, FORMAT, VERSION)
-    check_tensors(name, cfg, len(experts), scopes, tensors, _parts(cfg))
+    router_dim = info["router"]["feature_dim"] if cfg.gate_input == "router" else 0
+    check_tensors(name, cfg, len(experts), scopes, tensors, _parts(cfg), router_dim)
     return GateFile(str(path), cfg, experts, scopes, tensors, info)
 
 
@@ -163,5 +172,13 @@ def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateF
                 getattr(g, part).copy_(gf.tensors[f"gates.{s}.{part}"])
             center = gf.tensors.get(f"gates.{s}.center")  # format 1: none (no centering)
             g.center.copy_(center if center is not None else torch.zeros_like(g.center))
+        if mix.router_lead is not None:
+            router = mix.gates["router"]
+            dim = int(gf.info["router"]["feature_dim"])
+            if dim != router.weight.shape[1]:
+                raise MoleError(f"{name}: the router reads {dim} features, the model's first text-encoder layer "
+                                f"gives {router.weight.shape[1]}")
+            router.weight.copy_(gf.tensors["router.weight"])
+            router.center.copy_(gf.tensors["router.center"])
     ignored = [s for s in gf.scopes if s.split(":", 1)[0] not in comps]
     return dataclasses.replace(gf, info={**gf.info, "ignored_scopes": ignored})

@@ -2,10 +2,11 @@
 
 Metadata (``mole`` JSON): an object with ``format``, an integer ``version`` (1 … current), ``gate_config`` (an
 object of :class:`GateConfig` fields), ``experts`` (a non-empty list of objects with a string ``name``) and
-``scopes`` (a non-empty object of objects with an integer ``feature_dim`` ≥ 1). Tensors per scope, floating
-point, finite, exact shapes (no broadcasting): ``weight (N, d)``, ``bias (N,)``, ``log_tau ()``, sigmoid
-``magnitude_logit ()``, optional ``center (d,)``; router values bounded by :data:`MAX_ABS`. Tensors of no scope
-warn and are ignored.
+``scopes`` (a non-empty object of objects with an integer ``feature_dim`` ≥ 1, or exactly 0 with
+``gate_input="router"``, whose files also carry ``router``: an object with an integer ``feature_dim`` ≥ 1).
+Tensors per scope, floating point, finite, exact shapes (no broadcasting): ``weight (N, d)``, ``bias (N,)``,
+``log_tau ()``, sigmoid ``magnitude_logit ()``, optional ``center (d,)``; with a router ``router.weight (N, d)``
+and ``router.center (d,)``; router values bounded by :data:`MAX_ABS`. Tensors of no scope warn and are ignored.
 """
 
 from __future__ import annotations
@@ -47,16 +48,36 @@ def check_metadata(name: str, info: object, fmt: str, version: int) -> tuple[Gat
     scopes = info.get("scopes")
     if not isinstance(scopes, dict) or not scopes:
         raise MoleError(f"{name}: `scopes` must be a non-empty JSON object")
+    routed = cfg.gate_input == "router"
     for s, meta in scopes.items():
         d = meta.get("feature_dim") if isinstance(meta, dict) else None
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        if routed and d != 0:
+            raise MoleError(f"{name}: scope {s!r} of a router gate file needs `feature_dim` 0, got {d!r}")
+        if not routed and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
             raise MoleError(f"{name}: scope {s!r} needs an integer `feature_dim` ≥ 1, got {d!r}")
+    if routed:
+        router = info.get("router")
+        d = router.get("feature_dim") if isinstance(router, dict) else None
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise MoleError(f"{name}: `router` must be an object with an integer `feature_dim` ≥ 1, got {router!r}")
     return cfg, experts, scopes
 
 
+def _check_tensor(name: str, key: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if not t.is_floating_point():
+        raise MoleError(f"{name}: tensor {key} must be floating point, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise MoleError(f"{name}: tensor {key} has shape {tuple(t.shape)}, expected {shape}")
+    if not torch.isfinite(t).all():
+        raise MoleError(f"{name}: tensor {key} contains NaN/inf")
+    if t.numel() and float(t.abs().max()) > MAX_ABS:
+        raise MoleError(f"{name}: tensor {key} has values beyond ±{MAX_ABS:g} (corrupt)")
+
+
 def check_tensors(name: str, cfg: GateConfig, n_experts: int, scopes: dict, tensors: dict[str, torch.Tensor],
-                  parts: tuple[str, ...]) -> None:
-    """Exact shapes, floating dtypes, finite and bounded values for every scope's gate tensors."""
+                  parts: tuple[str, ...], router_dim: int = 0) -> None:
+    """Exact shapes, floating dtypes, finite and bounded values for every scope's gate tensors (and the
+    shared router's, when ``router_dim`` > 0)."""
     for s, meta in scopes.items():
         d = meta["feature_dim"]
         shapes = {"weight": (n_experts, d), "bias": (n_experts,), "log_tau": (), "magnitude_logit": (),
@@ -68,15 +89,13 @@ def check_tensors(name: str, cfg: GateConfig, n_experts: int, scopes: dict, tens
                 if part == "center":
                     continue  # version 1: uncentred
                 raise MoleError(f"{name}: tensor {key} missing")
-            if not t.is_floating_point():
-                raise MoleError(f"{name}: tensor {key} must be floating point, got {t.dtype}")
-            if tuple(t.shape) != shapes[part]:
-                raise MoleError(f"{name}: tensor {key} has shape {tuple(t.shape)}, expected {shapes[part]}")
-            if not torch.isfinite(t).all():
-                raise MoleError(f"{name}: tensor {key} contains NaN/inf")
-            if t.numel() and float(t.abs().max()) > MAX_ABS:
-                raise MoleError(f"{name}: tensor {key} has values beyond ±{MAX_ABS:g} (corrupt)")
-    known = {f"gates.{s}.{p}" for s in scopes for p in (*parts, "center")}
+            _check_tensor(name, key, t, shapes[part])
+    router = {"router.weight": (n_experts, router_dim), "router.center": (router_dim,)} if router_dim else {}
+    for key, shape in router.items():
+        if key not in tensors:
+            raise MoleError(f"{name}: tensor {key} missing")
+        _check_tensor(name, key, tensors[key], shape)
+    known = {f"gates.{s}.{p}" for s in scopes for p in (*parts, "center")} | set(router)
     extra = sorted(set(tensors) - known)
     if extra:
         warnings.warn(f"{name}: {len(extra)} tensors belong to no scope and are ignored (e.g. {extra[0]})",

@@ -9,6 +9,11 @@ feature vector, so the gate works at any resolution and token count. ``W`` start
 in ``[0, m_max]``. Each expert is switched on or off on its own, so a prompt that names two concepts can
 run both LoRAs at full strength and a prompt that names none can run none — two things no convex mixture
 can express (its gates always sum to 1). Training starts at ``g_i = init_gate`` for every expert.
+
+``gate_input="router"``: one :class:`PromptRouter` reads the first text-encoder layer's token states (where a
+trigger word is the same vector in every prompt) and gives one logit per expert and prompt; every scope, in
+the text encoders and the UNet, adds that logit to its own bias and applies its own τ (and magnitude). The
+scopes then have no features of their own (feature size 0): the routing decision is made once per prompt.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch import nn
 from .errors import MoleError
 from .naming import GRANULARITIES
 
-GATE_INPUTS = ("input", "experts", "prompt")
+GATE_INPUTS = ("input", "experts", "prompt", "router")
 FAMILIES = ("softmax", "sigmoid")
 TEXT_POOLS = ("mean", "max", "tokens")
 MODES = ("gated", "uniform", "static")
@@ -35,7 +40,9 @@ class GateConfig:
     granularity: str = field(default="block", metadata={"help": "matrix | layer | block | network"})
     gate_input: str = field(default="input", metadata={"help": "input: pooled scope input; "
                                                        "experts: pooled normalised expert outputs; "
-                                                       "prompt: max-pooled prompt conditioning (UNet scopes)"})
+                                                       "prompt: max-pooled prompt conditioning (UNet scopes); "
+                                                       "router: one router on the first text-encoder layer's "
+                                                       "tokens decides per prompt for every scope"})
     tau_init: float = field(default=1.0, metadata={"help": "initial softmax temperature"})
     tau_min: float = field(default=0.05, metadata={"help": "lower clamp of τ"})
     tau_max: float = field(default=10.0, metadata={"help": "upper clamp of τ"})
@@ -148,8 +155,14 @@ class ScopeGate(nn.Module):
 
         ``mask`` ``(N,)`` of 0/1 (masking mode): softmax gates renormalise over the experts that are on
         (``−inf`` logits for the others, exactly :func:`apply_mask`), sigmoid gates are zeroed. An all-on
-        mask changes nothing bit for bit, so hosts pass it always and torch.compile never guards on it."""
-        logits = torch.nn.functional.linear(rms_normalize(features - self.center), self.weight, self.bias)
+        mask changes nothing bit for bit, so hosts pass it always and torch.compile never guards on it.
+
+        A scope of a shared router (feature size 0) takes the router's logits ``(B, N)`` as ``features``
+        and adds its own bias."""
+        if self.weight.shape[1] == 0:
+            logits = features + self.bias
+        else:
+            logits = torch.nn.functional.linear(rms_normalize(features - self.center), self.weight, self.bias)
         if logits.dim() == 3:
             logits = logits.amax(1)
         if self.family == "softmax":
@@ -159,6 +172,26 @@ class ScopeGate(nn.Module):
             return torch.softmax(z, dim=-1)
         g = gate_values(logits, self.tau, self.family, self.magnitude_logit, self.m_max)
         return g if mask is None else g * mask
+
+
+class PromptRouter(nn.Module):
+    """The shared router of ``gate_input="router"``: token states ``(B, L, d)`` of the first text-encoder
+    layer → one logit per expert ``(B, N)``: ``log mean_t exp(W · rms(f_t − c))``, a soft maximum over tokens
+    (a trigger word anywhere in the prompt can switch its LoRA on). Not the hard maximum: the tokens every
+    prompt shares (start token, padding) would win it for every prompt alike, and their gradients from prompts
+    that name a concept and prompts that do not cancel — the router would never see the trigger word.
+    ``W`` starts at ``init_std`` noise (0: every logit 0, so every scope starts at its prior gate)."""
+
+    def __init__(self, in_features: int, n_experts: int, cfg: GateConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_experts, in_features) * cfg.init_std)
+        self.register_buffer("center", torch.zeros(in_features))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(rms_normalize(tokens - self.center), self.weight)
+        if logits.dim() == 2:
+            return logits
+        return torch.logsumexp(logits, dim=1) - math.log(logits.shape[1])
 
 
 def _logit(p: float) -> float:

@@ -22,9 +22,10 @@ from .bank import ExpertBank
 from .checks import check_number, check_numbers
 from .errors import MoleError, MoleWarning
 from .expert import Expert, check_experts
-from .gates import MODES, GateConfig, ScopeGate, balance_loss, pool_input, pool_prompt, static_gates
+from .gates import MODES, GateConfig, PromptRouter, ScopeGate, balance_loss, pool_input, pool_prompt, static_gates
 from .model_index import ModelIndex, index_model
 from .naming import execution_key, scope_of
+from .routes import RouteTable
 from .stats import GateStats
 
 
@@ -66,13 +67,14 @@ class Mixture:
 
     def __init__(self, index: ModelIndex, experts: list[Expert], gate_config: GateConfig | None = None, *,
                  mode: str = "gated", weights: list[float] | None = None, mask: list[bool] | None = None,
-                 strength: float = 1.0, components: list[str] | None = None, hooks: bool = True):
+                 strength: float = 1.0, components: list[str] | None = None, hooks: bool = True,
+                 routes: RouteTable | None = None):
         check_experts(experts)
         self.index = index
         self.experts = experts
         self.n = len(experts)
         self.config = gate_config or GateConfig()
-        comps = set(components or index.components())
+        comps = self._comps = set(components or index.components())
         self.reports = self._match(comps)
         self.banks: dict[str, ExpertBank] = {}
         for target in sorted({t for e in experts for t in e.factors if t in index.modules
@@ -83,13 +85,24 @@ class Mixture:
         self.scope_names = list(self.scopes)
         self.gates = nn.ModuleDict({f"s{i}": ScopeGate(s.feature_dim, self.n, self.config)
                                     for i, s in enumerate(self.scopes.values())})
+        # gate_input "router": one router on the first text-encoder layer; its logits per prompt are every
+        # scope's features, carried to the UNet by the prompt's conditioning (RouteTable)
+        # (a UNet-only mixture shares the routes of its text encoders' mixture: ComfyUI's MODEL and CLIP)
+        self.routed = self.config.gate_input == "router"
+        self.router_lead = self._router_lead(shared=routes is not None) if self.routed else None
+        if self.router_lead is not None:
+            self.gates["router"] = PromptRouter(int(index.modules[self.router_lead].weight.shape[1]), self.n,
+                                                self.config)
+        self.routes = routes if routes is not None else RouteTable()
+        self._route: torch.Tensor | None = None  # router logits of the latest text-encoder call
+        self._unet_route: torch.Tensor | None = None  # router logits of the current UNet call's rows
+        self._warned_miss = False
         device = next(iter(index.modules[next(iter(self.banks))].parameters()), torch.empty(0)).device
         self.gates.to(device)
         self.stats = GateStats(self.n)
         self.live_gates: dict[str, torch.Tensor] = {}
         self._prompt: torch.Tensor | None = None  # context of the current UNet call (gate_input "prompt")
         self._center_sums: dict[str, list] | None = None  # set while calibrate_centers() runs
-        self._comps = comps
         self._handles: list[RemovableHandle] = []
         self._mode = "gated"
         self._weights: torch.Tensor | None = None
@@ -134,7 +147,9 @@ class Mixture:
             targets = sorted(groups[name], key=execution_key)
             lead = self.banks[targets[0]]
             component = name.split(":", 1)[0]
-            if self._reads_prompt(component):
+            if self.config.gate_input == "router":
+                dim = 0  # the shared router's logits are the features
+            elif self._reads_prompt(component):
                 dim = context_dim
             elif self.config.gate_input == "experts":
                 dim = self.n * lead.out_dim
@@ -145,6 +160,24 @@ class Mixture:
 
     def _reads_prompt(self, component: str) -> bool:
         return self.config.gate_input == "prompt" and component == "unet"
+
+    def _captures_context(self, component: str) -> bool:
+        return self.config.gate_input in ("prompt", "router") and component == "unet"
+
+    def _router_lead(self, shared: bool) -> str | None:
+        """The first text encoder's first attention input (its q projection): token states in which a
+        trigger word is the same vector in every prompt. None for a UNet-only mixture given ``routes``."""
+        for comp in ("te", "te2"):
+            if comp not in self._comps:
+                continue
+            lead = next((t for t in sorted(self.index.modules, key=execution_key)
+                         if t.startswith(f"{comp}:") and t.endswith("layers.0.self_attn.q_proj")), None)
+            if lead is not None:
+                return lead
+        if shared:
+            return None
+        raise MoleError("gate_input 'router' needs a CLIP text encoder among the attached components (the router "
+                        "reads its first layer); attach the text encoders too, or use gate_input 'input'")
 
     def _context_dim(self) -> int:
         """Width of the UNet's cross-attention context (the key projection of any cross-attention)."""
@@ -159,9 +192,14 @@ class Mixture:
             return
         for comp, root in self.index.roots.items():
             if comp in self._comps:
-                reads_prompt = self._reads_prompt(comp)
+                reads_prompt = self._captures_context(comp)
                 self._handles.append(root.register_forward_pre_hook(self._root_hook(comp, reads_prompt),
                                                                     with_kwargs=reads_prompt))
+        if self.router_lead is not None:  # before the target hooks: the lead may be a target too
+            self._handles.append(self.index.modules[self.router_lead].register_forward_hook(self._router_hook))
+            root = self.index.roots.get(self.router_lead.split(":", 1)[0])
+            if root is not None:
+                self._handles.append(root.register_forward_hook(self._remember_hook))
         for scope_i, scope in enumerate(self.scopes.values()):
             gate = self.gates[f"s{scope_i}"]
             for t in scope.targets:
@@ -185,7 +223,49 @@ class Mixture:
             if context is None and len(args) > 2:
                 context = args[2]
             self._prompt = context if isinstance(context, torch.Tensor) else None
+            routed = self.routed and self._prompt is not None and self._mode == "gated"
+            misses = self.routes.misses
+            self._unet_route = self.routes.lookup(self._prompt, self.n) if routed else None
+            if self.routes.misses > misses and not self._warned_miss:
+                self._warned_miss = True
+                warnings.warn("gate_input 'router': the UNet got conditioning of no prompt the text encoder "
+                              "routed (a CLIP without MoLE, or changed after encoding): those rows run at the "
+                              "prior gates", MoleWarning, stacklevel=2)
         return prompt_hook if reads_prompt else hook
+
+    def _router_hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if self._mode != "gated" or self._rows is not None:
+            return
+        x = args[0]
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self._center_sums is not None:
+            self._collect("router", tokens)
+        router = self.gates["router"]
+        self._route = router(tokens.to(router.weight.device, torch.float32))
+
+    def _remember_hook(self, module: nn.Module, args: tuple, out: object) -> None:
+        """Remember the text encoder's output states with the prompts' routes: the last layer (diffusers'
+        and ComfyUI's SD1.x default), ComfyUI's requested intermediate layer (clip skip, SDXL) and the
+        penultimate of diffusers' ``hidden_states`` (SDXL); hosts that change them further call
+        :meth:`remember_conditioning`."""
+        if self._route is None:
+            return
+        states = [out] if isinstance(out, torch.Tensor) else []
+        if isinstance(out, (tuple, list)) or (isinstance(out, dict) and not isinstance(out, torch.Tensor)):
+            items = list(out.values()) if isinstance(out, dict) else list(out)
+            states = [x for x in items[:2] if isinstance(x, torch.Tensor)]
+            hidden = out.get("hidden_states") if isinstance(out, dict) else None
+            if isinstance(hidden, (tuple, list)) and len(hidden) > 1:
+                states.append(hidden[-2])
+        for x in states:
+            self.routes.remember(x, self._route)
+
+    def remember_conditioning(self, conditioning: torch.Tensor) -> None:
+        """Tell a router mixture that ``conditioning`` ``(B, L, D)`` is what the UNet will be given for the
+        prompts of the latest text-encoder call (hosts whose conditioning is not the encoder's own output:
+        SDXL's two encoders concatenated, a penultimate layer)."""
+        if self._route is not None:
+            self.routes.remember(conditioning, self._route)
 
     def _prompt_features(self, batch: int) -> torch.Tensor:
         if self._prompt is None:
@@ -200,6 +280,22 @@ class Mixture:
                                 f"the latents {batch}")
             f = f.expand(batch, *f.shape[1:])
         return f
+
+    def _route_rows(self, scope: _Scope, batch: int) -> torch.Tensor:
+        if scope.component not in ("unet", self.router_lead.split(":", 1)[0] if self.router_lead else "te"):
+            # a second text encoder (SDXL's te2) may run before the router's (ComfyUI encodes G before L): its
+            # scopes run at their prior gates, the same in every host
+            return torch.zeros(batch, self.n, device=self.gates["router"].weight.device)
+        route = self._unet_route if scope.component == "unet" else self._route
+        if route is None:
+            where = "UNet was called without prompt conditioning" if scope.component == "unet" else \
+                "text encoder's first layer did not run before"
+            raise MoleError(f"gate_input 'router': the {where} scope {scope.name}")
+        if route.shape[0] != batch:
+            if route.shape[0] != 1:
+                raise MoleError(f"gate_input 'router': {route.shape[0]} routed prompts for a batch of {batch}")
+            route = route.expand(batch, -1)
+        return route
 
     def _target_hook(self, bank: ExpertBank, scope: _Scope, gate: ScopeGate, is_lead: bool):
         is_conv = bank.is_conv
@@ -237,7 +333,9 @@ class Mixture:
                     scope.recorded = True
             elif self._mode == "gated":
                 if is_lead:
-                    if prompt_input:
+                    if self.routed:
+                        feats = self._route_rows(scope, x.shape[0])
+                    elif prompt_input:
                         feats = self._prompt_features(x.shape[0])
                     elif experts_input:
                         feats = bank.pooled_expert_outputs(h, self.n).flatten(1)
@@ -284,10 +382,13 @@ class Mixture:
             sums = self._center_sums
         finally:
             self._center_sums = None
-        for i, name in enumerate(self.scopes):
-            if name in sums:
+        named = {name: self.gates[f"s{i}"] for i, name in enumerate(self.scopes)}
+        if self.router_lead is not None:
+            named["router"] = self.gates["router"]
+        for name, gate in named.items():
+            if name in sums and gate.center.numel():
                 total, count = sums[name]
-                self.gates[f"s{i}"].center.copy_((total / count).to(self.gates[f"s{i}"].center.device))
+                gate.center.copy_((total / count).to(gate.center.device))
         return len(sums)
 
     # ----- runtime state -----
@@ -472,7 +573,7 @@ class Mixture:
 def attach(model: object, experts: list[Expert], gate_config: GateConfig | None = None, *,
            gates: object | None = None, mode: str = "gated", weights: list[float] | None = None,
            mask: list[bool] | None = None, strength: float = 1.0, components: list[str] | None = None,
-           match: str = "hash", hooks: bool = True) -> Mixture:
+           match: str = "hash", hooks: bool = True, routes: RouteTable | None = None) -> Mixture:
     """Attach experts to a model (diffusers pipeline, UNet, text encoder, dict or ModelIndex).
 
     Args:
@@ -486,6 +587,8 @@ def attach(model: object, experts: list[Expert], gate_config: GateConfig | None 
         components: subset of ``unet``, ``te``, ``te2`` to attach to (default: all found).
         match: how a gate file's experts are checked: ``hash`` (default) or ``name``.
         hooks: install the hooks now (False: build only; hosts call :meth:`Mixture.reattach` later).
+        routes: ``gate_input="router"`` on a UNet-only mixture: the text encoders' mixture's
+            :attr:`Mixture.routes` (the router runs there).
     """
     from .gate_file import GateFile, apply_gate_file, read_gate_file  # local: gate_file imports Mixture
 
@@ -495,7 +598,7 @@ def attach(model: object, experts: list[Expert], gate_config: GateConfig | None 
         gf = gates if isinstance(gates, GateFile) else read_gate_file(gates)
         gate_config = gf.config
     mix = Mixture(index, experts, gate_config, mode=mode, weights=weights, mask=mask, strength=strength,
-                  components=components, hooks=hooks)
+                  components=components, hooks=hooks, routes=routes)
     if gf is not None:
         try:
             apply_gate_file(mix, gf, match=match)

@@ -94,10 +94,11 @@ def static_clip(clip: Any, experts: MoleExperts, vector: list[float], strength: 
 
 
 def _mixture(index: mole_core.ModelIndex, experts: MoleExperts, gate_file: mole_core.GateFile | None,
-             mask: list[bool], strength: float, components: list[str]) -> mole_core.Mixture:
+             mask: list[bool], strength: float, components: list[str],
+             routes: mole_core.RouteTable | None = None) -> mole_core.Mixture:
     # hooks go on only while the MoLE clone is loaded (PatcherInjection)
     return mole_core.attach(index, experts.experts(), gates=gate_file, mode="gated", mask=mask, strength=strength,
-                            components=components, hooks=False)
+                            components=components, hooks=False, routes=routes)
 
 
 def apply_gated(model: Any, clip: Any, experts: MoleExperts, gates: MoleGates | None, mask: list[bool],
@@ -112,11 +113,7 @@ def apply_gated(model: Any, clip: Any, experts: MoleExperts, gates: MoleGates | 
     if gates is not None and gate_file is None:
         raise mole_core.MoleError(f"`gates` from {gates.source or 'a static MoLE'} hold fixed weights, not "
                                   "trained gates: load a gate file for gated mode")
-    m = model.clone()
-    unet_mix = _mixture(build_index(model=model)[0], experts, gate_file, mask, strength, ["unet"])
-    holders = [MoleHolder(unet_mix, "unet", nid, buckets, experts.names)]
-    holders[0].install(m)
-    c = clip
+    m, c, te_holder = model.clone(), clip, None
     if clip is not None and experts.has_component(*TE):
         index = build_index(clip=clip)[0]
         comps = [k for k in TE if k in index.roots]
@@ -125,10 +122,18 @@ def apply_gated(model: Any, clip: Any, experts: MoleExperts, gates: MoleGates | 
             # weights, exactly as the trainer mixed them while the gates learned
             c = static_clip(clip, experts, static_vector("uniform", None, mask), strength)
         else:
-            holders.append(MoleHolder(_mixture(index, experts, gate_file, mask, strength, comps), "te", nid, 1,
-                                      experts.names))
+            te_holder = MoleHolder(_mixture(index, experts, gate_file, mask, strength, comps), "te", nid, 1,
+                                   experts.names)
             c = clip.clone()
-            holders[1].install(c.patcher, sampling=False)
+            te_holder.install(c.patcher, sampling=False)
+    # gate_input "router": the router runs in the text encoder; the UNet finds each prompt's decision by its
+    # conditioning in the text encoders' route table
+    routes = te_holder.mix.routes if te_holder is not None and te_holder.mix.routed else None
+    unet_mix = _mixture(build_index(model=model)[0], experts, gate_file, mask, strength, ["unet"], routes)
+    holders = [MoleHolder(unet_mix, "unet", nid, buckets, experts.names)]
+    holders[0].install(m)
+    if te_holder is not None:
+        holders.append(te_holder)
     snapshot = merge_gate_files([mole_core.snapshot(h.mix) for h in holders])
     if gate_file is not None:
         snapshot = carry_over(snapshot, gate_file)

@@ -262,7 +262,9 @@ class MoleTrainGates(io.ComfyNode):
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
                                tooltip="One gate per: matrix (layer), layer (transformer layer), block (attention "
                                        "block; the paper's best) or network (one gate for the whole UNet)."),
-                io.Combo.Input("gate_input", options=list(GATE_INPUTS), default="input",
+                # "router" trains the text encoder's router, which this node does not train (the CLI does);
+                # MoLE Apply runs router gate files
+                io.Combo.Input("gate_input", options=[g for g in GATE_INPUTS if g != "router"], default="input",
                                tooltip="What the gate looks at: input (pooled block input), experts (pooled "
                                        "outputs of the experts, paper Eq. 9-10) or prompt (the prompt's "
                                        "conditioning, max-pooled over tokens: routes by the concepts the prompt "

@@ -151,6 +151,9 @@ def merge_gate_files(files: list[mole_core.GateFile]) -> mole_core.GateFile:
         tensors.update(f.tensors)
         scopes.update(f.scopes)
     info = {**first.info, "scopes": scopes}
+    for f in files:  # gate_input "router": the router lives in the text encoders' mixture
+        if "router" in f.info:
+            info["router"] = f.info["router"]
     return mole_core.GateFile(first.path, first.config, first.experts, scopes, tensors, info)
 
 
@@ -164,6 +167,9 @@ def carry_over(snapshot: mole_core.GateFile, loaded: mole_core.GateFile) -> mole
             scopes[scope] = meta
             tensors.update({k: v for k, v in loaded.tensors.items() if k.startswith(f"gates.{scope}.")})
     info = {**snapshot.info, "scopes": scopes}
+    if "router" in loaded.info and "router" not in info:  # no CLIP connected: keep the file's router
+        info["router"] = loaded.info["router"]
+        tensors.update({k: v for k, v in loaded.tensors.items() if k.startswith("router.")})
     for key in ("training", "metrics", "calibration"):
         if loaded.info.get(key):
             info[key] = loaded.info[key]

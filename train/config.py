@@ -34,7 +34,9 @@ class TrainConfig:
     alpha: float = _opt(0.5, "weight α of the gating balance loss (paper Eq. 16)")
     granularity: str = _opt("block", "gate scope: matrix | layer | block | network", choices=GRANULARITIES)
     gate_input: str = _opt("input", "gate features: input (pooled block input) | experts (pooled expert outputs) | "
-                           "prompt (max-pooled prompt conditioning: routes by the concepts named in the prompt)",
+                           "prompt (max-pooled prompt conditioning: routes by the concepts named in the prompt) | "
+                           "router (one router on the text encoder's first-layer tokens decides per prompt for "
+                           "every scope; needs train_text_gates)",
                            choices=GATE_INPUTS)
     gate_family: str = _opt("softmax", "softmax: the paper's convex gates (sum to 1) | sigmoid: each expert on/off "
                             "on its own times a learnable per-scope magnitude in [0, m_max]", choices=FAMILIES)
@@ -121,6 +123,9 @@ class TrainConfig:
             raise MoleError(f"`word_dropout` must be in [0, 1), got {self.word_dropout}")
         if not 0.0 <= self.base_share < 1.0:
             raise MoleError(f"`base_share` must be in [0, 1), got {self.base_share}")
+        if self.gate_input == "router" and not self.train_text_gates:
+            raise MoleError("`gate_input` router needs `train_text_gates` (the router reads the text encoder's "
+                            "first layer and trains with the text-encoder gates)")
         self.gate_config()  # family, m_max, init_gate, text_pool, tau: one-line errors now
 
     def gate_config(self) -> GateConfig:

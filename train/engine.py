@@ -282,6 +282,7 @@ def _run(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], cache: 
 
             def forward(idx=idx, t=t_dev, x0=x0, noise=noise) -> tuple[torch.Tensor, dict]:
                 mix.clear_live_gates()
+                mix.routes.clear()  # gate_input router: an earlier step's routes belong to a spent graph
                 terms: dict[str, torch.Tensor] = {}
                 if objectives:
                     x_t = add_noise(backend.alphas_cumprod, x0, noise, t)

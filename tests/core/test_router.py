@@ -1,0 +1,212 @@
+"""``gate_input="router"``: one router on the first text-encoder layer decides per prompt for every scope.
+
+Oracles: the router logit computed by hand from the q projection's input captured by our own hook
+(``log mean_t exp(W·rms(f_t − c))``), the sigmoid gate ``m σ((ℓ + b)/τ)`` by hand, and a real diffusers pipeline
+with classifier-free guidance (the UNet's cond rows must use the prompt's decision, the uncond rows the
+negative prompt's).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import mole_core as mole
+from mole_core.gates import rms_normalize
+from mole_core.routes import RouteTable
+from tests.fixtures.tiny_models import sd15_pipeline
+
+CFG = mole.GateConfig(gate_input="router", family="sigmoid", granularity="block", init_std=0.3)
+
+
+@pytest.fixture
+def pipe(tiny_sd15):
+    return sd15_pipeline({k: copy.deepcopy(v) for k, v in tiny_sd15.items()})
+
+
+def _randomise(mix: mole.Mixture, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in mix.gates.named_parameters():
+            if not name.endswith("log_tau"):
+                p.copy_(torch.randn(p.shape, generator=g))
+        mix.gates["router"].center.copy_(torch.randn(mix.gates["router"].center.shape, generator=g) * 0.1)
+
+
+def _tokens(pipe, prompts: list[str]) -> torch.Tensor:
+    return pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+
+
+def test_every_scope_uses_the_hand_computed_route_of_its_prompt(pipe, lora_set):
+    mix = mole.attach(pipe, mole.load_experts(lora_set.paths), CFG)
+    _randomise(mix)
+    assert mix.router_lead == "te:text_model.encoder.layers.0.self_attn.q_proj"
+    assert all(s.feature_dim == 0 for s in mix.scopes.values())
+    seen = {}
+    q_proj = next(m for n, m in pipe.text_encoder.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    handle = q_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("x", a[0].detach().clone()))
+    prompts = ["a red square", "a blue circle on grey"]
+    with torch.no_grad():
+        ctx = pipe.text_encoder(_tokens(pipe, prompts))[0]
+    handle.remove()
+    router = mix.gates["router"]
+    per_token = rms_normalize(seen["x"] - router.center) @ router.weight.T  # (B, L, N) by hand
+    logits = (per_token.exp().mean(1)).log()
+    assert logits.std() > 0.1  # the prompts route differently
+    te_scopes = [s for s in mix.scopes if s.startswith("te:")]
+    for s in te_scopes:
+        g = mix.scope_gate(s)
+        want = g.magnitude * torch.sigmoid((logits + g.bias) / g.tau)
+        torch.testing.assert_close(mix.live_gates[s], want)
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the UNet finds each row's route by its conditioning, in any row order
+        pipe.unet(sample, torch.tensor([500, 500]), encoder_hidden_states=ctx.flip(0))
+    unet_scopes = [s for s in mix.scopes if s.startswith("unet:")]
+    assert len(unet_scopes) > 3 and mix.routes.misses == 0
+    for s in unet_scopes:
+        g = mix.scope_gate(s)
+        want = g.magnitude * torch.sigmoid((logits.flip(0) + g.bias) / g.tau)
+        torch.testing.assert_close(mix.live_gates[s], want)
+    mix.detach()
+
+
+def test_guided_sampling_routes_cond_and_uncond_rows_by_their_own_prompt(pipe, lora_set):
+    mix = mole.attach(pipe, mole.load_experts(lora_set.paths), CFG)
+    _randomise(mix)
+    prompt, negative = "a purple star", "blurry"
+    with torch.no_grad():
+        pipe.text_encoder(_tokens(pipe, [prompt]))
+        want_cond = mix._route.clone()
+        pipe.text_encoder(_tokens(pipe, [negative]))
+        want_uncond = mix._route.clone()
+    unet_gates = []
+    handle = pipe.unet.register_forward_hook(
+        lambda m, a, o: unet_gates.append(mix.live_gates[next(s for s in mix.scopes if s.startswith("unet:"))]))
+    pipe(prompt, negative_prompt=negative, num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    assert len(unet_gates) == 2 and mix.routes.misses == 0
+    g = mix.scope_gate(next(s for s in mix.scopes if s.startswith("unet:")))
+    for rows in unet_gates:  # diffusers batches [uncond, cond]
+        torch.testing.assert_close(rows, g.magnitude * torch.sigmoid((torch.cat([want_uncond, want_cond]) + g.bias)
+                                                                    / g.tau))
+    mix.detach()
+
+
+def test_the_unets_use_of_a_route_trains_the_router(pipe, lora_set):
+    mix = mole.attach(pipe, mole.load_experts(lora_set.paths), CFG)
+    ctx = pipe.text_encoder(_tokens(pipe, ["a red square"]))[0].detach()  # the context has no graph of its own
+    out = pipe.unet(torch.randn(1, 4, 8, 8), torch.tensor([500]), encoder_hidden_states=ctx).sample
+    pipe.text_encoder.zero_grad(set_to_none=True)
+    mix.gates.zero_grad(set_to_none=True)
+    out.pow(2).mean().backward()
+    grad = mix.gates["router"].weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    mix.detach()
+
+
+def test_route_table_matches_up_to_half_precision_and_repeats_only():
+    table = RouteTable(capacity=4)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 77, 32, generator=g), torch.randn(1, 77, 32, generator=g)
+    near = a[1:].clone()
+    near[0, 5] += 0.5  # one token differs
+    routes = torch.tensor([[1.0, -1.0], [2.0, 3.0]])
+    table.remember(a, routes)
+    torch.testing.assert_close(table.lookup(a.half().float()[[1, 0]], 2), routes[[1, 0]])
+    torch.testing.assert_close(table.lookup(a[:1].repeat(1, 2, 1), 2), routes[:1])  # a host's longer context
+    assert table.misses == 0
+    got = table.lookup(torch.cat([b, near]), 2)
+    assert torch.equal(got, torch.zeros(2, 2)) and table.misses == 2
+    table.remember(a[:1], torch.tensor([[5.0, 5.0]]))  # the same prompt again: the newest wins
+    torch.testing.assert_close(table.lookup(a[:1], 2), torch.tensor([[5.0, 5.0]]))
+    for _ in range(4):
+        table.remember(b, torch.ones(1, 2))
+    assert len(table) == 4 and table.lookup(a[:1], 2).abs().sum() == 0  # evicted
+
+
+def test_router_gate_file_round_trip_and_schema(pipe, lora_set, tmp_path):
+    experts = mole.load_experts(lora_set.paths)
+    mix = mole.attach(pipe, experts, CFG)
+    _randomise(mix)
+    path = mole.save_gates(mix, tmp_path / "router.safetensors")
+    mix.detach()
+    gf = mole.read_gate_file(path)
+    assert gf.info["version"] == 3 and gf.info["router"]["feature_dim"] == 32
+    mix2 = mole.attach(pipe, experts, gates=path)
+    for (k, p), (_, q) in zip(mix.gates.state_dict().items(), mix2.gates.state_dict().items()):
+        assert torch.equal(p, q), k
+    mix2.detach()
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+
+    def broken(edit_tensors=None, edit_info=None) -> str:
+        t, info = dict(tensors), json.loads(meta["mole"])
+        if edit_tensors:
+            edit_tensors(t)
+        if edit_info:
+            edit_info(info)
+        out = tmp_path / "broken.safetensors"
+        save_file(t, out, metadata={"format": "pt", "mole": json.dumps(info)})
+        with pytest.raises(mole.MoleError) as exc:
+            mole.read_gate_file(out)
+        assert "\n" not in str(exc.value)
+        return str(exc.value)
+
+    assert "router.weight missing" in broken(lambda t: t.pop("router.weight"))
+    assert "expected (3, 32)" in broken(lambda t: t.__setitem__("router.weight", torch.zeros(1, 32)))
+    assert "`router`" in broken(edit_info=lambda i: i.pop("router"))
+    assert "feature_dim` 0" in broken(edit_info=lambda i: next(iter(i["scopes"].values())).update(feature_dim=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mole.read_gate_file(path)  # the router's tensors belong to the file: no "extra tensors" warning
+
+
+def test_router_needs_a_text_encoder(tiny_sd15, lora_set):
+    with pytest.raises(mole.MoleError, match="router.*text encoder"):
+        mole.attach({"unet": copy.deepcopy(tiny_sd15["unet"])}, mole.load_experts(lora_set.paths), CFG)
+
+
+def test_route_table_takes_the_largest_logit_over_a_long_prompts_chunks():
+    table = RouteTable()
+    g = torch.Generator().manual_seed(2)
+    first, second, short = (torch.randn(1, 77, 16, generator=g) for _ in range(3))
+    table.remember(torch.cat([first, second]), torch.tensor([[3.0, -1.0], [-2.0, 4.0]]))  # one prompt, 2 chunks
+    table.remember(short, torch.tensor([[0.5, 0.5]]))
+    long_row = torch.cat([first, second], 1)  # the host concatenates the chunks: (1, 154, D)
+    got = table.lookup(torch.cat([long_row, short.repeat(1, 2, 1)]), 2)
+    torch.testing.assert_close(got, torch.tensor([[3.0, 4.0], [0.5, 0.5]]))
+    assert table.misses == 0
+
+
+def test_sdxl_unet_finds_routes_in_its_concatenated_conditioning(tiny_sdxl, sdxl_lora):
+    """diffusers' SDXL conditioning is both encoders' penultimate states concatenated: the UNet rows match
+    the first encoder's remembered penultimate states; the second encoder's scopes run at their prior gates."""
+    from tests.fixtures.tiny_models import sdxl_pipeline
+
+    pipe = sdxl_pipeline({k: copy.deepcopy(v) for k, v in tiny_sdxl.items()})
+    mix = mole.attach(pipe, mole.load_experts(sdxl_lora.paths), CFG)
+    _randomise(mix)
+    assert mix.router_lead.startswith("te:")
+    seen = []
+    handle = pipe.unet.register_forward_hook(lambda *_: seen.append({k: v.clone() for k, v in mix.live_gates.items()}))
+    pipe("a purple star", negative_prompt="blurry", num_inference_steps=1, guidance_scale=5.0, height=64, width=64,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    assert len(seen) == 1 and mix.routes.misses == 0
+    unet_scope = next(s for s in mix.scopes if s.startswith("unet:"))
+    rows = seen[0][unet_scope]
+    assert rows.shape[0] == 2 and (rows[0] - rows[1]).abs().max() > 1e-3  # uncond and cond routed apart
+    for s in (s for s in mix.scopes if s.startswith("te2:")):
+        g = mix.scope_gate(s)
+        torch.testing.assert_close(seen[0][s], (g.magnitude * torch.sigmoid(g.bias / g.tau)).expand_as(seen[0][s]))
+    mix.detach()

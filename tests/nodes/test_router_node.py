@@ -1,0 +1,79 @@
+"""Router gate files (``gate_input="router"``) in MoLE Apply: the router runs in ComfyUI's CLIP encode, the UNet
+finds each prompt's decision by its conditioning — through ComfyUI's own CLIPTextEncode path and sampler (CFG
+batches cond and uncond in one call).
+
+Oracle: the sigmoid gate ``m σ((ℓ + b)/τ)`` computed by hand from the router logits the text encoder produced
+for each prompt.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.nodes._helpers import sample
+from tests.nodes._nodes import apply, load_gates
+
+pytestmark = pytest.mark.comfy
+
+
+def _router_gates(mole, tiny, experts, folder, name="router.safetensors"):
+    import mole_core
+
+    model, clip = tiny
+    index, _ = mole.comfy_index.build_index(model=model, clip=clip)
+    cfg = mole_core.GateConfig(gate_input="router", family="sigmoid", granularity="block", init_std=1.0)
+    mix = mole_core.attach(index, experts.experts(), cfg, hooks=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for key, p in mix.gates.named_parameters():
+            if key.endswith(("bias", "weight")):
+                p.copy_(torch.randn(p.shape, generator=gen))
+    mole_core.save_gates(mix, folder / name)
+    return load_gates(mole, name)
+
+
+def _encode(clip, text: str):
+    with torch.inference_mode():
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def test_router_gate_file_routes_cond_and_uncond_rows_by_their_prompt(mole, tiny, experts, comfy_dirs):
+    gates = _router_gates(mole, tiny, experts, comfy_dirs["mole_gates"])
+    model, clip = tiny
+    m, c, g = apply(mole, model, experts, "gated", clip=clip, gates=gates)
+    unet_mix, te_mix = (next(h.mix for h in g.holders if h.component == comp) for comp in ("unet", "te"))
+    assert unet_mix.routes is te_mix.routes and te_mix.router_lead is not None and unet_mix.router_lead is None
+    pos = _encode(c, "a purple star on grey")
+    want_pos = te_mix._route.clone()
+    neg = _encode(c, "blurry")
+    want_neg = te_mix._route.clone()
+    assert (want_pos - want_neg).abs().max() > 0.02  # the two prompts route apart (random router, tiny CLIP)
+    seen: list[dict] = []  # each UNet call's gates (ComfyUI ejects the mixture after sampling: live gates go)
+    handle = m.model.diffusion_model.register_forward_hook(
+        lambda *_: seen.append({k: v.clone() for k, v in unet_mix.live_gates.items()}))
+    sample(m, pos, neg, steps=2)
+    assert unet_mix.routes.misses == 0 and len(seen) == 2
+    scopes = [s for s in unet_mix.scopes if s.startswith("unet:")]
+    for s in scopes:
+        gate = unet_mix.scope_gate(s).requires_grad_(False)
+        rows = seen[-1][s]
+        expect = [gate.magnitude * torch.sigmoid((r[0] + gate.bias) / gate.tau) for r in (want_pos, want_neg)]
+        assert rows.shape[0] == 2
+        for e in expect:  # ComfyUI orders cond/uncond itself: each prompt's gates in one row
+            assert min(float((row - e).abs().max()) for row in rows) < 1e-5, s
+    # conditioning from a CLIP without MoLE matches no routed prompt: every scope runs at its prior gate
+    sample(m, _encode(clip, "a purple star on grey"), neg, steps=1)
+    handle.remove()
+    assert unet_mix.routes.misses > 0
+    gate = unet_mix.scope_gate(scopes[0]).requires_grad_(False)
+    prior = gate.magnitude * torch.sigmoid(gate.bias / gate.tau)
+    assert min(float((row - prior).abs().max()) for row in seen[-1][scopes[0]]) < 1e-5
+
+
+def test_router_gate_file_needs_the_clip(mole, tiny, experts, comfy_dirs):
+    import mole_core
+
+    gates = _router_gates(mole, tiny, experts, comfy_dirs["mole_gates"], "router_noclip.safetensors")
+    with pytest.raises(mole_core.MoleError, match="router.*text encoder"):
+        apply(mole, tiny[0], experts, "gated", gates=gates)
