@@ -72,6 +72,9 @@ RECIPES = [
     Recipe("mole_denoise", dict(objective="denoise", granularity="block", alpha=0.5, steps=60), compose=False),
     Recipe("mole_softmax_compose", dict(COMPOSE_COMMON, granularity="network", alpha=0.5)),
     Recipe("mole_sigmoid_compose", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid", alpha=0.0)),
+    # one router on the text encoder's first-layer tokens decides per prompt for every scope (gate_input router)
+    Recipe("mole_sigmoid_compose_router", dict(COMPOSE_COMMON, gate_input="router", granularity="network",
+                                               gate_family="sigmoid", alpha=0.0)),
 ]
 ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to unseen templates
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
@@ -80,8 +83,10 @@ ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to 
                                                 alpha=0.0, exclude_weight=2.0)),
     Recipe("mole_sigmoid_compose_tetokens", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                  alpha=0.0, text_pool="tokens")),
-    Recipe("mole_sigmoid_compose_router", dict(COMPOSE_COMMON, gate_input="router", granularity="network",
-                                               gate_family="sigmoid", alpha=0.0)),
+    Recipe("mole_sigmoid_compose_router_prior1", dict(COMPOSE_COMMON, gate_input="router", granularity="network",
+                                                      gate_family="sigmoid", alpha=0.0, prior_weight=1.0)),
+    Recipe("mole_sigmoid_compose_router_named", dict(COMPOSE_COMMON, gate_input="router", granularity="network",
+                                                     gate_family="sigmoid", alpha=0.0, route_weight=0.3)),
     Recipe("mole_sigmoid_compose_prior4", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                alpha=0.0, prior_weight=4.0, base_share=0.33)),
 ]

@@ -29,7 +29,8 @@ from .stats import GateStats
 
 __all__ = [
     "METHODS", "BakedWeights", "Expert", "ExpertBank", "GateConfig", "GateFile", "GateStats", "LoraFactor", "Mixture",
-    "ModelIndex", "MoleError", "MoleWarning", "RouteTable", "apply_gate_file", "attach", "average_blocks", "bake_into_model",
+    "ModelIndex", "MoleError", "MoleWarning",
+    "RouteTable", "apply_gate_file", "attach", "average_blocks", "bake_into_model",
     "balance_loss", "block_label", "canonical_from_prefix", "composite_rows", "entropy", "export_lora", "index_model",
     "load_expert", "load_experts", "load_gates", "parse_lora_spec", "peft_scale", "read_gate_file", "repeat_blocks",
     "save_gates", "scope_of", "snapshot", "switch_expert", "switch_rows", "write_gate_file",

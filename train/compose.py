@@ -8,7 +8,10 @@ classifier-free guidance, with the gated mixture active, and scores the last ste
   and its embedding of the prompt (the paper's CLIP similarity to the composed prompt);
 - *local guidance*: ``1 − cos`` to the mean embedding of each named concept's reference images;
 - *prior preservation* (base prompts): MSE between the gated model's guided noise prediction and the
-  base model's (no LoRA, in the UNet or the text encoders) on the same noisy latents.
+  base model's (no LoRA, in the UNet or the text encoders) on the same noisy latents;
+- *naming* (``route_weight``, ``gate_input="router"`` only): binary cross-entropy between each LoRA's router
+  logit and whether the prompt names its concept — the trigger words the trainer already knows, taught to
+  the one decision every scope reuses; how strongly each scope then runs a named LoRA stays the guidance's.
 
 Gradients flow through **one rollout step** (the earlier steps run without a graph), so memory is that
 of one guided denoiser call: the last step (``grad_step = last``, the official code's one-step
@@ -113,6 +116,9 @@ class ComposeObjective:
         self.text_emb = {p: e for p, e in zip(prompts.compositions,
                                               guide.embed_texts(prompts.compositions).detach())}
         self.named = {p: named_concepts(p, list(ref_embeddings)) for p in prompts.compositions}
+        self.router, self.expert_concepts = None, []
+        if cfg.route_weight > 0:
+            self.router, self.expert_concepts = _router_and_concepts(mixtures, list(ref_embeddings))
 
     def draw(self, gen: torch.Generator, n: int) -> tuple[list[str], int, int]:
         """``n`` prompts, compositions first: about ``base_share`` of them base prompts (when there are any);
@@ -147,6 +153,7 @@ class ComposeObjective:
     def _encode(self, prompts: list[str]) -> tuple[dict, dict]:
         """Conditioning of ``prompts`` and of the empty prompt, through the (gated) text encoders."""
         cond = self.backend.encode_prompts(prompts)
+        self._route = self.router._route if self.router is not None else None  # the prompts' router logits
         uncond = self.backend.encode_prompts([""] * len(prompts))
         return cond, uncond
 
@@ -193,10 +200,20 @@ class ComposeObjective:
                 x0_base, _ = x0_and_eps(kind, alphas, x, base_out, t_last)
                 emb_base = self.guide.embed_images(self.backend.decode(x0_base))
             terms["exclude"] = self.cfg.exclude_weight * self._exclude(emb, emb_base, prompts)
+        if self.router is not None:
+            terms["route"] = self.cfg.route_weight * self._naming(prompts)
         prior_base = base_out[n_comp - first:] if base_out is not None else None
         terms["prior"] = (self.cfg.prior_weight * F.mse_loss(out[n_comp:].float(), prior_base.float())
                           if n > n_comp else out.sum() * 0.0)
         return terms
+
+    def _naming(self, prompts: list[str]) -> torch.Tensor:
+        """Mean binary cross-entropy of the router logits of ``prompts`` against "the prompt names the LoRA's
+        concept", over the LoRAs that have a concept."""
+        rows = [i for i, c in enumerate(self.expert_concepts) if c]
+        target = torch.tensor([[float(self.expert_concepts[i] in named_concepts(p, list(self.ref_emb))) for i in rows]
+                               for p in prompts], device=self._route.device)
+        return F.binary_cross_entropy_with_logits(self._route[:, rows].float(), target)
 
     def _exclude(self, emb: torch.Tensor, emb_base: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Mean over images and the concepts their prompt does *not* name of
@@ -232,6 +249,20 @@ class ComposeObjective:
         finally:
             for m in attached:
                 m.reattach()
+
+
+def _router_and_concepts(mixtures: list[Mixture], concepts: list[str]) -> tuple[Mixture, list[str | None]]:
+    """The mixture that holds the router, and each expert's concept (the one its file is named after)."""
+    router = next((m for m in mixtures if m.router_lead is not None), None)
+    if router is None:
+        raise MoleError("`route_weight` needs gate_input 'router' with the text encoders attached")
+    lower = {c.lower(): c for c in concepts if c}
+    names = [re.sub(r"\.safetensors$", "", e.name, flags=re.IGNORECASE).lower() for e in router.experts]
+    own = [lower.get(n) for n in names]
+    if not any(own):
+        raise MoleError(f"`route_weight`: no LoRA is named after a concept ({', '.join(sorted(lower))}); name each "
+                        f"LoRA file after its concept's trigger word (e.g. {next(iter(lower), 'purple')}.safetensors)")
+    return router, own
 
 
 def reference_embeddings(guide: ImageTextGuide, images: list[torch.Tensor], concepts: list[str]

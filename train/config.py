@@ -64,6 +64,9 @@ class TrainConfig:
     exclude_weight: float = _opt(0.0, "compose: weight of the exclusion term: no image may look more like a concept "
                                  "its prompt does not name than the base model's image does (per-concept "
                                  "routing signal; scores every row, +1 base-model call per step)")
+    route_weight: float = _opt(0.0, "compose with gate_input router: weight of the naming term, the binary "
+                               "cross-entropy between each LoRA's router decision and whether the prompt names its "
+                               "concept (the concept named like the LoRA file: purple.safetensors ↔ purple)")
     twin_prior: bool = _opt(True, "compose: half of each batch's composition slots are the compositions' twins "
                             "(concept words removed, same noise) under the prior term: the two terms then differ "
                             "only in the trigger words, which is what the gates must learn to read")
@@ -123,6 +126,9 @@ class TrainConfig:
             raise MoleError(f"`word_dropout` must be in [0, 1), got {self.word_dropout}")
         if not 0.0 <= self.base_share < 1.0:
             raise MoleError(f"`base_share` must be in [0, 1), got {self.base_share}")
+        if self.route_weight < 0 or (self.route_weight > 0 and self.gate_input != "router"):
+            raise MoleError(f"`route_weight` must be ≥ 0 and needs `gate_input` router, got {self.route_weight} "
+                            f"with {self.gate_input!r}")
         if self.gate_input == "router" and not self.train_text_gates:
             raise MoleError("`gate_input` router needs `train_text_gates` (the router reads the text encoder's "
                             "first layer and trains with the text-encoder gates)")

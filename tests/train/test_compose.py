@@ -234,7 +234,8 @@ def test_cli_trains_router_gates_and_samples_with_them(toy, tmp_path):
     args = ["train", *common, "--images", str(refs), "--out", str(out), "--objective", "compose", "--clip-arch", "toy",
             "--clip-model", str(world.clip_path), "--compose-prompt", "a purple striped star on black",
             "--base-prompt", "a red circle on grey", "--gate-family", "sigmoid", "--gate-input", "router",
-            "--granularity", "network", "--steps", "2", "--batch-size", "2", "--resolution", "32", "--rollout-steps", "2"]
+            "--granularity", "network", "--steps", "2", "--batch-size", "2", "--resolution", "32",
+            "--rollout-steps", "2"]
     bad = _cli(*args)  # the router lives in the text encoder: refused before the model loads
     assert bad.returncode == 2 and "needs `train_text_gates`" in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
     assert not out.exists()
@@ -246,3 +247,29 @@ def test_cli_trains_router_gates_and_samples_with_them(toy, tmp_path):
              "--steps", "2", "--out", str(tmp_path / "samples"))
     assert s.returncode == 0, s.stderr[-2000:]
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+
+
+def test_naming_term_by_hand_and_its_errors(toy):
+    world, pipe, backend, experts, refs, prompts, guide = toy
+    cfg = TrainConfig(**{**RECIPE, "gate_input": "router", "route_weight": 2.0})
+    mix = mole.attach(pipe, experts, cfg.gate_config())
+    try:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            mix.gates["router"].weight.copy_(torch.randn(mix.gates["router"].weight.shape, generator=g))
+        emb = reference_embeddings(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
+        obj = ComposeObjective(cfg, backend, [mix], guide, prompts, emb, latent_shape(backend, 32))
+        assert obj.expert_concepts == CONCEPTS  # purple.safetensors ↔ purple, …
+        texts = ["a purple star on grey", "a red circle on grey"]
+        with torch.no_grad():
+            obj._encode(texts)
+            logits = obj._route.clone()
+            target = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+            by_hand = (torch.log1p(torch.exp(-logits.abs())) + logits.clamp_min(0) - target * logits).mean()
+            torch.testing.assert_close(obj._naming(texts), by_hand)
+        with pytest.raises(mole.MoleError, match="no LoRA is named after a concept"):
+            ComposeObjective(cfg, backend, [mix], guide, prompts, {"cat": emb["purple"]}, latent_shape(backend, 32))
+    finally:
+        mix.detach()
+    with pytest.raises(mole.MoleError, match="`route_weight` must be ≥ 0 and needs `gate_input` router"):
+        TrainConfig(**{**RECIPE, "route_weight": 1.0})
