@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,15 +58,27 @@ class GateFile:
         return prior_gates(self.tensors, list(self.scopes), self.config)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it: a race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write a safetensors file via a temp file + rename, so a crash never leaves half a file."""
     p = Path(path)
     if not p.parent.is_dir():
         raise MoleError(f"{p}: directory {p.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
+    tmp = str(p.parent / f".{p.name}.{secrets.token_hex(8)}.tmp")
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; every other output is 0666 minus the umask
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

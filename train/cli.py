@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from mole_core import METHODS, MoleError
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mole-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="log more")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of any error (default: one line)")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
     s = _add_sample_parser(sub, "sample", "generate images with learned gates, static weights, NLA, LoRA Switch "
@@ -161,11 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands.COMMANDS[args.command](args)
     except MoleError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a fault of the machine (disk, memory) or a bug: one line unless --debug
+        if args.debug:
+            raise
+        text = " ".join(str(exc).split()) or "(no message)"
+        print(f"error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _outdir(path: str) -> Path:

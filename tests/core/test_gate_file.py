@@ -117,3 +117,20 @@ def test_save_is_atomic_and_refuses_missing_directory(setup, tmp_path):
     mole.save_gates(mix, tmp_path / "g.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"]  # no temp file left
     mix.detach()
+
+
+def test_gate_files_get_the_mode_every_other_output_gets(setup, tmp_path):
+    """0666 minus the umask, like PNGs and JSON the tools write (a temp-file-and-rename must not leave 0600)."""
+    import os
+    import stat
+
+    net, experts = setup
+    mix = mole.attach(net, experts)
+    old = os.umask(0o022)
+    try:
+        path = mole.save_gates(mix, tmp_path / "g.safetensors")
+        (tmp_path / "other.json").write_text("{}")
+    finally:
+        os.umask(old)
+        mix.detach()
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "other.json").stat().st_mode) == 0o644

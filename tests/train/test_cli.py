@@ -146,3 +146,20 @@ def test_bad_input_one_line_errors_and_nothing_overwritten(capsys, trained, tiny
              "--steps", "2", "--size", "64", "--out", str(tmp_path / "s")]
     assert "expert 1 should be" in _bad(capsys, other)
     assert keep.read_bytes() == before
+
+
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys, tmp_path):
+    """A fault that is no MoleError (here: the disk refuses a write inside a command) prints one line and
+    exits 1; ``--debug`` shows the traceback."""
+    from train import commands
+
+    def broken(args):  # noqa: ANN001, ANN202
+        (tmp_path / "ro").mkdir(mode=0o500, exist_ok=True)
+        raise OSError(28, "No space left on device", str(tmp_path / "ro" / "g.safetensors"))
+
+    monkeypatch.setitem(commands.COMMANDS, "inspect", broken)
+    assert main(["inspect", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "OSError" in err and "No space left" in err and "--debug" in err
+    with pytest.raises(OSError):
+        main(["--debug", "inspect", "x"])
