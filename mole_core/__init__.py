@@ -13,6 +13,7 @@ This package never imports ComfyUI or diffusers.
 
 from __future__ import annotations
 
+from .attaching import attach
 from .bake import BakedWeights, bake_into_model, export_lora
 from .bank import ExpertBank
 from .errors import MoleError, MoleWarning
@@ -21,7 +22,7 @@ from .gate_file import GateFile, apply_gate_file, load_gates, read_gate_file, sa
 from .gates import GateConfig, balance_loss, entropy
 from .lora_files import load_expert, load_experts, parse_lora_spec, peft_scale
 from .methods import METHODS, average_blocks, composite_rows, repeat_blocks, switch_expert, switch_rows
-from .mixture import Mixture, attach
+from .mixture import Mixture
 from .model_index import ModelIndex, index_model
 from .naming import block_label, canonical_from_prefix, scope_of
 from .routes import RouteTable

@@ -23,7 +23,7 @@ from .checks import check_number, check_numbers
 from .errors import MoleError, MoleWarning
 from .expert import Expert, check_experts
 from .gates import MODES, GateConfig, PromptRouter, ScopeGate, balance_loss, pool_input, pool_prompt, static_gates
-from .model_index import ModelIndex, index_model
+from .model_index import ModelIndex
 from .naming import execution_key, scope_of
 from .routes import RouteTable
 from .stats import GateStats
@@ -568,41 +568,3 @@ class Mixture:
         return {"experts": [e.summary() for e in self.experts], "granularity": self.config.granularity,
                 "gate_input": self.config.gate_input, "targets": len(self.banks), "scopes": len(self.scopes),
                 "family": self.index.family, "matches": [r.line() for r in self.reports]}
-
-
-def attach(model: object, experts: list[Expert], gate_config: GateConfig | None = None, *,
-           gates: object | None = None, mode: str = "gated", weights: list[float] | None = None,
-           mask: list[bool] | None = None, strength: float = 1.0, components: list[str] | None = None,
-           match: str = "hash", hooks: bool = True, routes: RouteTable | None = None) -> Mixture:
-    """Attach experts to a model (diffusers pipeline, UNet, text encoder, dict or ModelIndex).
-
-    Args:
-        model: what to attach to; see :func:`mole_core.model_index.index_model`.
-        experts: loaded experts (:func:`mole_core.load_experts`), in gate order.
-        gate_config: gate shape; ignored when ``gates`` is given (the file's config is used).
-        gates: a gate file path or a :class:`~mole_core.gate_file.GateFile` (checked against the experts).
-        mode: ``gated`` | ``uniform`` (NLA) | ``static`` (``weights``).
-        mask: experts on/off (masking mode renormalises the gates).
-        strength: mixture strength λ.
-        components: subset of ``unet``, ``te``, ``te2`` to attach to (default: all found).
-        match: how a gate file's experts are checked: ``hash`` (default) or ``name``.
-        hooks: install the hooks now (False: build only; hosts call :meth:`Mixture.reattach` later).
-        routes: ``gate_input="router"`` on a UNet-only mixture: the text encoders' mixture's
-            :attr:`Mixture.routes` (the router runs there).
-    """
-    from .gate_file import GateFile, apply_gate_file, read_gate_file  # local: gate_file imports Mixture
-
-    index = index_model(model)
-    gf = None
-    if gates is not None:
-        gf = gates if isinstance(gates, GateFile) else read_gate_file(gates)
-        gate_config = gf.config
-    mix = Mixture(index, experts, gate_config, mode=mode, weights=weights, mask=mask, strength=strength,
-                  components=components, hooks=hooks, routes=routes)
-    if gf is not None:
-        try:
-            apply_gate_file(mix, gf, match=match)
-        except Exception:
-            mix.detach()
-            raise
-    return mix

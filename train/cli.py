@@ -8,12 +8,9 @@ Errors print one line naming the bad input and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import traceback
-from pathlib import Path
 
 from mole_core import METHODS, MoleError
 
@@ -176,33 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         text = " ".join(str(exc).split()) or "(no message)"
         print(f"error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-
-
-def _outdir(path: str) -> Path:
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise MoleError(f"--out {p}: exists and is not a directory")
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def _json(obj: object) -> str:
-    return json.dumps(obj, indent=1, default=str)
-
-
-def device_of(spec: str) -> str:
-    import torch
-
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise MoleError(f"--device {spec}: CUDA is not available here")
-    return spec
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 __all__ = ["main", "build_parser", "TrainConfig"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -11,7 +12,6 @@ from pathlib import Path
 import mole_core as mole
 from mole_core import MoleError
 
-from .cli import _json, _outdir, device_of, world
 from .compose import ComposePrompts
 from .config import TrainConfig, config_fields
 
@@ -172,7 +172,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                  method=args.method if args.method in mole.METHODS else None)
     if args.gates:
         mole.read_gate_file(args.gates)  # fail fast: corrupt gate file
-    out = _outdir(args.out)
+    out = outdir(args.out)
     pipe, experts = _load(args)
     if spec.mask is not None and len(spec.mask) != len(experts):
         raise MoleError(f"--mask has {len(spec.mask)} values for {len(experts)} experts")
@@ -185,7 +185,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .sampling import image_grid, sample_images, save_png
 
-    out = _outdir(args.out)
+    out = outdir(args.out)
     pipe, experts = _load(args)
     runs = [("mole", _spec(args, gates=args.gates)), ("nla", _spec(args, uniform=True)),
             ("switch", _spec(args, method="switch")), ("composite", _spec(args, method="composite"))]
@@ -212,7 +212,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             row.update(evaluate_folder(guide, folder, args.prompt, args.references))
         rows.append(row)
     image_grid(tiles, cols=args.num, labels=labels).save(out / "grid.png")
-    (out / "compare.json").write_text(_json(rows))
+    (out / "compare.json").write_text(to_json(rows))
     (out / "compare.md").write_text(_table(rows))
     print(_table(rows))
     return 0
@@ -233,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     guide = load_clip(args.clip_model, args.clip_arch, names=CLI_NAMES)
     res = evaluate_folder(guide, args.images, args.prompt, args.references)
-    text = _json(res)
+    text = to_json(res)
     if args.out:
         Path(args.out).write_text(text)
     print(text)
@@ -249,7 +249,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
         model = load_pipeline(args.base, name="--base")
     out = [describe(f, model) for f in args.files]
-    print(_json(out) if args.json else "\n".join(format_description(d) for d in out))
+    print(to_json(out) if args.json else "\n".join(format_description(d) for d in out))
     return 0
 
 
@@ -265,3 +265,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "compare": cmd_compare, "eval": cmd_eval,
             "inspect": cmd_inspect, "demo": cmd_demo}
+
+
+# ----- what every command needs from the process -----
+def outdir(path: str) -> Path:
+    """``--out`` folder, created; one-line error if it is a file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise MoleError(f"--out {p}: exists and is not a directory")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def to_json(obj: object) -> str:
+    return json.dumps(obj, indent=1, default=str)
+
+
+def device_of(spec: str) -> str:
+    """``--device``: ``auto`` → cuda if available; one-line error for CUDA without a GPU."""
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise MoleError(f"--device {spec}: CUDA is not available here")
+    return spec
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

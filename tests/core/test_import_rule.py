@@ -55,3 +55,38 @@ def _dynamic_import_name(call) -> str | None:  # noqa: ANN001
     if name in {"import_module", "__import__"} and call.args and isinstance(call.args[0], ast.Constant):
         return str(call.args[0].value)
     return None
+
+
+def _import_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Module → the project modules it imports (top level and inside functions alike)."""
+    import ast
+
+    mods = {}
+    for pkg in packages:
+        for f in (ROOT / pkg).rglob("*.py"):
+            name = ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            mods[name] = f
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        package = m if f.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods]
+                names = subs if len(subs) == len(node.names) else [target, *subs]  # `from . import sub`: the sub
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {n for n in names if n in mods and n != m}
+    return graph
+
+
+def test_no_two_modules_import_each_other():
+    """One direction per pair: the CLI calls the commands (not back), ``attach`` loads gate files that read
+    mixtures (the mixture module imports neither) — checked on the AST, function-level imports included."""
+    graph = _import_graph(("mole_core", "train", "nodes"))
+    assert "train.commands" in graph["train.cli"] and "mole_core.gate_file" in graph["mole_core.attaching"]
+    pairs = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if a in graph[b]})
+    assert pairs == [], pairs
