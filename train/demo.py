@@ -37,10 +37,11 @@ from .toy.guide import load_toy_guide
 
 DEMO_CONCEPTS = ["purple", "striped", "star"]
 DEMO_STEPS = 200
-# the recipe of bench/composition.py's best row: sigmoid gates routed by the prompt (UNet and text encoders),
-# trained on sampled compositions (objective 'compose', toy CLIP guide) with twin and base prompts as prior
-RECIPE = dict(objective="compose", gate_family="sigmoid", granularity="network", gate_input="prompt",
-              text_pool="max", train_text_gates=True, center_features=True, alpha=0.0, prior_weight=0.3,
+# the recipe of bench/composition.py's best row: sigmoid gates, one router on the text encoder's first-layer
+# tokens deciding per prompt for every scope (gate_input 'router'), trained on sampled compositions (objective
+# 'compose', toy CLIP guide) with twin and base prompts as prior
+RECIPE = dict(objective="compose", gate_family="sigmoid", granularity="network", gate_input="router",
+              train_text_gates=True, center_features=True, alpha=0.0, prior_weight=0.5, local_weight=1.0,
               base_share=0.25)
 TRAIN_PROMPTS, BASE_PROMPTS = 16, 24
 PROMPTS, IMAGES, SAMPLE_STEPS, CFG, BASE_EVAL = 4, 4, 20, 5.0, 16
