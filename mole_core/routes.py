@@ -41,12 +41,14 @@ class RouteTable:
         self.capacity = capacity
         self._entries: list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = []  # (shape, key, route)
         self.misses = 0  # UNet rows whose conditioning matched no remembered prompt
+        self._stacked: dict = {}  # (shape, device) → (entry indices newest first, stacked keys): built once per change
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._stacked.clear()
 
     def remember(self, states: torch.Tensor, routes: torch.Tensor) -> None:
         """Store each row of a text encoder's token states ``(B, L, D)`` with its router logits ``(B, N)``."""
@@ -56,6 +58,7 @@ class RouteTable:
         for key, route in zip(_keys(states, *shape), routes):
             self._entries.append((shape, key, route))
         del self._entries[:-self.capacity]
+        self._stacked.clear()
 
     def lookup(self, context: torch.Tensor, n_experts: int) -> torch.Tensor:
         """Router logits ``(B, N)`` for each row of a UNet context ``(B, L, D)``: per 77-token chunk of the row,
@@ -81,8 +84,11 @@ class RouteTable:
         out = torch.zeros(batch, n_experts, device=context.device)
         shapes = {s for s, _, _ in self._entries if s[0] <= context.shape[1] and s[1] <= context.shape[2]}
         for shape in shapes:
-            idx = [i for i in range(len(self._entries) - 1, -1, -1) if self._entries[i][0] == shape]  # newest first
-            keys = torch.stack([self._entries[i][1].to(context.device) for i in idx])
+            if (shape, context.device) not in self._stacked:  # sampling: once, not every step
+                idx = [i for i in range(len(self._entries) - 1, -1, -1) if self._entries[i][0] == shape]  # newest 1st
+                keys = torch.stack([self._entries[i][1] for i in idx]).to(context.device)
+                self._stacked[(shape, context.device)] = idx, keys
+            idx, keys = self._stacked[(shape, context.device)]
             sims = _similarity(_keys(context, *shape), keys)
             top = sims.max(1).values
             # the newest of the best: a prompt encoded again equals its older copies up to GEMM rounding, and

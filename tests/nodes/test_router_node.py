@@ -39,6 +39,8 @@ def _encode(clip, text: str):
 
 
 def test_router_gate_file_routes_cond_and_uncond_rows_by_their_prompt(mole, tiny, experts, comfy_dirs):
+    import mole_core
+
     gates = _router_gates(mole, tiny, experts, comfy_dirs["mole_gates"])
     model, clip = tiny
     m, c, g = apply(mole, model, experts, "gated", clip=clip, gates=gates)
@@ -63,7 +65,8 @@ def test_router_gate_file_routes_cond_and_uncond_rows_by_their_prompt(mole, tiny
         for e in expect:  # ComfyUI orders cond/uncond itself: each prompt's gates in one row
             assert min(float((row - e).abs().max()) for row in rows) < 1e-5, s
     # conditioning from a CLIP without MoLE matches no routed prompt: every scope runs at its prior gate
-    sample(m, _encode(clip, "a purple star on grey"), neg, steps=1)
+    with pytest.warns(mole_core.MoleWarning, match="conditioning of no prompt the text encoder routed"):
+        sample(m, _encode(clip, "a purple star on grey"), neg, steps=1)
     handle.remove()
     assert unet_mix.routes.misses > 0
     gate = unet_mix.scope_gate(scopes[0]).requires_grad_(False)
