@@ -53,3 +53,16 @@ def test_torch_compile_model_node_runs_gated_mole_like_eager(mole, tiny, experts
     assert diff <= 1e-4
     assert breaks == 0
     assert graphs <= 2, f"{graphs} graphs for 5 sampling steps: a recompile per step"
+
+
+@pytest.mark.xfail(strict=True, reason="known bug (issue #15): with ComfyUI's CPU attention (sub-quadratic; it reads "
+                   "free memory through psutil, a graph break inside every attention), MoLE's per-scope gate state "
+                   "does not survive the break and compiled sampling differs from eager by 7 %")
+def test_torch_compile_with_comfy_cpu_attention(mole, tiny, experts, comfy_dirs, monkeypatch):
+    import comfy.ldm.modules.attention as attention
+
+    torch._dynamo.reset()  # the bug showed alone but not after other compiled tests: start from no cached graphs
+    # ComfyUI's attention is process-global (picked at import): pin the CPU one, whatever ran before
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_sub_quad)
+    diff, _, _ = _compiled_vs_eager(mole, tiny, experts, comfy_dirs, "eager")  # dynamo alone shows it, in seconds
+    assert diff <= 1e-4

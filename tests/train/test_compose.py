@@ -8,6 +8,7 @@ model loads.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import subprocess
 import sys
@@ -98,9 +99,10 @@ def test_exclude_term_and_token_pooling_also_train_only_the_gates(toy):
     assert set(terms) == {"global", "local", "prior", "exclude"} and float(terms["prior"].detach()) > 0
 
 
-def _terms_and_gradient_checks(toy, cfg: TrainConfig) -> dict:  # noqa: ANN001
-    """One compose step's terms, after checking that its gradient reaches every gate of the UNet and the text
-    encoder and no model weight."""
+@contextlib.contextmanager
+def _one_compose_step(toy, cfg: TrainConfig):  # noqa: ANN001, ANN202
+    """Attach gates for ``cfg``, freeze every model weight, run one compose step and its backward; yields
+    ``(mixture, terms, frozen weights)`` and restores everything after."""
     world, pipe, backend, experts, refs, prompts, guide = toy
     mix = mole.attach(pipe, experts, cfg.gate_config())
     frozen = [p for m in backend.denoiser_modules() for p in m.parameters()]
@@ -112,16 +114,23 @@ def _terms_and_gradient_checks(toy, cfg: TrainConfig) -> dict:  # noqa: ANN001
         obj = ComposeObjective(cfg, backend, [mix], guide, prompts, emb, latent_shape(backend, 32))
         terms = obj(torch.Generator().manual_seed(0), 4)
         sum(terms.values()).backward()
+        yield mix, terms, frozen
+    finally:
+        mix.detach()
+        for p, f in zip(frozen, flags):
+            p.requires_grad_(f)
+
+
+def _terms_and_gradient_checks(toy, cfg: TrainConfig) -> dict:  # noqa: ANN001
+    """One compose step's terms, after checking that its gradient reaches every gate of the UNet and the text
+    encoder and no model weight."""
+    with _one_compose_step(toy, cfg) as (mix, terms, frozen):
         assert all(p.grad is None for p in frozen)
         grads = {n: p.grad for n, p in mix.gates.named_parameters()}
         assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
         by_comp = {c: sum(float(grads[n].abs().sum()) for n in grads if mix.scope_names[int(n.split(".")[0][1:])]
                               .startswith(c)) for c in ("unet", "te")}
         assert by_comp["unet"] > 0 and by_comp["te"] > 0, by_comp
-    finally:
-        mix.detach()
-        for p, f in zip(frozen, flags):
-            p.requires_grad_(f)
     return terms
 
 
@@ -200,17 +209,8 @@ def test_word_dropout_keeps_every_trigger_word_and_twins_drop_them(toy):
 def test_router_gates_train_through_the_unets_use_of_each_prompts_route(toy):
     """``gate_input="router"``: one compose step's gradient reaches the shared router (through the text
     encoder's and the UNet's scopes), every scope's bias, and no model weight."""
-    world, pipe, backend, experts, refs, prompts, guide = toy
     cfg = TrainConfig(**{**RECIPE, "gate_input": "router"})
-    mix = mole.attach(pipe, experts, cfg.gate_config())
-    frozen = [p for m in backend.denoiser_modules() for p in m.parameters()]
-    flags = [p.requires_grad for p in frozen]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        emb = reference_embeddings(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
-        obj = ComposeObjective(cfg, backend, [mix], guide, prompts, emb, latent_shape(backend, 32))
-        sum(obj(torch.Generator().manual_seed(0), 4).values()).backward()
+    with _one_compose_step(toy, cfg) as (mix, _, frozen):
         assert all(p.grad is None for p in frozen)
         assert mix.routes.misses == 0  # every UNet row found its prompt's route
         router = mix.gates["router"].weight.grad
@@ -219,10 +219,6 @@ def test_router_gates_train_through_the_unets_use_of_each_prompts_route(toy):
             scopes = [s for s in mix.scopes if s.startswith(comp)]
             assert scopes and all(mix.scope_gate(s).bias.grad is not None for s in scopes), comp
             assert sum(float(mix.scope_gate(s).bias.grad.abs().sum()) for s in scopes) > 0, comp
-    finally:
-        mix.detach()
-        for p, f in zip(frozen, flags):
-            p.requires_grad_(f)
 
 
 def test_cli_trains_router_gates_and_samples_with_them(toy, tmp_path):
