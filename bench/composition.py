@@ -75,6 +75,9 @@ RECIPES = [
     # one router on the text encoder's first-layer tokens decides per prompt for every scope (gate_input router)
     Recipe("mole_sigmoid_compose_router", dict(COMPOSE_COMMON, gate_input="router", granularity="network",
                                                gate_family="sigmoid", alpha=0.0)),
+    # each LoRA on when its trigger word (the LoRA file's name) is in the prompt, every block scales each LoRA
+    Recipe("mole_sigmoid_compose_trigger", dict(COMPOSE_COMMON, gate_input="trigger", granularity="block",
+                                                gate_family="sigmoid", alpha=0.0, route_weight=1.0)),
 ]
 ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to unseen templates
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

@@ -27,13 +27,15 @@ from .model_index import ModelIndex, index_model
 from .naming import block_label, canonical_from_prefix, scope_of
 from .routes import RouteTable
 from .stats import GateStats
+from .triggers import calibrate_triggers, trigger_words
 
 __all__ = [
     "METHODS", "BakedWeights", "Expert", "ExpertBank", "GateConfig", "GateFile", "GateStats", "LoraFactor", "Mixture",
     "ModelIndex", "MoleError", "MoleWarning",
     "RouteTable", "apply_gate_file", "attach", "average_blocks", "bake_into_model",
-    "balance_loss", "block_label", "canonical_from_prefix", "composite_rows", "entropy", "export_lora", "index_model",
+    "balance_loss", "block_label", "calibrate_triggers",
+    "canonical_from_prefix", "composite_rows", "entropy", "export_lora", "index_model",
     "load_expert", "load_experts", "load_gates", "parse_lora_spec", "peft_scale", "read_gate_file", "repeat_blocks",
-    "save_gates", "scope_of", "snapshot", "switch_expert", "switch_rows", "write_gate_file",
+    "save_gates", "scope_of", "snapshot", "switch_expert", "switch_rows", "trigger_words", "write_gate_file",
 ]
 __version__ = "0.1.0"

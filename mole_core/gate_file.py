@@ -5,6 +5,8 @@ the sigmoid family ``gates.<scope>.magnitude_logit ()``, and ``gates.<scope>.cen
 format version 2 — version-1 files are uncentred softmax gates and load unchanged). ``gate_input="router"``
 (version 3): every scope's feature size is 0 and ``router.weight (N, d)``, ``router.center (d,)`` hold the
 shared router on the first text-encoder layer (metadata ``router``: its lead target and ``feature_dim``).
+``gate_input="trigger"`` (version 4): ``router.weight`` holds the unit trigger keys, ``router.scale (N,)`` and
+``router.bias (N,)`` the thresholds, and every scope's ``magnitude_logit`` is ``(N,)``, one per expert.
 Metadata key ``mole`` (JSON): format version, experts (name, sha256, ranks, order), gate
 config, scopes (lead target, feature size), base-model family, training config, metrics.
 Loading refuses a different expert set/order/hash with one line naming the difference.
@@ -23,13 +25,13 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import MoleError
-from .gate_schema import check_metadata, check_tensors
+from .gate_schema import check_metadata, check_tensors, router_parts
 from .gates import GateConfig, prior_gates
 from .lora_files import read_safetensors
 from .mixture import Mixture
 
 FORMAT = "mole-gates"
-VERSION = 3  # the newest format read; files say the oldest that reads them (2 unless they carry a router)
+VERSION = 4  # the newest format read; files say the oldest that reads them (2 unless they carry a router)
 
 
 def _parts(cfg: GateConfig) -> tuple[str, ...]:
@@ -98,9 +100,10 @@ def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None
     extra = dict(extra or {})
     if mix.router_lead is not None:
         router = mix.gates["router"]
-        tensors["router.weight"], tensors["router.center"] = router.weight.float(), router.center.float()
+        for part in router_parts(mix.config):
+            tensors[f"router.{part}"] = getattr(router, part).float()
         extra["router"] = {"lead": mix.router_lead, "feature_dim": int(router.weight.shape[1])}
-    version = VERSION if mix.routed else 2  # the oldest format that reads the file
+    version = (4 if mix.config.gate_input == "trigger" else 3) if mix.routed else 2  # the oldest reader
     info = {"format": FORMAT, "version": version, "experts": [dict(e.summary(), order=i)
                                                               for i, e in enumerate(mix.experts)],
             "gate_config": mix.config.to_dict(), "scopes": scopes, "family": mix.index.family,
@@ -130,7 +133,7 @@ def read_gate_file(path: str | os.PathLike) -> GateFile:
     except (KeyError, json.JSONDecodeError):
         raise MoleError(f"{name}: not a MoLE gate file (no 'mole' metadata)") from None
     cfg, experts, scopes = check_metadata(name, info, FORMAT, VERSION)
-    router_dim = info["router"]["feature_dim"] if cfg.gate_input == "router" else 0
+    router_dim = info["router"]["feature_dim"] if cfg.routed else 0
     check_tensors(name, cfg, len(experts), scopes, tensors, _parts(cfg), router_dim)
     return GateFile(str(path), cfg, experts, scopes, tensors, info)
 
@@ -190,7 +193,7 @@ def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateF
             if dim != router.weight.shape[1]:
                 raise MoleError(f"{name}: the router reads {dim} features, the model's first text-encoder layer "
                                 f"gives {router.weight.shape[1]}")
-            router.weight.copy_(gf.tensors["router.weight"])
-            router.center.copy_(gf.tensors["router.center"])
+            for part in router_parts(gf.config):
+                getattr(router, part).copy_(gf.tensors[f"router.{part}"])
     ignored = [s for s in gf.scopes if s.split(":", 1)[0] not in comps]
     return dataclasses.replace(gf, info={**gf.info, "ignored_scopes": ignored})

@@ -6,7 +6,9 @@ object of :class:`GateConfig` fields), ``experts`` (a non-empty list of objects 
 ``gate_input="router"``, whose files also carry ``router``: an object with an integer ``feature_dim`` ≥ 1).
 Tensors per scope, floating point, finite, exact shapes (no broadcasting): ``weight (N, d)``, ``bias (N,)``,
 ``log_tau ()``, sigmoid ``magnitude_logit ()``, optional ``center (d,)``; with a router ``router.weight (N, d)``
-and ``router.center (d,)``; router values bounded by :data:`MAX_ABS`. Tensors of no scope warn and are ignored.
+and ``router.center (d,)``; ``gate_input="trigger"`` adds ``router.scale (N,)`` and ``router.bias (N,)`` and
+makes ``magnitude_logit (N,)``; router values bounded by :data:`MAX_ABS`. Tensors of no scope warn and are
+ignored.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def check_metadata(name: str, info: object, fmt: str, version: int) -> tuple[Gat
     scopes = info.get("scopes")
     if not isinstance(scopes, dict) or not scopes:
         raise MoleError(f"{name}: `scopes` must be a non-empty JSON object")
-    routed = cfg.gate_input == "router"
+    routed = cfg.routed
     for s, meta in scopes.items():
         d = meta.get("feature_dim") if isinstance(meta, dict) else None
         if routed and d != 0:
@@ -61,6 +63,11 @@ def check_metadata(name: str, info: object, fmt: str, version: int) -> tuple[Gat
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise MoleError(f"{name}: `router` must be an object with an integer `feature_dim` ≥ 1, got {router!r}")
     return cfg, experts, scopes
+
+
+def router_parts(cfg: GateConfig) -> tuple[str, ...]:
+    """Tensor names of the shared router (``router.<part>``) for a routed gate config."""
+    return ("weight", "center", "scale", "bias") if cfg.gate_input == "trigger" else ("weight", "center")
 
 
 def _check_tensor(name: str, key: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -80,7 +87,8 @@ def check_tensors(name: str, cfg: GateConfig, n_experts: int, scopes: dict, tens
     shared router's, when ``router_dim`` > 0)."""
     for s, meta in scopes.items():
         d = meta["feature_dim"]
-        shapes = {"weight": (n_experts, d), "bias": (n_experts,), "log_tau": (), "magnitude_logit": (),
+        per_expert = (n_experts,) if cfg.gate_input == "trigger" else ()
+        shapes = {"weight": (n_experts, d), "bias": (n_experts,), "log_tau": (), "magnitude_logit": per_expert,
                   "center": (d,)}
         for part in (*parts, "center"):
             key = f"gates.{s}.{part}"
@@ -90,7 +98,8 @@ def check_tensors(name: str, cfg: GateConfig, n_experts: int, scopes: dict, tens
                     continue  # version 1: uncentred
                 raise MoleError(f"{name}: tensor {key} missing")
             _check_tensor(name, key, t, shapes[part])
-    router = {"router.weight": (n_experts, router_dim), "router.center": (router_dim,)} if router_dim else {}
+    shapes = {"weight": (n_experts, router_dim), "center": (router_dim,), "scale": (n_experts,), "bias": (n_experts,)}
+    router = {f"router.{p}": shapes[p] for p in router_parts(cfg)} if router_dim else {}
     for key, shape in router.items():
         if key not in tensors:
             raise MoleError(f"{name}: tensor {key} missing")

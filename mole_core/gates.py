@@ -14,6 +14,14 @@ can express (its gates always sum to 1). Training starts at ``g_i = init_gate`` 
 trigger word is the same vector in every prompt) and gives one logit per expert and prompt; every scope, in
 the text encoders and the UNet, adds that logit to its own bias and applies its own τ (and magnitude). The
 scopes then have no features of their own (feature size 0): the routing decision is made once per prompt.
+
+``gate_input="trigger"`` (sigmoid family): one :class:`TriggerRouter` on the text encoder's **token embeddings**
+(no position, no context: a word is the same vector wherever it stands) compares every token with each
+expert's *trigger key* (the embedding of the word its LoRA is named after, fixed when training starts) and
+gives ``s_i · max_t cos(e_t − c, k_i) + b_i``: a LoRA switches on when its trigger word, and only a word that
+close to it, appears. Every scope then only *scales*: ``g_i = m_i · σ(logit_i)`` with a learnable magnitude per
+scope and expert and no bias of its own, so no scope can run a LoRA for a prompt that does not name it. A learned
+linear router (``router``) fits the training prompts' words and fires on unseen ones; fixed keys do not.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from torch import nn
 from .errors import MoleError
 from .naming import GRANULARITIES
 
-GATE_INPUTS = ("input", "experts", "prompt", "router")
+GATE_INPUTS = ("input", "experts", "prompt", "router", "trigger")
+ROUTED_INPUTS = ("router", "trigger")  # one router per prompt; the scopes read its logits
 FAMILIES = ("softmax", "sigmoid")
 TEXT_POOLS = ("mean", "max", "tokens")
 MODES = ("gated", "uniform", "static")
@@ -42,7 +51,9 @@ class GateConfig:
                                                        "experts: pooled normalised expert outputs; "
                                                        "prompt: max-pooled prompt conditioning (UNet scopes); "
                                                        "router: one router on the first text-encoder layer's "
-                                                       "tokens decides per prompt for every scope"})
+                                                       "tokens decides per prompt for every scope; "
+                                                       "trigger: each LoRA on when its trigger word is in the "
+                                                       "prompt, every scope scales each LoRA (sigmoid family)"})
     tau_init: float = field(default=1.0, metadata={"help": "initial softmax temperature"})
     tau_min: float = field(default=0.05, metadata={"help": "lower clamp of τ"})
     tau_max: float = field(default=10.0, metadata={"help": "upper clamp of τ"})
@@ -70,11 +81,18 @@ class GateConfig:
                             f"{self.tau_max}")
         if self.family not in FAMILIES:
             raise MoleError(f"gate `family` must be one of {FAMILIES}, got {self.family!r}")
+        if self.gate_input == "trigger" and self.family != "sigmoid":
+            raise MoleError("gate_input 'trigger' needs the sigmoid gate family (each LoRA on or off by its word)")
         if self.text_pool not in TEXT_POOLS:
             raise MoleError(f"`text_pool` must be one of {TEXT_POOLS}, got {self.text_pool!r}")
         if not (0 < self.m_max < 1e3 and 0 < self.init_gate < self.m_max):
             raise MoleError(f"need 0 < init_gate < m_max (≤ 1000), got init_gate {self.init_gate}, "
                             f"m_max {self.m_max}")
+
+    @property
+    def routed(self) -> bool:
+        """Whether one router decides per prompt and the scopes read its logits (feature size 0)."""
+        return self.gate_input in ROUTED_INPUTS
 
     @property
     def convex(self) -> bool:
@@ -130,7 +148,12 @@ class ScopeGate(nn.Module):
         # subtracted from the features before normalising (0 = none): set from the training prompts'
         # mean feature, so the router weights see only what differs between prompts
         self.register_buffer("center", torch.zeros(in_features))
-        if self.family == "sigmoid":
+        if cfg.gate_input == "trigger":  # the router decides on/off; the scope scales each expert, nothing else
+            m0 = 1.0 if 1.0 < cfg.m_max else cfg.m_max / 2
+            self.magnitude_logit = nn.Parameter(torch.full((n_experts,), _logit(m0 / cfg.m_max)))
+            self.bias.requires_grad_(False)
+            self.log_tau.requires_grad_(False)
+        elif self.family == "sigmoid":
             # the magnitude starts at 1 (LoRA strength 1 when fully on) if init_gate < 1 < m_max, else midway
             # between init_gate and m_max; the bias then sets σ(b/τ)·m = init_gate exactly
             m0 = 1.0 if cfg.init_gate < 1.0 < cfg.m_max else (cfg.init_gate + cfg.m_max) / 2
@@ -144,7 +167,8 @@ class ScopeGate(nn.Module):
 
     @property
     def magnitude(self) -> torch.Tensor:
-        """Per-scope magnitude ``m_max · σ(ρ)`` (sigmoid family; 1 for softmax)."""
+        """Per-scope magnitude ``m_max · σ(ρ)`` (sigmoid family, one per expert with gate_input trigger;
+        1 for softmax)."""
         if self.family != "sigmoid":
             return torch.ones((), device=self.weight.device)
         return self.m_max * torch.sigmoid(self.magnitude_logit)
@@ -192,6 +216,39 @@ class PromptRouter(nn.Module):
         if logits.dim() == 2:
             return logits
         return torch.logsumexp(logits, dim=1) - math.log(logits.shape[1])
+
+
+class TriggerRouter(nn.Module):
+    """The shared router of ``gate_input="trigger"``: token embeddings ``(B, L, d)`` → one logit per expert
+    ``(B, N)``: ``scale_i · max_t cos(e_t − center, key_i) + bias_i``.
+
+    ``weight`` holds the unit trigger keys (fixed; a zero row for an expert without a trigger word, whose logit
+    is then its bias alone) and ``center`` the mean embedding of the distinct tokens of the training prompts
+    (padding, repeated in every prompt, would otherwise dominate it). Only ``scale`` and ``bias`` train: the
+    threshold between "this word" and "any other word"."""
+
+    def __init__(self, in_features: int, n_experts: int, cfg: GateConfig, scale: float = 10.0,
+                 threshold: float = 0.5):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(n_experts, in_features))
+        self.register_buffer("center", torch.zeros(in_features))
+        self.scale = nn.Parameter(torch.full((n_experts,), scale))
+        self.bias = nn.Parameter(torch.zeros(n_experts))
+        self.threshold = threshold
+
+    @torch.no_grad()
+    def set_keys(self, keys: torch.Tensor) -> None:
+        """Trigger embeddings ``(N, d)`` (a zero row: no trigger) → unit keys; a keyed expert's bias starts at
+        ``−scale · threshold`` (on above that cosine), a keyless one's at 0 (its gate at half magnitude)."""
+        centred = torch.where(keys.abs().sum(-1, keepdim=True) > 0, keys - self.center, torch.zeros_like(keys))
+        self.weight.copy_(torch.nn.functional.normalize(centred, dim=-1))
+        keyed = self.weight.abs().sum(-1) > 0
+        self.bias.copy_(torch.where(keyed, -self.scale * self.threshold, torch.zeros_like(self.bias)))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens if tokens.dim() == 3 else tokens[:, None]
+        cos = torch.nn.functional.normalize(x - self.center, dim=-1) @ self.weight.T  # (B, L, N)
+        return cos.amax(1) * self.scale + self.bias
 
 
 def _logit(p: float) -> float:

@@ -22,7 +22,17 @@ from .bank import ExpertBank
 from .checks import check_number, check_numbers
 from .errors import MoleError, MoleWarning
 from .expert import Expert, check_experts
-from .gates import MODES, GateConfig, PromptRouter, ScopeGate, balance_loss, pool_input, pool_prompt, static_gates
+from .gates import (
+    MODES,
+    GateConfig,
+    PromptRouter,
+    ScopeGate,
+    TriggerRouter,
+    balance_loss,
+    pool_input,
+    pool_prompt,
+    static_gates,
+)
 from .model_index import ModelIndex
 from .naming import execution_key, scope_of
 from .routes import RouteTable
@@ -88,11 +98,13 @@ class Mixture:
         # gate_input "router": one router on the first text-encoder layer; its logits per prompt are every
         # scope's features, carried to the UNet by the prompt's conditioning (RouteTable)
         # (a UNet-only mixture shares the routes of its text encoders' mixture: ComfyUI's MODEL and CLIP)
-        self.routed = self.config.gate_input == "router"
+        # gate_input "trigger": the same, the router reading the token embeddings (see TriggerRouter)
+        self.routed = self.config.routed
+        self.router_module: nn.Module | None = None
         self.router_lead = self._router_lead(shared=routes is not None) if self.routed else None
         if self.router_lead is not None:
-            self.gates["router"] = PromptRouter(int(index.modules[self.router_lead].weight.shape[1]), self.n,
-                                                self.config)
+            kind = TriggerRouter if self.config.gate_input == "trigger" else PromptRouter
+            self.gates["router"] = kind(int(self.router_module.weight.shape[1]), self.n, self.config)
         self.routes = routes if routes is not None else RouteTable()
         self._route: torch.Tensor | None = None  # router logits of the latest text-encoder call
         self._unet_route: torch.Tensor | None = None  # router logits of the current UNet call's rows
@@ -147,7 +159,7 @@ class Mixture:
             targets = sorted(groups[name], key=execution_key)
             lead = self.banks[targets[0]]
             component = name.split(":", 1)[0]
-            if self.config.gate_input == "router":
+            if self.config.routed:
                 dim = 0  # the shared router's logits are the features
             elif self._reads_prompt(component):
                 dim = context_dim
@@ -162,22 +174,33 @@ class Mixture:
         return self.config.gate_input == "prompt" and component == "unet"
 
     def _captures_context(self, component: str) -> bool:
-        return self.config.gate_input in ("prompt", "router") and component == "unet"
+        return (self.config.gate_input == "prompt" or self.config.routed) and component == "unet"
 
     def _router_lead(self, shared: bool) -> str | None:
-        """The first text encoder's first attention input (its q projection): token states in which a
-        trigger word is the same vector in every prompt. None for a UNet-only mixture given ``routes``."""
+        """The module the router reads (also sets :attr:`router_module`): the first text encoder's first
+        attention input (its q projection) for ``router``, its token embedding for ``trigger``. None for a
+        UNet-only mixture given ``routes``."""
         for comp in ("te", "te2"):
             if comp not in self._comps:
+                continue
+            if self.config.gate_input == "trigger":
+                root = self.index.roots.get(comp)
+                found = next((m for n, m in root.named_modules() if n.endswith("token_embedding")), None) \
+                    if root is not None else None
+                if found is not None:
+                    self.router_module = found
+                    return f"{comp}:token_embedding"
                 continue
             lead = next((t for t in sorted(self.index.modules, key=execution_key)
                          if t.startswith(f"{comp}:") and t.endswith("layers.0.self_attn.q_proj")), None)
             if lead is not None:
+                self.router_module = self.index.modules[lead]
                 return lead
         if shared:
             return None
-        raise MoleError("gate_input 'router' needs a CLIP text encoder among the attached components (the router "
-                        "reads its first layer); attach the text encoders too, or use gate_input 'input'")
+        raise MoleError(f"gate_input {self.config.gate_input!r} needs a CLIP text encoder among the attached "
+                        "components (the router reads its first layer); attach the text encoders too, or use "
+                        "gate_input 'input'")
 
     def _context_dim(self) -> int:
         """Width of the UNet's cross-attention context (the key projection of any cross-attention)."""
@@ -196,7 +219,7 @@ class Mixture:
                 self._handles.append(root.register_forward_pre_hook(self._root_hook(comp, reads_prompt),
                                                                     with_kwargs=reads_prompt))
         if self.router_lead is not None:  # before the target hooks: the lead may be a target too
-            self._handles.append(self.index.modules[self.router_lead].register_forward_hook(self._router_hook))
+            self._handles.append(self.router_module.register_forward_hook(self._router_hook))
             root = self.index.roots.get(self.router_lead.split(":", 1)[0])
             if root is not None:
                 self._handles.append(root.register_forward_hook(self._remember_hook))
@@ -236,9 +259,10 @@ class Mixture:
     def _router_hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if self._mode != "gated" or self._rows is not None:
             return
-        x = args[0]
+        trigger = self.config.gate_input == "trigger"
+        x = out if trigger else args[0]  # token embeddings (their input is the token ids), or layer-0 states
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])
-        if self._center_sums is not None:
+        if self._center_sums is not None and not trigger:  # a trigger router is centred by calibrate_triggers()
             self._collect("router", tokens)
         router = self.gates["router"]
         self._route = router(tokens.to(router.weight.device, torch.float32))

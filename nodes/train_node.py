@@ -24,7 +24,7 @@ from comfy_api.latest import io, ui
 
 import mole_core
 from mole_core.gate_file import GateFile
-from mole_core.gates import FAMILIES, GATE_INPUTS
+from mole_core.gates import FAMILIES, GATE_INPUTS, ROUTED_INPUTS
 from mole_core.naming import GRANULARITIES
 
 from ..train.compose import ComposePrompts, named_concepts, twin_prompt
@@ -262,9 +262,10 @@ class MoleTrainGates(io.ComfyNode):
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
                                tooltip="One gate per: matrix (layer), layer (transformer layer), block (attention "
                                        "block; the paper's best) or network (one gate for the whole UNet)."),
-                # "router" trains the text encoder's router, which this node does not train (the CLI does);
-                # MoLE Apply runs router gate files
-                io.Combo.Input("gate_input", options=[g for g in GATE_INPUTS if g != "router"], default="input",
+                # "router" and "trigger" train the text encoder's router, which this node does not train (the CLI
+                # does); MoLE Apply runs their gate files
+                io.Combo.Input("gate_input", options=[g for g in GATE_INPUTS if g not in ROUTED_INPUTS],
+                               default="input",
                                tooltip="What the gate looks at: input (pooled block input), experts (pooled "
                                        "outputs of the experts, paper Eq. 9-10) or prompt (the prompt's "
                                        "conditioning, max-pooled over tokens: routes by the concepts the prompt "

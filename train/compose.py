@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mole_core import Mixture, MoleError
+from mole_core.triggers import trigger_words
 
 from .backend import Backend
 from .config import TrainConfig
@@ -255,13 +256,12 @@ def _router_and_concepts(mixtures: list[Mixture], concepts: list[str]) -> tuple[
     """The mixture that holds the router, and each expert's concept (the one its file is named after)."""
     router = next((m for m in mixtures if m.router_lead is not None), None)
     if router is None:
-        raise MoleError("`route_weight` needs gate_input 'router' with the text encoders attached")
-    lower = {c.lower(): c for c in concepts if c}
-    names = [re.sub(r"\.safetensors$", "", e.name, flags=re.IGNORECASE).lower() for e in router.experts]
-    own = [lower.get(n) for n in names]
+        raise MoleError("`route_weight` needs gate_input 'router' or 'trigger' with the text encoders attached")
+    own = trigger_words(router.experts, concepts)
     if not any(own):
-        raise MoleError(f"`route_weight`: no LoRA is named after a concept ({', '.join(sorted(lower))}); name each "
-                        f"LoRA file after its concept's trigger word (e.g. {next(iter(lower), 'purple')}.safetensors)")
+        names = sorted(c.lower() for c in concepts if c)
+        raise MoleError(f"`route_weight`: no LoRA is named after a concept ({', '.join(names)}); name each "
+                        f"LoRA file after its concept's trigger word (e.g. {next(iter(names), 'purple')}.safetensors)")
     return router, own
 
 

@@ -36,7 +36,9 @@ class TrainConfig:
     gate_input: str = _opt("input", "gate features: input (pooled block input) | experts (pooled expert outputs) | "
                            "prompt (max-pooled prompt conditioning: routes by the concepts named in the prompt) | "
                            "router (one router on the text encoder's first-layer tokens decides per prompt for "
-                           "every scope; needs train_text_gates)",
+                           "every scope; needs train_text_gates) | trigger (each LoRA on when the word its file is "
+                           "named after is in the prompt, every scope scales each LoRA; sigmoid family, needs "
+                           "train_text_gates)",
                            choices=GATE_INPUTS)
     gate_family: str = _opt("softmax", "softmax: the paper's convex gates (sum to 1) | sigmoid: each expert on/off "
                             "on its own times a learnable per-scope magnitude in [0, m_max]", choices=FAMILIES)
@@ -64,7 +66,7 @@ class TrainConfig:
     exclude_weight: float = _opt(0.0, "compose: weight of the exclusion term: no image may look more like a concept "
                                  "its prompt does not name than the base model's image does (per-concept "
                                  "routing signal; scores every row, +1 base-model call per step)")
-    route_weight: float = _opt(0.0, "compose with gate_input router: weight of the naming term, the binary "
+    route_weight: float = _opt(0.0, "compose with gate_input router or trigger: weight of the naming term, the binary "
                                "cross-entropy between each LoRA's router decision and whether the prompt names its "
                                "concept (the concept named like the LoRA file: purple.safetensors ↔ purple)")
     twin_prior: bool = _opt(True, "compose: half of each batch's composition slots are the compositions' twins "
@@ -126,12 +128,13 @@ class TrainConfig:
             raise MoleError(f"`word_dropout` must be in [0, 1), got {self.word_dropout}")
         if not 0.0 <= self.base_share < 1.0:
             raise MoleError(f"`base_share` must be in [0, 1), got {self.base_share}")
-        if self.route_weight < 0 or (self.route_weight > 0 and self.gate_input != "router"):
-            raise MoleError(f"`route_weight` must be ≥ 0 and needs `gate_input` router, got {self.route_weight} "
-                            f"with {self.gate_input!r}")
-        if self.gate_input == "router" and not self.train_text_gates:
-            raise MoleError("`gate_input` router needs `train_text_gates` (the router reads the text encoder's "
-                            "first layer and trains with the text-encoder gates)")
+        routed = self.gate_input in ("router", "trigger")
+        if self.route_weight < 0 or (self.route_weight > 0 and not routed):
+            raise MoleError(f"`route_weight` must be ≥ 0 and needs `gate_input` router or trigger, got "
+                            f"{self.route_weight} with {self.gate_input!r}")
+        if routed and not self.train_text_gates:
+            raise MoleError(f"`gate_input` {self.gate_input} needs `train_text_gates` (the router reads the text "
+                            "encoder's first layer and trains with the text-encoder gates)")
         self.gate_config()  # family, m_max, init_gate, text_pool, tau: one-line errors now
 
     def gate_config(self) -> GateConfig:

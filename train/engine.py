@@ -200,8 +200,12 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
             clip_guide.prepare([to_tensor(load_image(r), cfg.resolution) for r in refs],
                                [r.concept for r in refs], [r.caption for r in refs])
         shape = latent_shape(backend, cfg.resolution) if cfg.center_features or "compose" in cfg.objectives else ()
+        texts = sorted({r.caption for r in refs}) + _compose_texts(compose_prompts, refs)
         if cfg.center_features:
-            _calibrate(backend, gated, shape, sorted({r.caption for r in refs}) + _compose_texts(compose_prompts, refs))
+            _calibrate(backend, gated, shape, texts)
+        if cfg.gate_input == "trigger":  # each LoRA's key: the word its file is named after
+            words = mole.trigger_words(experts, sorted({r.concept for r in refs if r.concept}))
+            mole.calibrate_triggers(gated, backend.encode_prompts, texts, words)
         compose = None
         if "compose" in cfg.objectives:
             refs_emb = reference_embeddings(guide, [to_tensor(load_image(r), cfg.resolution) for r in refs],

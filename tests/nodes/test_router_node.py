@@ -80,3 +80,39 @@ def test_router_gate_file_needs_the_clip(mole, tiny, experts, comfy_dirs):
     gates = _router_gates(mole, tiny, experts, comfy_dirs["mole_gates"], "router_noclip.safetensors")
     with pytest.raises(mole_core.MoleError, match="router.*text encoder"):
         apply(mole, tiny[0], experts, "gated", gates=gates)
+
+
+def test_trigger_gate_file_switches_each_lora_by_its_word_in_comfyuis_clip(mole, tiny, experts, comfy_dirs):
+    """``gate_input="trigger"``: keys calibrated on ComfyUI's own token embedding; the prompt that names a
+    LoRA's word runs it, the prompt that does not switches it off, in the text encoder and the UNet."""
+    import mole_core
+
+    model, clip = tiny
+    index, _ = mole.comfy_index.build_index(model=model, clip=clip)
+    cfg = mole_core.GateConfig(gate_input="trigger", family="sigmoid", granularity="block")
+    mix = mole_core.attach(index, experts.experts(), cfg, hooks=False)
+    mole_core.calibrate_triggers(mix, lambda ps: [_encode(clip, p) for p in ps],
+                                 ["a purple star on grey", "a red circle", "blurry"], ["purple", "star"])
+    mole_core.save_gates(mix, comfy_dirs["mole_gates"] / "trigger.safetensors")
+    gates = load_gates(mole, "trigger.safetensors")
+    m, c, g = apply(mole, model, experts, "gated", clip=clip, gates=gates)
+    unet_mix, te_mix = (next(h.mix for h in g.holders if h.component == comp) for comp in ("unet", "te"))
+    assert te_mix.router_lead == "te:token_embedding" and unet_mix.routes is te_mix.routes
+    pos = _encode(c, "a purple circle on grey")
+    want_pos = te_mix._route.clone()
+    neg = _encode(c, "a star")
+    want_neg = te_mix._route.clone()
+    assert want_pos[0, 0] > 2 and want_pos[0, 1] < -2  # names purple, not star
+    assert want_neg[0, 0] < -2 and want_neg[0, 1] > 2  # names star, not purple
+    seen: list[dict] = []
+    handle = m.model.diffusion_model.register_forward_hook(
+        lambda *_: seen.append({k: v.clone() for k, v in unet_mix.live_gates.items()}))
+    sample(m, pos, neg, steps=1)
+    handle.remove()
+    assert unet_mix.routes.misses == 0 and len(seen) == 1
+    for s in (s for s in unet_mix.scopes if s.startswith("unet:")):
+        gate = unet_mix.scope_gate(s).requires_grad_(False)
+        rows = seen[-1][s]
+        for r in (want_pos, want_neg):
+            e = gate.magnitude * torch.sigmoid(r[0] / gate.tau)
+            assert min(float((row - e).abs().max()) for row in rows) < 1e-5, s
