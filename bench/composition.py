@@ -40,7 +40,7 @@ from mole_core.gates import share_entropy  # noqa: E402
 from train.compose import ComposePrompts, latent_shape, named_concepts  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import Reference  # noqa: E402
-from train.diffusers_backend import DiffusersBackend, _quiet  # noqa: E402
+from train.diffusers_backend import DiffusersBackend, quiet_libraries  # noqa: E402
 from train.engine import train  # noqa: E402
 from train.sampling import attach_mixture, attach_training_free  # noqa: E402
 from train.toy import load_world  # noqa: E402
@@ -182,7 +182,7 @@ def evaluate(world, pipe, backend, experts, method: dict, sets: dict, base: list
 
 def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log) -> dict:  # noqa: ANN001
     torch.set_num_threads(1)
-    _quiet()
+    quiet_libraries()
     world = load_world(s.assets)
     pipe = world.pipeline()
     pipe.set_progress_bar_config(disable=True)

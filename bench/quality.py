@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mole_core as mole  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import Reference  # noqa: E402
-from train.diffusers_backend import DiffusersBackend, _quiet  # noqa: E402
+from train.diffusers_backend import DiffusersBackend, quiet_libraries  # noqa: E402
 from train.engine import reference_cache, train  # noqa: E402
 from train.sampling import attach_mixture, attach_training_free  # noqa: E402
 from train.toy import load_world  # noqa: E402
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--variants: unknown {unknown}; choose from {sorted(ALL_VARIANTS)}")
     torch.set_num_threads(args.threads or 1)  # one thread: same numbers on every run (and faster on a shared box)
-    _quiet()
+    quiet_libraries()
     s = settings(args)
     t0 = time.perf_counter()
     world = load_world(args.assets)

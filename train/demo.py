@@ -28,7 +28,7 @@ from mole_core.viz import heatmap_payload, save_heatmap
 from .compose import ComposePrompts
 from .config import TrainConfig
 from .data import scan_folder
-from .diffusers_backend import DiffusersBackend, _quiet
+from .diffusers_backend import DiffusersBackend, quiet_libraries
 from .engine import gate_statistics, reference_cache, train
 from .plots import training_curves
 from .sampling import attach_mixture, image_grid, save_png
@@ -37,12 +37,12 @@ from .toy.guide import load_toy_guide
 
 DEMO_CONCEPTS = ["purple", "striped", "star"]
 DEMO_STEPS = 200
-# the recipe of bench/composition.py's best row: sigmoid gates, one router on the text encoder's first-layer
-# tokens deciding per prompt for every scope (gate_input 'router'), trained on sampled compositions (objective
-# 'compose', toy CLIP guide) with twin and base prompts as prior
-RECIPE = dict(objective="compose", gate_family="sigmoid", granularity="network", gate_input="router",
-              train_text_gates=True, center_features=True, alpha=0.0, prior_weight=0.5, local_weight=1.0,
-              base_share=0.25)
+# the recipe of bench/composition.py's best row: sigmoid gates, each LoRA switched on by the word its file is
+# named after (gate_input 'trigger', the threshold trained by the naming term), every block scaling each LoRA,
+# trained on sampled compositions (objective 'compose', toy CLIP guide) with twin and base prompts as prior
+RECIPE = dict(objective="compose", gate_family="sigmoid", granularity="block", gate_input="trigger",
+              route_weight=1.0, train_text_gates=True, center_features=True, alpha=0.0, prior_weight=0.5,
+              local_weight=1.0, base_share=0.25)
 TRAIN_PROMPTS, BASE_PROMPTS = 16, 24
 PROMPTS, IMAGES, SAMPLE_STEPS, CFG, BASE_EVAL = 4, 4, 20, 5.0, 16
 METHODS = ("mole", "nla", "stack")  # learned gates, every LoRA at 1/N, every LoRA at 1
@@ -88,7 +88,7 @@ def training_prompts(world) -> ComposePrompts:  # noqa: ANN001
 def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=print) -> dict:  # noqa: ANN001
     """Train gates on the toy world, sample MoLE vs NLA, score; returns the metrics (also in metrics.json)."""
     t0 = time.perf_counter()
-    _quiet()
+    quiet_libraries()
     world = _world(rebuild)
     out.mkdir(parents=True, exist_ok=True)
     refs_dir = world.write_reference_folder(out / "refs", DEMO_CONCEPTS, n=8, seed=0)

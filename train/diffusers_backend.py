@@ -19,7 +19,7 @@ def load_pipeline(base: str | Path, device: str = "cpu", dtype: torch.dtype = to
     input ``name`` (the CLI passes its flag)."""
     import diffusers
 
-    _quiet()
+    quiet_libraries()
     p = Path(base)
     if not p.exists():
         raise MoleError(f"{name} {p}: not found")
@@ -46,7 +46,7 @@ def load_pipeline(base: str | Path, device: str = "cpu", dtype: torch.dtype = to
     return pipe.to(device)
 
 
-def _quiet() -> None:
+def quiet_libraries() -> None:
     """Silence load-time progress bars and transformers' spurious "LOAD REPORT" tables."""
     import diffusers
     import transformers

@@ -115,7 +115,9 @@ def attach_for_sampling(pipe, experts: list[mole.Expert], spec: SampleSpec) -> l
                           weights=spec.weights, mask=spec.mask, strength=spec.strength)
 
 
-def _bucket_hook(mix: Mixture, buckets: int, T: int):  # noqa: ANN202
+def bucket_hook(mix: Mixture, buckets: int, T: int):  # noqa: ANN202
+    """A UNet forward pre-hook (``with_kwargs=True``) that files the mixture's gate statistics under the
+    call's timestep bucket (of ``buckets``, over ``T`` training timesteps)."""
     def hook(module, args, kwargs):  # noqa: ANN001, ANN202
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if t is not None:
@@ -130,7 +132,7 @@ def sample_images(pipe, experts: list[mole.Expert], spec: SampleSpec) -> list[tu
     hooks = attached[0] if spec.mode in METHODS else None  # Switch records per step, Composite per timestep
     mixes = [m for m in attached if isinstance(m, Mixture)]
     T = int(pipe.scheduler.config.num_train_timesteps)
-    handle = pipe.unet.register_forward_pre_hook(_bucket_hook(mixes[0], spec.timestep_buckets, T),
+    handle = pipe.unet.register_forward_pre_hook(bucket_hook(mixes[0], spec.timestep_buckets, T),
                                                  with_kwargs=True, prepend=True)
     out = []
     try:

@@ -90,3 +90,26 @@ def test_no_two_modules_import_each_other():
     assert "train.commands" in graph["train.cli"] and "mole_core.gate_file" in graph["mole_core.attaching"]
     pairs = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if a in graph[b]})
     assert pairs == [], pairs
+
+
+def test_no_module_imports_another_modules_private_name():
+    """``from x import _name`` reaches into another module's internals: what is shared is public (a private
+    *module* of the same package, e.g. ``from tests.nodes import _loras``, is fine)."""
+    import ast
+
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in {".venv", "node_modules", "demo_out"} or "node_modules" in rel.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or node.module == "__future__":
+                continue
+            start = path.parent if node.level else ROOT
+            for _ in range(max(node.level - 1, 0)):
+                start = start.parent
+            base = start.joinpath(*(node.module or "").split("."))
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+                       and not (base / f"{a.name}.py").exists() and not (base / a.name).is_dir()]
+            offenders += [f"{rel}:{node.lineno} {n}" for n in private]
+    assert not offenders, offenders

@@ -104,13 +104,13 @@ def test_cli_and_node_record_the_same_timestep_buckets(mole, tiny, files, expert
     """One bucket direction everywhere (bucket 0 = the noisiest steps): the CLI's sampling hook and MoLE
     Apply's wrapper file the same calls under the same buckets, with the same labels."""
     import mole_core
-    from train.sampling import _bucket_hook
+    from train.sampling import bucket_hook
 
     gates = random_gates(mole, tiny[0], experts, comfy_dirs["mole_gates"], "buckets.safetensors", std=0.5)
     x, _, ctx = inputs
     calls = [torch.tensor([900.0, 900.0]), torch.tensor([100.0, 100.0])]
     mix = mole_core.attach(diffusers_unet, mole_core.load_experts([files["a"], files["b"]]), gates=gates.gate_file)
-    hook = diffusers_unet.register_forward_pre_hook(_bucket_hook(mix, 4, 1000), with_kwargs=True)
+    hook = diffusers_unet.register_forward_pre_hook(bucket_hook(mix, 4, 1000), with_kwargs=True)
     try:
         with torch.no_grad():
             for t in calls:

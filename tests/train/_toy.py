@@ -12,10 +12,10 @@ def load_toy(concepts: list[str]) -> tuple:
     """``(world, pipe, backend, experts)`` at the toy world's 32 px; fails with one line when unbuilt."""
     if not (DEFAULT_ASSETS / "manifest.json").is_file():
         pytest.fail(f"toy assets missing at {DEFAULT_ASSETS}: run `python -m train.toy build`")
-    from train.diffusers_backend import DiffusersBackend, _quiet
+    from train.diffusers_backend import DiffusersBackend, quiet_libraries
     from train.toy import load_world
 
-    _quiet()
+    quiet_libraries()
     world = load_world()
     pipe = world.pipeline()
     return world, pipe, DiffusersBackend(pipe, resolution=32), mole.load_experts(world.expert_paths(concepts))

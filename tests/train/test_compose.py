@@ -269,3 +269,54 @@ def test_naming_term_by_hand_and_its_errors(toy):
         mix.detach()
     with pytest.raises(mole.MoleError, match="`route_weight` must be ≥ 0 and needs `gate_input` router"):
         TrainConfig(**{**RECIPE, "route_weight": 1.0})
+
+
+def test_trigger_gates_train_keyed_on_each_loras_word_and_route_by_it(toy):
+    """``gate_input="trigger"`` through the engine: every LoRA's key is its file's word (purple.safetensors ↔
+    purple), the naming term and the guidance train only the thresholds and magnitudes, and the trained file
+    runs each LoRA for prompts that name its word — held-out words included — and none for prompts that do not."""
+    world, pipe, backend, experts, refs, prompts, guide = toy
+    cfg = TrainConfig(**{**RECIPE, "gate_input": "trigger", "granularity": "block", "route_weight": 1.0, "steps": 3})
+    gf = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide).gates
+    assert gf.info["version"] == 4 and gf.components() == ["te", "unet"]
+    keys = gf.tensors["router.weight"]
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(3))
+    for name in gf.scopes:  # the scopes' own biases stay at 0: no scope can switch a LoRA on by itself
+        assert torch.equal(gf.tensors[f"gates.{name}.bias"], torch.zeros(3))
+    mix = mole.attach(pipe, experts, gates=gf)
+    try:
+        texts = ["a yellow striped cross on white", "a purple star on grey", "a blue dotted triangle on white"]
+        with torch.no_grad():
+            cond = backend.encode_prompts(texts)
+            backend.predict(torch.zeros(3, *latent_shape(backend, 32)), torch.full((3,), 500), cond)
+        named = torch.tensor([[0, 1, 0], [1, 0, 1], [0, 0, 0]], dtype=torch.bool)
+        for s in mix.scopes:
+            share = mix.live_gates[s] / mix.scope_gate(s).magnitude.detach()
+            # 3 steps barely move the thresholds from cosine 0.5: 'yellow', a colour never seen, is purple's nearest
+            assert (share[named] > 0.95).all() and (share[~named] < 0.15).all(), (s, share)
+    finally:
+        mix.detach()
+
+
+def test_cli_trains_trigger_gates_and_samples_with_them(toy, tmp_path):
+    world = toy[0]
+    refs = world.write_reference_folder(tmp_path / "refs", CONCEPTS, n=2)
+    loras = [f"--lora={p}" for p in world.expert_paths(CONCEPTS)]
+    out = tmp_path / "trigger.safetensors"
+    common = ["--base", str(world.pipeline_dir), *loras]
+    args = ["train", *common, "--images", str(refs), "--out", str(out), "--objective", "compose", "--clip-arch", "toy",
+            "--clip-model", str(world.clip_path), "--compose-prompt", "a purple striped star on black",
+            "--base-prompt", "a red circle on grey", "--gate-input", "trigger", "--train-text-gates",
+            "--granularity", "block", "--steps", "2", "--batch-size", "2", "--resolution", "32", "--rollout-steps", "2"]
+    bad = _cli(*args)  # softmax gates cannot switch a LoRA off: refused before the model loads
+    assert bad.returncode == 2 and "needs the sigmoid gate family" in bad.stderr and bad.stderr.count("\n") == 1, \
+        bad.stderr
+    assert not out.exists()
+    r = _cli(*args, "--gate-family", "sigmoid", "--route-weight", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    gf = mole.read_gate_file(out)
+    assert gf.config.gate_input == "trigger" and gf.info["version"] == 4
+    s = _cli("sample", *common, "--gates", str(out), "--prompt", "a purple star on grey", "--size", "32",
+             "--steps", "2", "--out", str(tmp_path / "samples"))
+    assert s.returncode == 0, s.stderr[-2000:]
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 1
