@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -25,6 +26,7 @@ from safetensors import safe_open
 
 from .errors import MoleError, MoleWarning
 from .expert import Expert, LoraFactor, factor_from_delta
+from .lora_schema import MAX_ALPHA, check_module
 from .naming import canonical_from_prefix
 
 _ROLE_SUFFIXES = (
@@ -107,10 +109,15 @@ def _split_key(key: str) -> tuple[str, str] | None:
 class _PeftConfig:
     """The parts of a PEFT ``LoraConfig`` that decide scales (r, lora_alpha, patterns, rsLoRA)."""
 
-    def __init__(self, cfg: dict | None):
+    def __init__(self, cfg: dict | None, source: str = "adapter config"):
         cfg = cfg or {}
-        self.alpha = cfg.get("lora_alpha")
-        self.alpha_pattern: dict = cfg.get("alpha_pattern") or {}
+        if not isinstance(cfg, dict):
+            raise MoleError(f"{source} must be a JSON object, got {type(cfg).__name__}")
+        self.alpha = _number_or_none(cfg.get("lora_alpha"), f"{source}: lora_alpha")
+        pattern = cfg.get("alpha_pattern") or {}
+        if not isinstance(pattern, dict):
+            raise MoleError(f"{source}: alpha_pattern must be a JSON object, got {type(pattern).__name__}")
+        self.alpha_pattern = {str(k): _number_or_none(v, f"{source}: alpha_pattern[{k!r}]") for k, v in pattern.items()}
         self.rslora = bool(cfg.get("use_rslora", False))
         self.dora = bool(cfg.get("use_dora", False))
 
@@ -123,6 +130,26 @@ class _PeftConfig:
         if alpha is None:
             return None
         return float(alpha) / (rank ** 0.5 if self.rslora else rank)
+
+
+def _number_or_none(v: object, what: str) -> float | None:
+    """A finite JSON number (bounded like a file's alpha), or None; anything else is a one-line error."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > MAX_ALPHA:
+        raise MoleError(f"{what} must be a finite number with |x| ≤ {MAX_ALPHA:g}, got {v!r}")
+    return float(v)
+
+
+def _json_object(text: str, what: str) -> dict:
+    """Parse a JSON object (a LoRA file's ``lora_adapter_metadata``, a PEFT ``adapter_config.json``)."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise MoleError(f"{what}: malformed JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise MoleError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def peft_scale(config: dict, module: str, rank: int) -> float | None:
@@ -182,6 +209,7 @@ def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_conf
             continue
         if "dora" in roles:
             raise MoleError(f"expert {name!r}: {prefix} is a DoRA module (dora_scale); DoRA experts are not supported")
+        check_module(name, prefix, roles)
         alpha_t = roles.get("alpha")
         alpha = float(alpha_t.float().item()) if alpha_t is not None else None
         if "down" in roles and "up" in roles:
@@ -195,7 +223,15 @@ def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_conf
         elif {"hada_w1_a", "lokr_w1", "lokr_w1_a", "diff"} & roles.keys():
             kind = "LoHa" if "hada_w1_a" in roles else "diff" if "diff" in roles else "LoKr"
             dense_kinds.add(kind)
-            f = factor_from_delta(_dense_delta(name, prefix, roles))
+            try:
+                delta = _dense_delta(name, prefix, roles)
+            except (KeyError, RuntimeError, IndexError, ValueError) as exc:  # missing or mismatched parts
+                raise MoleError(f"expert {name!r}: malformed {kind} module {prefix} (has {sorted(roles)}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            if delta.dim() not in (2, 4) or not torch.isfinite(delta).all():
+                raise MoleError(f"expert {name!r}: {kind} module {prefix} gives a {delta.dim()}-D or non-finite "
+                                "delta")
+            f = factor_from_delta(delta)
         elif roles.keys() <= {"alpha", "diff_b"}:
             skipped.extend(f"{prefix}.{r}" for r in roles)
             continue
@@ -219,7 +255,7 @@ def _peft_cfg_for(canon: str, peft_config: dict | None, adapter_metadata: dict |
         prefix = {"unet": "unet.", "te": "text_encoder.", "te2": "text_encoder_2."}[comp]
         sub = {k[len(prefix):]: v for k, v in adapter_metadata.items() if k.startswith(prefix)}
         if sub:
-            return _PeftConfig(sub)
+            return _PeftConfig(sub, "lora_adapter_metadata")
     return None
 
 
@@ -258,7 +294,7 @@ def load_expert(path: str | os.PathLike, *, strength: float = 1.0, name: str | N
                     "no adapter_model.safetensors"
                 raise MoleError(f"{folder}: {why}")
             cfg_path = folder / "adapter_config.json"
-            cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+            cfg = _json_object(cfg_path.read_text(), str(cfg_path)) if cfg_path.exists() else None
             sd, m = read_safetensors(weights)
             meta.update(m)
             f, s, _ = factors_from_state_dict(sd, label, peft_config=cfg, component_hint=hint)
@@ -266,7 +302,8 @@ def load_expert(path: str | os.PathLike, *, strength: float = 1.0, name: str | N
             skipped += s
     else:
         sd, meta = read_safetensors(p)
-        adapter_meta = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else None
+        adapter_meta = _json_object(meta["lora_adapter_metadata"], f"{label}: lora_adapter_metadata") \
+            if "lora_adapter_metadata" in meta else None
         factors, skipped, fmt = factors_from_state_dict(sd, label, adapter_metadata=adapter_meta)
     if not factors:
         lora_like = sorted({k.rsplit(".", 2)[0] for k in skipped if _split_key(k) is not None})
