@@ -387,10 +387,13 @@ def evaluate_denoise(backend: Backend, cache: CachedSet, *, draws: int = 8, seed
 
 
 @torch.no_grad()
+@torch.no_grad()
 def gate_statistics(backend: Backend, experts: list[mole.Expert], gates: GateFile, cache: CachedSet, *,
                     fractions: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3, 0.1), seed: int = 0) -> dict:
     """Mean gate per expert and block on the references at a few noise levels (for heatmaps).
 
+    Router and trigger gates re-encode each caption through the gated text encoder (the UNet finds the
+    prompt's decision by its conditioning; the cached conditioning was encoded without the router).
     Returns :meth:`mole_core.GateStats.summary` with one bucket per noise level."""
     gen = torch.Generator().manual_seed(seed)
     mix = mole.attach(backend.mixture_target(), experts, gates=gates, components=gates.components())
@@ -403,7 +406,9 @@ def gate_statistics(backend: Backend, experts: list[mole.Expert], gates: GateFil
                 t = torch.full((1,), int(frac * (T - 1)), device=backend.device)
                 noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
                 x_t = add_noise(backend.alphas_cumprod, x0, noise, t)
-                backend.predict(x_t, t, _batch_cond(cache, torch.tensor([i])))
+                cond = backend.encode_prompts([cache.captions[i]]) if mix.router_lead is not None else \
+                    _batch_cond(cache, torch.tensor([i]))
+                backend.predict(x_t, t, cond)
         return mix.stats.summary()
     finally:
         mix.detach()

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from train.compose import (
 )
 from train.config import TrainConfig
 from train.data import Reference, load_image, to_tensor
-from train.engine import train
+from train.engine import gate_statistics, reference_cache, train
 
 CONCEPTS = ["purple", "striped", "star"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -296,6 +297,10 @@ def test_trigger_gates_train_keyed_on_each_loras_word_and_route_by_it(toy):
             assert (share[named] > 0.95).all() and (share[~named] < 0.15).all(), (s, share)
     finally:
         mix.detach()
+    with warnings.catch_warnings():  # the heatmap statistics re-encode each caption: every UNet row is routed
+        warnings.simplefilter("error", mole.MoleWarning)
+        stats = gate_statistics(backend, experts, gf, reference_cache(backend, experts, refs, cfg))
+    assert any(s.startswith("unet:") for s in stats["mean"])
 
 
 def test_cli_trains_trigger_gates_and_samples_with_them(toy, tmp_path):
