@@ -36,7 +36,7 @@ from .toy import world as W
 from .toy.guide import load_toy_guide
 
 DEMO_CONCEPTS = ["purple", "striped", "star"]
-DEMO_STEPS = 200
+DEMO_STEPS = 150
 # the recipe of bench/composition.py's best row: sigmoid gates, each LoRA switched on by the word its file is
 # named after (gate_input 'trigger', the threshold trained by the naming term), every block scaling each LoRA,
 # trained on sampled compositions (objective 'compose', toy CLIP guide) with twin and base prompts as prior
