@@ -5,7 +5,6 @@ never another exception, never NaN gates."""
 from __future__ import annotations
 
 import json
-import struct
 import warnings
 
 import pytest
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import mole_core as mole
+from tests.core._files import damage_header
 from tests.core._models import TinyNet, random_expert
 
 pytestmark = pytest.mark.filterwarnings("ignore::mole_core.MoleWarning")
@@ -106,14 +106,7 @@ def test_any_byte_damage_is_read_or_refused_in_one_line(valid, tmp_path, data):
     tensors, info = valid
     path = tmp_path / "g.safetensors"
     _write(path, tensors, info)
-    raw = bytearray(path.read_bytes())
-    (hlen,) = struct.unpack("<Q", raw[:8])
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, min(len(raw), hlen + 8) - 1))
-        raw[i] = data.draw(st.integers(0, 255))
-    if data.draw(st.booleans()):
-        raw = raw[: data.draw(st.integers(0, len(raw)))]
-    path.write_bytes(bytes(raw))
+    damage_header(path, data)
     _read(path)
 
 

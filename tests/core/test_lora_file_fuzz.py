@@ -7,7 +7,6 @@ another exception."""
 from __future__ import annotations
 
 import json
-import struct
 import warnings
 
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 
 import mole_core as mole
 from mole_core.expert import check_experts
+from tests.core._files import damage_header
 
 pytestmark = pytest.mark.filterwarnings("ignore::mole_core.MoleWarning")
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -103,14 +103,7 @@ def test_any_byte_damage_is_read_or_refused_in_one_line(tmp_path, kind, data):
     tensors, meta = _valid(kind)
     path = tmp_path / "l.safetensors"
     save_file(tensors, str(path), metadata=meta or None)
-    raw = bytearray(path.read_bytes())
-    (hlen,) = struct.unpack("<Q", raw[:8])
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, min(len(raw), hlen + 8) - 1))
-        raw[i] = data.draw(st.integers(0, 255))
-    if data.draw(st.booleans()):
-        raw = raw[: data.draw(st.integers(0, len(raw)))]
-    path.write_bytes(bytes(raw))
+    damage_header(path, data)
     _read(path)
 
 

@@ -14,10 +14,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import mole_core as mole
+from tests.core._files import reloads_exactly
 from tests.fixtures.tiny_models import sd15_pipeline
 from train.config import TrainConfig
 
@@ -123,13 +123,7 @@ def test_trigger_gate_file_round_trip_and_schema(pipe, lora_set, tmp_path):
     mix.detach()
     gf = mole.read_gate_file(path)
     assert gf.info["version"] == 4 and gf.config.gate_input == "trigger"
-    mix2 = mole.attach(pipe, experts, gates=path)
-    for (k, p), (_, q) in zip(mix.gates.state_dict().items(), mix2.gates.state_dict().items()):
-        assert torch.equal(p, q), k
-    mix2.detach()
-    tensors = load_file(path)
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
+    tensors, meta = reloads_exactly(pipe, experts, mix, path)
 
     def broken(edit) -> str:
         t = dict(tensors)
