@@ -15,6 +15,8 @@ from mole_core import MoleError
 from .compose import ComposePrompts
 from .config import TrainConfig, config_fields
 
+CLI_NAMES = ("--clip-model", "--clip-arch")  # how this CLI names the guide's two inputs in messages
+
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
     """Pipeline and experts for --base/--lora (validated before any heavy work)."""
@@ -62,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "clip" in cfg.objectives or "compose" in cfg.objectives:
         if not args.clip_model:
             raise MoleError(f"objective {cfg.objective!r} needs --clip-model FILE (a local open_clip .safetensors)")
-        from .evaluate import CLI_NAMES, load_guide
+        from .evaluate import load_guide
 
         guide = load_guide(args.clip_model, args.clip_arch, str(pipe.device), CLI_NAMES)
     backend = DiffusersBackend(pipe, cfg.resolution)
@@ -194,7 +196,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                                                            for j in range(len(experts))])))
     guide = None
     if args.clip_model:
-        from .evaluate import CLI_NAMES, load_clip
+        from .evaluate import load_clip
 
         guide = load_clip(args.clip_model, args.clip_arch, names=CLI_NAMES)
     rows, tiles, labels = [], [], []
@@ -229,7 +231,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import CLI_NAMES, evaluate_folder, load_clip
+    from .evaluate import evaluate_folder, load_clip
 
     guide = load_clip(args.clip_model, args.clip_arch, names=CLI_NAMES)
     res = evaluate_folder(guide, args.images, args.prompt, args.references)

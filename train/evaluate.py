@@ -15,8 +15,6 @@ from mole_core import MoleError
 from .data import IMAGE_SUFFIXES, Reference, load_image, scan_folder, to_tensor
 from .objectives import ClipGuide
 
-CLI_NAMES = ("--clip-model", "--clip-arch")  # how the CLI names the two inputs in its messages
-
 
 def load_clip(checkpoint: str | Path, arch: str = "ViT-B-32", device: str = "cpu",
               names: tuple[str, str] = ("CLIP checkpoint", "CLIP architecture")) -> ClipGuide:

@@ -21,7 +21,8 @@ from .method_hooks import MethodHooks
 
 @dataclass
 class SampleSpec:
-    """What to generate and how the experts are mixed."""
+    """What to generate and how the experts are mixed. Errors name the fields (the CLI's flags are the same
+    words: ``switch_every`` is ``--switch-every``)."""
 
     prompt: str
     negative: str = ""
@@ -44,22 +45,22 @@ class SampleSpec:
         chosen = sum([self.gates is not None, self.weights is not None, self.uniform])
         if self.method in METHODS:
             if chosen:
-                raise MoleError(f"--method {self.method} takes no --gates, --weights or --uniform")
+                raise MoleError(f"`method` {self.method!r} takes no `gates`, `weights` or `uniform`")
         elif chosen != 1:
-            raise MoleError("give exactly one of --gates FILE, --weights w1,w2,... or --uniform (or --method "
-                            "switch|composite)")
+            raise MoleError("give exactly one of `gates` (a gate file), `weights` (one per expert) or `uniform` "
+                            "(or `method` switch|composite)")
         if self.switch_every < 1:
-            raise MoleError(f"--switch-every must be ≥ 1, got {self.switch_every}")
-        check_number(self.steps, "--steps", lo=1, hi=10000)
-        check_number(self.num, "--num", lo=1, hi=10000)
+            raise MoleError(f"`switch_every` must be ≥ 1, got {self.switch_every}")
+        check_number(self.steps, "`steps`", lo=1, hi=10000)
+        check_number(self.num, "`num`", lo=1, hi=10000)
         for side in (self.width, self.height):
-            check_number(side, "--size", lo=8, hi=8192)
+            check_number(side, "`size`", lo=8, hi=8192)
             if side % 8:
-                raise MoleError(f"--size must be multiples of 8 (WxH or one side), got {self.width}x{self.height}")
-        check_number(self.cfg, "--cfg", lo=0, hi=100)
-        self.strength = check_number(self.strength, "--strength")
+                raise MoleError(f"`size` must be multiples of 8 (WxH or one side), got {self.width}x{self.height}")
+        check_number(self.cfg, "`cfg`", lo=0, hi=100)
+        self.strength = check_number(self.strength, "`strength`")
         if self.weights is not None:
-            self.weights = check_numbers(self.weights, "--weights")
+            self.weights = check_numbers(self.weights, "`weights`")
 
     @property
     def width(self) -> int:

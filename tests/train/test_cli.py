@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import mole_core as mole
 from tests.fixtures.oracle import diffusers_lora_pipeline
 from tests.train.test_engine import tiny_clip
 from train.cli import main
@@ -163,3 +164,17 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys, tmp_pa
     assert err.count("\n") == 1 and "OSError" in err and "No space left" in err and "--debug" in err
     with pytest.raises(OSError):
         main(["--debug", "inspect", "x"])
+
+
+@pytest.mark.parametrize("fields, named", [
+    (dict(uniform=True, steps=0), "`steps`"), (dict(uniform=True, size=(64, 60)), "`size`"),
+    (dict(uniform=True, cfg=float("nan")), "`cfg`"), (dict(weights=[1.0, float("inf")]), "`weights`[2]"),
+    (dict(uniform=True, strength=float("nan")), "`strength`"), (dict(), "`gates`"),
+    (dict(method="switch", switch_every=0), "`switch_every`"), (dict(method="switch", uniform=True), "`method`"),
+])
+def test_sample_spec_errors_name_the_python_fields_not_cli_flags(fields, named):
+    from train.sampling import SampleSpec
+
+    with pytest.raises(mole.MoleError) as err:
+        SampleSpec(prompt="x", **fields)
+    assert named in str(err.value) and "--" not in str(err.value) and "\n" not in str(err.value)
