@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 KEY = "mole"
 UNET_ARGS = ("context", "y", "control", "transformer_options")  # UNetModel.forward after (x, timesteps)
 T_MAX = 1000.0  # ComfyUI's UNet timesteps run over [0, 1000) for SD-family models
-LAST_RUNS: dict[str, dict] = {}  # MoLE Apply node id → summary of that node's last sampling run
+LAST_RUNS: dict[str, dict] = {}  # MoLE Apply node id → its last sampling run (``GET /mole/runs/{node}``)
+MAX_RUNS = 256  # node ids kept: the oldest run is dropped beyond this
 
 
 def sampling_step(transformer_options: dict) -> int:
@@ -152,8 +153,11 @@ class MoleHolder:
         self.last_summary = summary
         self.runs += 1
         if self.node_id is not None:
+            LAST_RUNS.pop(str(self.node_id), None)  # re-inserted last: dicts keep insertion order
             LAST_RUNS[str(self.node_id)] = {"experts": list(self.expert_names), "summary": summary,
                                             "time": time.time(), "component": self.component}
+            while len(LAST_RUNS) > MAX_RUNS:
+                LAST_RUNS.pop(next(iter(LAST_RUNS)))
         return summary
 
 
@@ -164,5 +168,5 @@ def holder_of(patcher: Any) -> MoleHolder | None:
 
 
 def last_run(node_id: str) -> dict | None:
-    """Summary of the last sampling run of the MoLE Apply node ``node_id`` (for routes and widgets)."""
+    """Summary of the last sampling run of the MoLE Apply node ``node_id`` (``GET /mole/runs/{node}``)."""
     return LAST_RUNS.get(str(node_id))

@@ -6,9 +6,13 @@ GET     ``/mole/jobs/{id}``             one job with its ``history`` (loss, entr
 POST    ``/mole/jobs/{id}/cancel``      stop at the next step, checkpoint kept
 POST    ``/mole/jobs/{id}/finish``      stop at the next step and save the gates as they are
 POST    ``/mole/jobs/{id}/resume``      queue a cancelled/failed job again from its checkpoint
+GET     ``/mole/runs/{node}``           the last sampling run of MoLE Apply node ``node``: expert names,
+                                        gate statistics (mean gates per scope and timestep bucket),
+                                        component, time
 ======  ==============================  ===================================================
 
-Errors use real status codes with ``{"error": "..."}``: 404 for an unknown job, 400 for a malformed
+Errors use real status codes with ``{"error": "..."}``: 404 for an unknown job or a node without a
+sampling run, 400 for a malformed
 id or a request the job's state does not allow. Handlers only flip flags or read state, so they answer
 at once while a job trains.
 """
@@ -22,8 +26,10 @@ from collections.abc import Callable
 from aiohttp import web
 
 from . import jobs
+from .injection import last_run
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NODE_ID = re.compile(r"^[A-Za-z0-9_:.-]{1,64}$")  # ComfyUI node ids: "3", subgraph paths "12:3"
 _registered = False
 
 
@@ -40,6 +46,7 @@ def register_routes() -> bool:
     routes.post("/mole/jobs/{job_id}/cancel")(cancel_job)
     routes.post("/mole/jobs/{job_id}/finish")(finish_job)
     routes.post("/mole/jobs/{job_id}/resume")(resume_job)
+    routes.get("/mole/runs/{node_id}")(node_run)
     _registered = True
     return True
 
@@ -62,6 +69,16 @@ async def finish_job(request: web.Request) -> web.Response:
 
 async def resume_job(request: web.Request) -> web.Response:
     return _answer(request, jobs.resume)
+
+
+async def node_run(request: web.Request) -> web.Response:
+    node_id = request.match_info["node_id"]
+    if not _NODE_ID.match(node_id):
+        return web.json_response({"error": f"malformed node id {node_id[:80]!r}"}, status=400)
+    run = last_run(node_id)
+    if run is None:
+        return web.json_response({"error": f"no sampling run of a MoLE Apply node {node_id!r}"}, status=404)
+    return web.json_response(run)
 
 
 def _answer(request: web.Request, action: Callable[[str], dict]) -> web.Response:

@@ -4,6 +4,9 @@ and bad inputs that must fail on their node while the server keeps serving."""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+
 import pytest
 import torch
 
@@ -101,6 +104,19 @@ def test_graph_runs_end_to_end_and_gates_round_trip(server):
     again = srv.run(graph(gates_file="e2e/run1.safetensors", save_as="e2e/run2"))
     assert again["status"]["status_str"] == "success", again["status"]
     assert (base / "models" / "mole_gates" / "e2e" / "run2.safetensors").is_file()
+
+
+def test_last_sampling_run_of_an_apply_node_is_served(server):
+    srv, _ = server
+    entry = srv.run(graph(save_as=None))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    run = srv.get("/mole/runs/3")  # "3" is MoLE Apply in the graph
+    assert run["experts"] == ["a.safetensors", "b.safetensors"] and run["component"] == "unet"
+    assert set(run["summary"]["by_bucket"]) == {"0", "1"} and run["summary"]["samples"] > 0
+    for path, status in (("/mole/runs/999", 404), ("/mole/runs/bad%20id", 400)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            srv.get(path)
+        assert err.value.code == status and "error" in json.loads(err.value.read())
 
 
 @pytest.mark.parametrize("case, node, message", [
