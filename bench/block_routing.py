@@ -1,0 +1,189 @@
+"""Where composition is lost, and whether the guide can see it (issue #12): per-block routing by hand.
+
+The composition benchmark's learned gates stay below stacking on the training templates although routing works
+(each LoRA on when its trigger word is named). This script asks two questions without training anything:
+
+1. **Ceiling.** An oracle router: the LoRAs a prompt names at weight 1 (UNet and text encoder), the others off.
+   Each named LoRA then runs either in every UNet block or only in the blocks an *assignment* lists (its text-
+   encoder part always on). Which accuracy does each assignment reach, per composition?
+2. **Signal.** For every image, the toy CLIP guide's *global* similarity (image ↔ composed prompt) and *local*
+   similarity (image ↔ each named concept's reference images) — the two terms objective ``compose`` follows.
+   If the guide scores the better assignment no higher, gate training cannot learn it from the guide.
+
+Prompts come from the composition benchmark's training templates (``--held-out`` adds the held-out ones).
+``python bench/block_routing.py --json`` prints one JSON object as its last line (≈ 3 min per seed on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import composition as C  # noqa: E402
+
+import mole_core as mole  # noqa: E402
+from train.compose import reference_embeddings  # noqa: E402
+from train.diffusers_backend import quiet_libraries  # noqa: E402
+from train.toy import load_world  # noqa: E402
+from train.toy import world as W  # noqa: E402
+from train.toy.evaluate import sample  # noqa: E402
+from train.toy.guide import load_toy_guide  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+STAR_MID_UP01 = ("mid_block.", "up_blocks.0.", "up_blocks.1.")
+ASSIGNMENTS: dict[str, dict[str, tuple[str, ...]]] = {  # concept → UNet block prefixes it runs in (else: all)
+    "every block": {},
+    "star in mid, up0, up1": {"star": STAR_MID_UP01},
+    "striped in up": {"striped": ("up_blocks.",)},
+    "striped in up, star in mid, up0, up1": {"striped": ("up_blocks.",), "star": STAR_MID_UP01},
+}
+
+
+def restrict(expert: mole.Expert, prefixes: tuple[str, ...] | None) -> mole.Expert:
+    """``expert`` with its UNet factors kept only in blocks starting with one of ``prefixes`` (None: all)."""
+    if prefixes is None:
+        return expert
+    keep = {k: f for k, f in expert.factors.items()
+            if not k.startswith("unet:") or k.split(":", 1)[1].startswith(prefixes)}
+    return dataclasses.replace(expert, factors=keep)
+
+
+def to_guide_input(images: np.ndarray) -> torch.Tensor:
+    """``(B, H, W, 3)`` uint8 → ``(B, 3, H, W)`` in [-1, 1]."""
+    return torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _score(world, pipe, guide, text: torch.Tensor, ref_emb: dict, items: list, sub: tuple,  # noqa: ANN001
+           experts: list[mole.Expert], seed: int, s: argparse.Namespace) -> dict:
+    """Probe accuracy and mean guide similarities of ``items`` sampled with ``experts`` at weight 1."""
+    mix = mole.attach(pipe, experts, mode="static", weights=[1.0] * len(experts))
+    try:
+        images = sample(pipe, [p for p, _ in items], seed=1000 + seed, steps=s.sample_steps, guidance=s.guidance)
+    finally:
+        mix.detach()
+    ok = [all(world.probe.score(im, a)[W.concept(c).attribute] for c in sub) for im, (_, a) in zip(images, items)]
+    with torch.no_grad():
+        emb = guide.embed_images(to_guide_input(np.stack([np.asarray(im) for im in images])))
+    local = torch.stack([emb @ ref_emb[c] for c in sub]).mean(0)
+    return dict(accuracy=float(np.mean(ok)), guide_global=float((emb * text).sum(-1).mean()),
+                guide_local=float(local.mean()))
+
+
+def run_seed(seed: int, s: argparse.Namespace, log) -> list[dict]:  # noqa: ANN001
+    world = load_world(s.assets)
+    pipe = world.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    experts = dict(zip(C.CONCEPTS, mole.load_experts(world.expert_paths(C.CONCEPTS))))
+    guide = load_toy_guide(world.clip_path)
+    refs = C.references(world, seed, 8)
+    ref_emb = reference_embeddings(guide, [to_guide_input(np.asarray(r.image)[None])[0] for r in refs],
+                                   [r.concept for r in refs])
+    templates = {"train": C.TRAIN_TEMPLATES, **({"held_out": C.HELD_OUT_TEMPLATES} if s.held_out else {})}
+    rows = []
+    for (tname, tpl), k in itertools.product(templates.items(), (2, 3)):
+        for sub in itertools.combinations(C.CONCEPTS, k):
+            items = [(p, a) for p, a in C.prompts_for(sub, tpl, s.prompts, 7000 + seed + k) for _ in range(s.images)]
+            with torch.no_grad():
+                text = guide.embed_texts([p for p, _ in items])
+            done: dict[tuple, dict] = {}  # the same restriction of these LoRAs is sampled once
+            for name, assignment in ASSIGNMENTS.items():
+                effective = tuple(sorted((c, v) for c, v in assignment.items() if c in sub))
+                if effective not in done:
+                    done[effective] = _score(world, pipe, guide, text, ref_emb, items, sub,
+                                             [restrict(experts[c], assignment.get(c)) for c in sub], seed, s)
+                row = dict(seed=seed, templates=tname, composition="+".join(sub), assignment=name, **done[effective])
+                rows.append(row)
+                log(f"seed {seed} {tname} {row['composition']:<20} {name:<36} acc {row['accuracy']:.2f}  "
+                    f"global {row['guide_global']:.3f}  local {row['guide_local']:.3f}")
+    return rows
+
+
+def _means(comps: list[str], pick) -> dict:  # noqa: ANN001
+    """Mean of ``pick(composition)`` over the pairs and over the triple."""
+    return {"pairs": float(np.mean([pick(c) for c in comps if c.count("+") == 1])),
+            "triple": float(np.mean([pick(c) for c in comps if c.count("+") == 2]))}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean over seeds per (templates, composition, assignment); per template set, the pair and triple means of
+    ``every block``, of the best single assignment, of the best assignment chosen per composition (by the probes:
+    a ceiling) and of the one the guide prefers per composition (highest global + local similarity, i.e. lowest
+    compose loss with the default weights)."""
+    keys = sorted({(r["templates"], r["composition"], r["assignment"]) for r in rows})
+    cells = {}
+    for key in keys:
+        sel = [r for r in rows if (r["templates"], r["composition"], r["assignment"]) == key]
+        cells[key] = {m: float(np.mean([r[m] for r in sel])) for m in ("accuracy", "guide_global", "guide_local")}
+    out: dict = {"cells": [dict(templates=t, composition=c, assignment=a, **v) for (t, c, a), v in cells.items()]}
+    for t in sorted({k[0] for k in keys}):
+        comps = sorted({k[1] for k in keys if k[0] == t})
+        acc = {(c, a): cells[(t, c, a)]["accuracy"] for c in comps for a in ASSIGNMENTS}
+        guide = {(c, a): cells[(t, c, a)]["guide_global"] + cells[(t, c, a)]["guide_local"]
+                 for c in comps for a in ASSIGNMENTS}
+        single = max(ASSIGNMENTS, key=lambda a: sum(_means(comps, lambda c: acc[(c, a)]).values()))  # noqa: B023
+        out[t] = {"every_block": _means(comps, lambda c: acc[(c, "every block")]),  # noqa: B023
+                  "best_single": {"assignment": single, **_means(comps, lambda c: acc[(c, single)])},  # noqa: B023
+                  "best_per_composition": _means(comps, lambda c: max(acc[(c, a)] for a in ASSIGNMENTS)),  # noqa: B023
+                  "guide_pick_per_composition": _means(
+                      comps, lambda c: acc[(c, max(ASSIGNMENTS, key=lambda a: guide[(c, a)]))])}  # noqa: B023
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = ["| templates | composition | assignment | accuracy | guide global | guide local |",
+             "|---|---|---|---|---|---|"]
+    for c in summary["cells"]:
+        lines.append(f"| {c['templates']} | {c['composition']} | {c['assignment']} | {c['accuracy']:.2f} | "
+                     f"{c['guide_global']:.3f} | {c['guide_local']:.3f} |")
+    for t in ("train", "held_out"):
+        if t in summary:
+            s = summary[t]
+            lines.append(f"\n{t}: every block {s['every_block']['pairs']:.2f} / {s['every_block']['triple']:.2f} · "
+                         f"best single ({s['best_single']['assignment']}) {s['best_single']['pairs']:.2f} / "
+                         f"{s['best_single']['triple']:.2f} · best per composition "
+                         f"{s['best_per_composition']['pairs']:.2f} / {s['best_per_composition']['triple']:.2f} · "
+                         f"the guide's pick per composition {s['guide_pick_per_composition']['pairs']:.2f} / "
+                         f"{s['guide_pick_per_composition']['triple']:.2f} (pairs / triple)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per composition (default 8)")
+    ap.add_argument("--images", type=int, default=4, help="images per prompt (default 4)")
+    ap.add_argument("--held-out", action="store_true", help="also the held-out templates")
+    ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = ap.parse_args(argv)
+    for flag in ("seeds", "prompts", "images"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be ≥ 1, got {getattr(args, flag)}")
+    torch.set_num_threads(1)
+    quiet_libraries()
+    s = argparse.Namespace(assets=args.assets, prompts=args.prompts, images=args.images, held_out=args.held_out,
+                           sample_steps=12, guidance=5.0)
+    t0 = time.time()
+    rows = [r for seed in range(args.seeds) for r in run_seed(seed, s, lambda m: print(m, file=sys.stderr, flush=True))]
+    summary = {**summarise(rows), "seeds": args.seeds, "seconds": round(time.time() - t0)}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "block_routing.json").write_text(json.dumps(summary, indent=1))
+    print(table(summary))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""``bench/block_routing.py``: restricting a LoRA to blocks, the summary's arithmetic, and one tiny real run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mole_core as mole
+from mole_core.expert import LoraFactor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import block_routing as B  # noqa: E402
+
+
+def _expert() -> mole.Expert:
+    f = LoraFactor(down=torch.ones(1, 4), up=torch.ones(4, 1), alpha=None)
+    names = ["unet:down_blocks.2.attentions.0.proj_in", "unet:mid_block.resnets.0.conv1",
+             "unet:up_blocks.1.attentions.0.proj_out", "unet:up_blocks.10.resnets.0.conv1",
+             "te:text_model.encoder.layers.0.self_attn.q_proj"]
+    return mole.Expert(name="star", factors=dict.fromkeys(names, f))
+
+
+def test_restrict_keeps_the_listed_unet_blocks_and_every_text_encoder_part():
+    e = _expert()
+    kept = B.restrict(e, B.STAR_MID_UP01)
+    assert sorted(kept.factors) == ["te:text_model.encoder.layers.0.self_attn.q_proj",
+                                    "unet:mid_block.resnets.0.conv1", "unet:up_blocks.1.attentions.0.proj_out"]
+    assert B.restrict(e, None) is e and len(e.factors) == 5  # the original is not changed
+
+
+def _row(t, c, a, acc, glob, local):  # noqa: ANN001, ANN202
+    return dict(seed=0, templates=t, composition=c, assignment=a, accuracy=acc, guide_global=glob, guide_local=local)
+
+
+def test_summary_means_best_assignments_and_the_guides_pick_by_hand():
+    every, star, striped, both = B.ASSIGNMENTS
+    acc = {"a+b": (0.5, 0.9, 0.5, 0.9), "a+c": (0.2, 0.2, 0.6, 0.6), "a+b+c": (0.4, 0.8, 0.1, 0.3)}
+    guide = {"a+b": (0.1, 0.3, 0.1, 0.3), "a+c": (0.5, 0.5, 0.2, 0.2), "a+b+c": (0.2, 0.1, 0.3, 0.2)}
+    rows = [_row("train", c, a, acc[c][i] + d, guide[c][i], 0.0)
+            for c in acc for i, a in enumerate(B.ASSIGNMENTS) for d in (-0.1, 0.1)]  # two seeds, mean = acc
+    s = B.summarise(rows)["train"]
+    assert s["every_block"] == pytest.approx({"pairs": 0.35, "triple": 0.4})
+    assert s["best_single"]["assignment"] == star and s["best_single"]["pairs"] == pytest.approx(0.55)
+    assert s["best_per_composition"] == pytest.approx({"pairs": 0.75, "triple": 0.8})
+    # the guide prefers star (a+b), every block (a+c: first of the tied maxima), striped (a+b+c)
+    assert s["guide_pick_per_composition"] == pytest.approx({"pairs": 0.55, "triple": 0.1})
+    assert {every, both} <= set(B.ASSIGNMENTS)
+
+
+@pytest.mark.slow
+def test_a_tiny_run_scores_every_composition_and_assignment(capsys):
+    assert B.main(["--prompts", "1", "--images", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["cells"]) == 4 * len(B.ASSIGNMENTS)  # three pairs and the triple
+    assert all(0 <= c["accuracy"] <= 1 and -1 <= c["guide_global"] <= 1 for c in out["cells"])
+    assert set(out["train"]) == {"every_block", "best_single", "best_per_composition", "guide_pick_per_composition"}
