@@ -9,7 +9,7 @@ from typing import Any
 import folder_paths
 
 import mole_core
-from mole_core.checks import check_numbers
+from mole_core.checks import parse_numbers, parse_switches
 
 GATES_FOLDER = "mole_gates"
 _PICKLE_EXTS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
@@ -65,47 +65,20 @@ def path_inside(base: str, relative: str, what: str, folder: str) -> str:
 
 
 def parse_floats(text: str, what: str, n: int | None = None, names: list[str] | None = None) -> list[float]:
-    """``"0.5, 1, 0.25"`` → floats; with ``n``, exactly ``n`` values are required.
+    """``"0.5, 1, 0.25"`` → floats (the grammar the CLI's ``--weights`` reads too); with ``n``, exactly ``n``
+    values are required.
 
     Raises:
-        MoleError: a value that is not a number, or the wrong count (names the experts).
+        MoleError: a value that is not a finite number, or the wrong count (names the experts).
     """
-    items = [t for t in re.split(r"[,\s;]+", (text or "").strip()) if t]
-    try:
-        values = [float(t) for t in items]
-    except ValueError:
-        bad = next(t for t in items if not _is_float(t))
-        raise mole_core.MoleError(f"`{what}`: {bad!r} is not a number (write e.g. \"0.5, 1, 0.25\")") from None
-    if n is not None and len(values) != n:
-        listed = f" ({', '.join(names)})" if names else ""
-        raise mole_core.MoleError(f"`{what}` has {len(values)} values but there are {n} experts{listed}")
-    return check_numbers(values, f"`{what}`")
-
-
-def _is_float(t: str) -> bool:
-    try:
-        float(t)
-    except ValueError:
-        return False
-    return True
+    return parse_numbers(text, f"`{what}`", n, names)
 
 
 def parse_mask(text: str, default: list[bool], names: list[str]) -> list[bool]:
-    """``"1, 0, 1"`` (or ``on, off``) → which experts are on; empty text → ``default``."""
+    """``"1, 0, 1"`` (or ``on, off``) → which experts are on (the CLI's ``--mask`` grammar); empty → ``default``."""
     if not (text or "").strip():
         return list(default)
-    words = {"1": True, "on": True, "true": True, "yes": True, "0": False, "off": False, "false": False, "no": False}
-    items = [t.lower() for t in re.split(r"[,\s;]+", text.strip()) if t]
-    bad = [t for t in items if t not in words]
-    if bad:
-        raise mole_core.MoleError(f"`mask`: {bad[0]!r} is not 1/0 or on/off")
-    if len(items) != len(names):
-        raise mole_core.MoleError(f"`mask` has {len(items)} values but there are {len(names)} experts "
-                                  f"({', '.join(names)})")
-    mask = [words[t] for t in items]
-    if not any(mask):
-        raise mole_core.MoleError("`mask` switches every expert off; keep at least one on")
-    return mask
+    return parse_switches(text, "`mask`", len(names), names)
 
 
 def node_id(cls: Any) -> str | None:

@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from mole_core import METHODS, MoleError
+from mole_core.checks import parse_numbers, parse_switches
 
 from .config import TrainConfig, config_fields
 
@@ -23,10 +24,11 @@ METHOD_CHOICES = ("gated", "uniform", "static", *METHODS)
 
 
 def _floats(text: str) -> list[float]:
+    """``--weights``: the nodes' list grammar (``mole_core.checks.parse_numbers``)."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        return parse_numbers(text, "value")
+    except MoleError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -44,10 +46,11 @@ def _size(text: str) -> int | tuple[int, int]:
 
 
 def _mask(text: str) -> list[bool]:
-    vals = [v.strip().lower() for v in text.split(",") if v.strip()]
-    if any(v not in ("0", "1", "true", "false", "on", "off") for v in vals):
-        raise argparse.ArgumentTypeError(f"expected comma-separated 1/0 values, got {text!r}")
-    return [v in ("1", "true", "on") for v in vals]
+    """``--mask``: the nodes' on/off grammar (``mole_core.checks.parse_switches``)."""
+    try:
+        return parse_switches(text, "value")
+    except MoleError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -136,3 +136,40 @@ def test_cli_and_node_record_the_same_timestep_buckets(mole, tiny, files, expert
     for b in ("0", "3"):
         for scope, g in cli["by_bucket"][b].items():
             torch.testing.assert_close(torch.tensor(node["by_bucket"][b][scope]), torch.tensor(g), atol=1e-4, rtol=1e-4)
+
+
+LISTS = ["0.5, 1", "0.5 1", "0.5;1", " 2,  -0.25 ", "1e-1,3", "x, 1", "nan", "1, inf", "1e9", ""]
+SWITCH_LISTS = ["1,0,1", "on off on", "true;false;yes", "1, 0, 0", "0,0,0", "1,2,0", "ON, Off, no"]
+
+
+def _cli_value(flag: str, text: str, capsys) -> object:  # noqa: ANN001
+    """What the CLI's own parser makes of ``--flag text``, or ``"error: <message>"`` when it refuses it."""
+    from train.cli import build_parser
+
+    argv = ["sample", "--base", "b", "--lora", "l", "--prompt", "p", flag, text]
+    try:
+        return getattr(build_parser().parse_args(argv), flag.lstrip("-"))
+    except SystemExit:
+        return "error: " + capsys.readouterr().err.strip().splitlines()[-1].split(f"argument {flag}: ", 1)[1]
+
+
+@pytest.mark.parametrize("text", LISTS)
+def test_weights_grammar_is_the_same_in_the_cli_and_the_nodes(mole, text, capsys):
+    import mole_core
+
+    try:
+        node = mole.common.parse_floats(text, "weights")
+    except mole_core.MoleError as exc:
+        node = "error: " + str(exc).replace("`weights`", "value")
+    assert _cli_value("--weights", text, capsys) == node
+
+
+@pytest.mark.parametrize("text", SWITCH_LISTS)
+def test_mask_grammar_is_the_same_in_the_cli_and_the_nodes(mole, text, capsys):
+    import mole_core
+
+    try:
+        node = mole.common.parse_mask(text, [True] * 3, ["a", "b", "c"])
+    except mole_core.MoleError as exc:
+        node = "error: " + str(exc).replace("`mask`", "value")
+    assert _cli_value("--mask", text, capsys) == node
