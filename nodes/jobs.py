@@ -9,7 +9,10 @@ failed / cancelled.
 Files. Checkpoints live in ``models/mole_gates/.checkpoints/<name>.<job>.mole-state`` (not a
 ``.safetensors`` name, so MoLE Load Gates never lists them). The finished gate file is first written
 there (atomically), then renamed into ``models/mole_gates/<name>.safetensors`` unless the job was
-cancelled meanwhile, so a cancel never leaves a partial or unwanted file.
+cancelled meanwhile, so a cancel never leaves a partial or unwanted file; then the checkpoint is deleted.
+A server restart keeps the checkpoints of unfinished jobs: :mod:`.saved_states` lists them as
+``interrupted`` jobs and MoLE Train Gates continues one when queued again with the same name, LoRAs and
+settings.
 
 Model copies. A running or queued job owns its copy on the load device. A done job drops it; a
 cancelled or failed job keeps it on the offload device so it can be resumed, for the
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import comfy.model_management as mm
+import folder_paths
 import torch
 from torch import nn
 
@@ -39,7 +43,9 @@ from ..train.config import TrainConfig
 from ..train.data import CachedSet, Reference
 from ..train.engine import TrainResult, gate_statistics, train
 from ..train.worker import Job, JobContext, Worker
+from . import saved_states
 from .comfy_backend import ComfyBackend, PromptTable
+from .common import GATES_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,7 @@ class TrainingSpec:
     prompt_table: PromptTable | None = None  # objective compose: every prompt encoded, on the load device
     node: str | None = None
     mode: str = "background"
+    resume_from: str | None = None  # a checkpoint of an earlier server run this job continues
     result: TrainResult | None = None
     finish_early: bool = False
     expert_names: list[str] = field(init=False)
@@ -159,12 +166,41 @@ def get(job_id: str) -> Job:
     return worker().get(job_id)
 
 
+def checkpoint_folder() -> str:
+    """``models/mole_gates/.checkpoints``: where every job's resumable state lives."""
+    return os.path.join(folder_paths.get_folder_paths(GATES_FOLDER)[0], ".checkpoints")
+
+
+def owned_states() -> list[str]:
+    """Checkpoint paths of the jobs this server knows (queued, running, stopped or done)."""
+    return [j.checkpoint for j in worker().jobs() if j.checkpoint]
+
+
+def interrupted_jobs() -> list[saved_states.SavedState]:
+    """Unfinished states of earlier server runs (stale ones are deleted first, see :mod:`.saved_states`)."""
+    folder, owned = checkpoint_folder(), owned_states()
+    saved_states.clean_stale(folder, owned)
+    return saved_states.interrupted(folder, owned)
+
+
 def list_jobs() -> list[dict]:
-    return [view(j) for j in sorted(worker().jobs(), key=lambda j: j.created)]
+    """The jobs of this server, oldest first, then the interrupted jobs of earlier runs."""
+    live = [view(j) for j in sorted(worker().jobs(), key=lambda j: j.created)]
+    return live + [s.view() for s in interrupted_jobs()]
+
+
+def _interrupted(job_id: str) -> saved_states.SavedState:
+    """The interrupted job ``job_id`` (``saved-<key>``); KeyError when there is none."""
+    for s in interrupted_jobs():
+        if s.job_id == job_id:
+            return s
+    raise KeyError(job_id)
 
 
 def state(job_id: str) -> dict:
     """One job with its loss/entropy history (for a panel that (re)attaches)."""
+    if job_id.startswith(saved_states.PREFIX):
+        return _interrupted(job_id).view()
     return view(get(job_id), history=True)
 
 
@@ -193,6 +229,9 @@ def finish(job_id: str) -> dict:
 
 def resume(job_id: str) -> dict:
     """Queue a cancelled or failed job again from its last checkpoint."""
+    if job_id.startswith(saved_states.PREFIX):
+        raise ValueError(f"job {job_id} was interrupted by a server restart; its model copy is gone: "
+                         + _interrupted(job_id).view()["resume"])
     job = get(job_id)
     spec = spec_of(job)
     if job.status not in ("cancelled", "failed"):
@@ -223,7 +262,8 @@ class _Runner:
         try:
             spec.model.to(spec.load_device)
             backend = ComfyBackend(spec.model, spec.vae_model, spec.vae_scale_factor, spec.prompt_table)
-            resume_from = ctx.resume_from if ctx.resume_from and os.path.isfile(ctx.resume_from) else None
+            resume_from = ctx.resume_from or spec.resume_from
+            resume_from = resume_from if resume_from and os.path.isfile(resume_from) else None
             progress = _progress_after_resume(ctx) if resume_from else ctx.progress
             result = train(spec.cfg, backend, spec.experts, spec.refs, progress=progress,
                            should_stop=ctx.should_stop, checkpoint_path=spec.checkpoint, resume_from=resume_from,
@@ -241,6 +281,7 @@ class _Runner:
         finally:
             if done:
                 _release(spec)
+                _delete(spec.checkpoint)  # the gate file is in place: the state is no longer needed
             else:
                 _park(spec)
 
@@ -293,6 +334,15 @@ def publish(gates: GateFile, spec: TrainingSpec, should_stop: Any = None) -> boo
     finally:
         if os.path.exists(staging):
             os.unlink(staging)
+
+
+def _delete(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("MoLE: could not delete the finished job's checkpoint %s: %s", os.path.basename(path), exc)
 
 
 def _summary(spec: TrainingSpec, result: TrainResult, saved: bool) -> dict:

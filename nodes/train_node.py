@@ -9,6 +9,7 @@ copy, normal-mode tensors; see :mod:`.comfy_backend`) and hands a job to the ser
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import time
@@ -32,7 +33,7 @@ from ..train.config import TrainConfig
 from ..train.data import Reference, references_from_images
 from ..train.engine import prepare_references
 from ..train.plots import training_curves
-from . import jobs
+from . import jobs, saved_states
 from .apply import TE, static_clip, static_vector
 from .comfy_backend import (
     ComfyEncoder,
@@ -45,9 +46,11 @@ from .comfy_backend import (
     unify_context,
 )
 from .comfy_index import build_index
-from .common import GATES_FOLDER, check_relative_name, node_id
+from .common import check_relative_name, node_id
 from .gates import gate_path_for_save
 from .types import ExpertsIO, GatesIO, MoleExperts, MoleGates
+
+log = logging.getLogger(__name__)
 
 RUN_MODES = ("background", "wait")
 OBJECTIVES = {"denoise": "denoise", "denoise + clip": "denoise,clip", "compose": "compose"}
@@ -117,10 +120,9 @@ def compose_inputs(refs: list[Reference], composition_prompts: str, base_prompts
 
 def checkpoint_path(file: str) -> str:
     """``models/mole_gates/.checkpoints/<name>.<random>.mole-state`` (never listed as a gate file)."""
-    folder = os.path.join(folder_paths.get_folder_paths(GATES_FOLDER)[0], ".checkpoints")
+    folder = jobs.checkpoint_folder()
     os.makedirs(folder, exist_ok=True)
-    stem = file.removesuffix(".safetensors").replace("/", "__")
-    return os.path.join(folder, f"{stem}.{uuid.uuid4().hex[:8]}.mole-state")
+    return os.path.join(folder, f"{saved_states.stem(file)}.{uuid.uuid4().hex[:8]}{saved_states.SUFFIX}")
 
 
 def nla_clip(clip: Any, experts: MoleExperts) -> Any:
@@ -178,8 +180,15 @@ def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch
              .to(model.load_device) if compose_prompts else None)
     copy_ = private_copy(model, training_memory(model, cfg.resolution, cfg.batch_size))
     vae_model = private_module(vae.first_stage_model, vae.patcher) if needs_guide else None
+    normal = normal_experts(experts)
+    earlier = saved_states.find_resumable(jobs.checkpoint_folder(), file, [e.sha256 for e in normal], cfg.to_dict(),
+                                          jobs.owned_states())
+    if earlier is not None:
+        log.info("MoLE Train Gates: %s continues from step %d of %d (a checkpoint of an earlier server run)",
+                 file, earlier.step, earlier.steps)
     spec = jobs.TrainingSpec(
-        file=file, path=path, checkpoint=checkpoint_path(file), cfg=cfg, experts=normal_experts(experts), refs=refs,
+        file=file, path=path, checkpoint=earlier.path if earlier else checkpoint_path(file), cfg=cfg, experts=normal,
+        refs=refs, resume_from=earlier.path if earlier else None,
         cache=cache_to(cache, model.load_device), model=copy_, load_device=model.load_device,
         offload_device=model.offload_device, vae_model=vae_model, vae_scale_factor=encoder.vae_scale_factor,
         clip_guide=clip_guide, compose_prompts=compose_prompts, prompt_table=table, node=node, mode=mode)

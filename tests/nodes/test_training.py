@@ -3,6 +3,7 @@ wait/background jobs, ComfyUI's Cancel, cancel during save, resume and bad input
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -461,3 +462,35 @@ def test_compose_inputs_are_checked_before_any_work(mole, tiny, vae, experts, im
     with pytest.raises(mole_core.MoleError, match=message):
         train_node(mole, tiny, vae, experts, images, "bad", **args)
     assert len(mole.jobs.worker().jobs()) == jobs_before
+
+
+def test_after_a_restart_the_job_is_listed_interrupted_and_queuing_the_node_again_continues_it(
+        mole, tiny, vae, experts, images, comfy_dirs, monkeypatch):
+    train_node(mole, tiny, vae, experts, images, "restart/r", run="background", steps=40)
+    job = last_job(mole)
+    end = time.time() + 120
+    while (job.progress or {}).get("step", 0) < 3 and time.time() < end:
+        time.sleep(0.02)
+    mole.jobs.cancel(job.id)
+    assert wait_done(mole, job).status == "cancelled"
+    stopped_at, state_file = job.progress["step"], job.checkpoint
+    assert 3 <= stopped_at < 40 and os.path.isfile(state_file)
+
+    # a restart: the server's jobs and parked model copies are gone, the checkpoint folder is not
+    monkeypatch.setattr(mole.jobs, "_worker", None)
+    monkeypatch.setattr(mole.jobs, "_parked", [])
+    listed = [j for j in mole.jobs.list_jobs() if j["file"] == "restart/r.safetensors"]
+    assert [j["status"] for j in listed] == ["interrupted"] and listed[0]["progress"]["step"] == stopped_at
+    with pytest.raises(ValueError, match="queue MoLE Train Gates again"):
+        mole.jobs.resume(listed[0]["id"])
+    assert mole.jobs.state(listed[0]["id"])["checkpoint"] == os.path.basename(state_file)
+
+    train_node(mole, tiny, vae, experts, images, "restart/r", run="wait", steps=40, seed=1)  # other settings
+    assert [h["step"] for h in last_job(mole).history][:1] == [1] and os.path.isfile(state_file)
+    train_node(mole, tiny, vae, experts, images, "restart/r", run="wait", steps=40)
+    again = last_job(mole)
+    assert again.status == "done" and again.checkpoint == state_file
+    assert [h["step"] for h in again.history] == list(range(stopped_at + 1, 41))
+    assert not os.path.exists(state_file)  # deleted once the gate file is in place
+    assert (comfy_dirs["mole_gates"] / "restart" / "r.safetensors").is_file()
+    assert not [j for j in mole.jobs.list_jobs() if j["status"] == "interrupted"]
