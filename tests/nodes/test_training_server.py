@@ -264,3 +264,42 @@ def test_failing_job_reports_its_error_and_the_server_keeps_serving(server):
     assert state["status"] == "failed" and "broken.safetensors" in state["error"]
     assert failed and failed[0]["error"] == state["error"]
     assert srv.run(sampling_graph())["status"]["status_str"] == "success"
+
+
+def test_a_job_interrupted_by_a_server_restart_is_listed_and_continued_by_queuing_it_again(files, tmp_path):
+    """Its own server (the shared one keeps running): train, cancel, stop the server, start a new one on the
+    same folder, and queue the same graph again."""
+    from tests.nodes._server import Server, prepare_base
+    from tests.nodes.conftest import COMFYUI, REPO
+
+    base = tmp_path / "base"
+    prepare_base(base, REPO, REPO / "tests" / "nodes" / "testing_pack")
+    install_loras(base, files)
+    graph = train_graph("restart/r", steps=30)
+    first = Server(COMFYUI, base, tmp_path / "first.log")
+    try:
+        first.wait_ready()
+        job = start(first, graph)
+        end = time.time() + 120
+        while job_state(first, job)["progress"].get("step", 0) < 3 and time.time() < end:
+            time.sleep(0.1)
+        call(first, "POST", f"/mole/jobs/{job}/cancel")
+        step = wait_status(first, job, ("cancelled",))["progress"]["step"]
+    finally:
+        first.stop()
+    second = Server(COMFYUI, base, tmp_path / "second.log")
+    try:
+        second.wait_ready()
+        listed = [j for j in call(second, "GET", "/mole/jobs")[1]["jobs"] if j["file"] == "restart/r.safetensors"]
+        assert [(j["status"], j["progress"]["step"]) for j in listed] == [("interrupted", step)], listed
+        status, body, _ = call(second, "POST", f"/mole/jobs/{listed[0]['id']}/resume")
+        assert status == 400 and "queue MoLE Train Gates again" in body["error"]
+        again = start(second, graph)
+        done = wait_status(second, again, ("done", "failed"))
+        assert done["status"] == "done", done["error"]
+        assert [h["step"] for h in done["history"]] == list(range(step + 1, 31))
+        assert not [j for j in call(second, "GET", "/mole/jobs")[1]["jobs"] if j["status"] == "interrupted"]
+        assert (base / "models" / "mole_gates" / "restart" / "r.safetensors").is_file()
+        assert not list((base / "models" / "mole_gates" / ".checkpoints").glob("restart__r.*"))
+    finally:
+        second.stop()
