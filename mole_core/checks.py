@@ -45,9 +45,11 @@ def _count(values: list, name: str, n: int | None, names: list[str] | None) -> N
         raise MoleError(f"{name} has {len(values)} values but there are {n} experts{listed}")
 
 
-def parse_numbers(text: str, name: str, n: int | None = None, names: list[str] | None = None) -> list[float]:
-    """``"0.5, 1, 0.25"`` (commas, spaces or semicolons) → finite floats, checked like :func:`check_number`;
-    with ``n``, exactly ``n`` of them (the message lists ``names``)."""
+def parse_numbers(text: str, name: str, n: int | None = None, names: list[str] | None = None, *,
+                  check: bool = True) -> list[float]:
+    """``"0.5, 1, 0.25"`` (commas, spaces or semicolons) → floats, checked like :func:`check_number` (``check``
+    False: the grammar only, the caller checks the values); with ``n``, exactly ``n`` of them (the message
+    lists ``names``)."""
     items = _items(text)
     values = []
     for t in items:
@@ -56,7 +58,7 @@ def parse_numbers(text: str, name: str, n: int | None = None, names: list[str] |
         except ValueError:
             raise MoleError(f"{name}: {t!r} is not a number (write e.g. \"0.5, 1, 0.25\")") from None
     _count(values, name, n, names)
-    return check_numbers(values, name)
+    return check_numbers(values, name) if check else values
 
 
 def parse_switches(text: str, name: str, n: int | None = None, names: list[str] | None = None) -> list[bool]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .checks import check_number
 from .errors import MoleError, MoleWarning
 from .expert import Expert, LoraFactor, factor_from_delta
 from .lora_schema import MAX_ALPHA, check_module
@@ -320,12 +321,16 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     """``"path/to/a.safetensors:0.8"`` → ``("path/to/a.safetensors", 0.8)``; strength defaults to 1."""
     head, sep, tail = spec.rpartition(":")
     if sep and head and re.fullmatch(r"-?\d+(\.\d*)?([eE]-?\d+)?", tail):
-        return head, float(tail)
+        return head, check_number(tail, f"{Path(head).name}: strength")
+    if sep and head and not os.path.exists(spec) and os.path.exists(head):
+        raise MoleError(f"{Path(head).name}: strength {tail!r} after ':' is not a number (e.g. a.safetensors:0.8)")
     return spec, 1.0
 
 
 def load_experts(specs: list[str | os.PathLike], strengths: list[float] | None = None) -> list[Expert]:
     """Load several LoRAs (``path`` or ``path:strength``); warn about duplicate files."""
+    if not specs:
+        raise MoleError("no LoRAs: give at least one LoRA file")
     experts: list[Expert] = []
     for i, spec in enumerate(specs):
         path, strength = parse_lora_spec(str(spec))

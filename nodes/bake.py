@@ -17,6 +17,7 @@ from comfy_api.latest import io, ui
 
 import mole_core
 from mole_core.bake import export_lora
+from mole_core.checks import check_number
 
 from .apply import TE, apply_static, static_vector
 from .comfy_index import build_index
@@ -124,6 +125,7 @@ class MoleBake(io.ComfyNode):
                                       "into MoLE Apply instead")
         if weights_from not in SOURCES:
             raise mole_core.MoleError(f"`weights_from` must be one of {list(SOURCES)}, got {weights_from!r}")
+        strength = check_number(strength, "`strength`", lo=-10, hi=10)
         vector, per_scope, granularity = bake_weights(SOURCES[weights_from], experts, gates, weights)
         m, c = apply_static(model, clip, experts, vector or [], strength, per_scope, granularity)
         coef = _coef(experts, vector, per_scope, granularity, strength, clip is not None)

@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 import mole_core
+from mole_core.checks import check_number
 
 from .comfy_experts import build_key_map, load_entry, lora_path
 from .comfy_index import family_of
@@ -70,7 +71,8 @@ class MoleLoadExperts(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, clip: Any = None, experts: MoleExperts | None = None,
                 **slots: Any) -> io.NodeOutput:
-        picks = [(slots[f"lora_{i}"], float(slots.get(f"strength_{i}", 1.0)), bool(slots.get(f"on_{i}", True)))
+        picks = [(slots[f"lora_{i}"], check_number(slots.get(f"strength_{i}", 1.0), f"`strength_{i}`", lo=-10, hi=10),
+                  bool(slots.get(f"on_{i}", True)))
                  for i in range(1, SLOTS + 1) if slots.get(f"lora_{i}", NONE) not in (NONE, "", None)]
         out = load_experts(model, clip, picks, experts)
         report = "\n".join(e.report for e in out.entries)

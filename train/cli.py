@@ -24,9 +24,10 @@ METHOD_CHOICES = ("gated", "uniform", "static", *METHODS)
 
 
 def _floats(text: str) -> list[float]:
-    """``--weights``: the nodes' list grammar (``mole_core.checks.parse_numbers``)."""
+    """``--weights``: the nodes' list grammar (``mole_core.checks.parse_numbers``); the values are checked
+    with the other numbers, by ``SampleSpec``."""
     try:
-        return parse_numbers(text, "value")
+        return parse_numbers(text, "value", check=False)
     except MoleError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -16,6 +16,8 @@ from .compose import ComposePrompts
 from .config import TrainConfig, config_fields
 
 CLI_NAMES = ("--clip-model", "--clip-arch")  # how this CLI names the guide's two inputs in messages
+SAMPLE_FLAGS = {f: "--" + f.replace("_", "-") for f in ("steps", "num", "size", "cfg", "strength", "weights", "gates",
+                                                         "uniform", "method", "switch_every")}  # SampleSpec's names
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
@@ -33,9 +35,22 @@ def _check_out_file(path: str) -> Path:
     p = Path(path)
     if not p.parent.exists():
         raise MoleError(f"--out {p}: directory {p.parent} does not exist")
+    if not p.parent.is_dir():
+        raise MoleError(f"--out {p}: {p.parent} is not a directory")
     if p.suffix != ".safetensors":
         raise MoleError(f"--out {p}: gate files are .safetensors")
     return p
+
+
+def _check_guide_file(path: str | None, objective: str) -> None:
+    """``--clip-model`` is given and is a ``.safetensors`` file (checked again, fully, when it is loaded)."""
+    if not path:
+        raise MoleError(f"objective {objective!r} needs --clip-model FILE (a local open_clip .safetensors)")
+    p = Path(path)
+    if not p.is_file():
+        raise MoleError(f"--clip-model {p}: file not found")
+    if p.suffix != ".safetensors":
+        raise MoleError(f"--clip-model {p.name}: only .safetensors checkpoints are loaded")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -56,14 +71,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         read_checkpoint(args.resume)  # fail fast on a corrupt checkpoint, before loading the model
     refs = scan_folder(args.images, cfg.prompt, name="--images", prompt_name="--prompt")
     prompts = _compose_prompts(args, refs) if "compose" in cfg.objectives else None
+    needs_guide = "clip" in cfg.objectives or "compose" in cfg.objectives
+    if needs_guide:
+        _check_guide_file(args.clip_model, cfg.objective)
     rank, size = world()
     pipe, experts = _load(args)
     if size > 1:
         _init_distributed(pipe.device.type)
     guide = None
-    if "clip" in cfg.objectives or "compose" in cfg.objectives:
-        if not args.clip_model:
-            raise MoleError(f"objective {cfg.objective!r} needs --clip-model FILE (a local open_clip .safetensors)")
+    if needs_guide:
         from .evaluate import load_guide
 
         guide = load_guide(args.clip_model, args.clip_arch, str(pipe.device), CLI_NAMES)
@@ -159,7 +175,8 @@ def _spec(args: argparse.Namespace, **over):  # noqa: ANN202
     from .sampling import SampleSpec
 
     kw = dict(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
-              size=args.size, num=args.num, mask=args.mask, strength=args.strength, switch_every=args.switch_every)
+              size=args.size, num=args.num, mask=args.mask, strength=args.strength, switch_every=args.switch_every,
+              names=SAMPLE_FLAGS)
     kw.update(over)
     return SampleSpec(**kw)
 
@@ -187,6 +204,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .sampling import image_grid, sample_images, save_png
 
+    if args.gates:
+        mole.read_gate_file(args.gates)  # fail fast: corrupt gate file, before the model loads or --out is made
     out = outdir(args.out)
     pipe, experts = _load(args)
     runs = [("mole", _spec(args, gates=args.gates)), ("nla", _spec(args, uniform=True)),

@@ -11,6 +11,10 @@ from mole_core.naming import GRANULARITIES
 
 OBJECTIVES = ("denoise", "clip", "compose")
 DTYPES = ("fp32", "bf16")
+MAX_RESOLUTION = 8192
+MAX_STEPS = 1_000_000  # gate training converges in hundreds
+_KINDS = ((bool, bool, "true or false"), (int, int, "a whole number"), (float, (int, float), "a number"),
+          (str, str, "text"))  # bool first: a bool is an int too
 
 
 def _opt(default, help_: str, **extra):  # noqa: ANN001
@@ -92,11 +96,14 @@ class TrainConfig:
     prompt: str = _opt("", "global prompt for images without a caption file or folder prompt")
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # every number finite (NaN/inf would train to NaN gates or never stop)
-            if isinstance(getattr(self, f.name), float):
+        for f in fields(self):
+            self._check_type(f.name, getattr(self, f.name), f.default)
+            if isinstance(getattr(self, f.name), float):  # every number finite (NaN/inf: NaN gates or no end)
                 check_number(getattr(self, f.name), f"`{f.name}`", lo=-1e6, hi=1e6)
         if self.steps <= 0:
             raise MoleError(f"`steps` must be > 0, got {self.steps}")
+        if self.steps > MAX_STEPS:
+            raise MoleError(f"`steps` must be at most {MAX_STEPS}, got {self.steps}")
         if self.lr <= 0:
             raise MoleError(f"`lr` must be > 0, got {self.lr}")
         if self.batch_size <= 0 or self.grad_accum <= 0:
@@ -112,8 +119,12 @@ class TrainConfig:
             raise MoleError(f"`dtype` must be one of {DTYPES}, got {self.dtype!r}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise MoleError(f"need 0 ≤ t_min < t_max ≤ 1, got {self.t_min}, {self.t_max}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise MoleError(f"`resolution` must be a positive multiple of 8, got {self.resolution}")
+        if self.resolution < 8 or self.resolution % 8 or self.resolution > MAX_RESOLUTION:
+            raise MoleError(f"`resolution` must be a positive multiple of 8 up to {MAX_RESOLUTION}, "
+                            f"got {self.resolution}")
+        if self.checkpoint_every < 0 or self.warmup_steps < 0:
+            raise MoleError(f"`checkpoint_every` and `warmup_steps` must be ≥ 0, got {self.checkpoint_every}, "
+                            f"{self.warmup_steps}")
         if self.strength <= 0:
             raise MoleError(f"`strength` must be > 0, got {self.strength}")
         if self.alpha < 0:
@@ -149,6 +160,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @staticmethod
+    def _check_type(name: str, value: object, default: object) -> None:
+        """A field's value has its default's type (an int field takes a whole number, a bool field a bool)."""
+        for kind, accepts, words in _KINDS:
+            if isinstance(default, kind):
+                if not isinstance(value, accepts) or (kind is not bool and isinstance(value, bool)):
+                    raise MoleError(f"`{name}`: {words} is expected, got {value!r}")
+                return
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -18,11 +18,13 @@ from mole_core.stats import bucket_labels, timestep_bucket
 
 from .method_hooks import MethodHooks
 
+MODES = ("gated", "uniform", "static", *METHODS)  # `method`: how the experts are mixed
+
 
 @dataclass
 class SampleSpec:
-    """What to generate and how the experts are mixed. Errors name the fields (the CLI's flags are the same
-    words: ``switch_every`` is ``--switch-every``)."""
+    """What to generate and how the experts are mixed. Errors name the fields in backticks, or as ``names``
+    maps them (the CLI passes its flags)."""
 
     prompt: str
     negative: str = ""
@@ -40,27 +42,35 @@ class SampleSpec:
     method: str | None = None  # switch | composite (training-free methods); None: from gates/weights/uniform
     switch_every: int = 1
     extra: dict = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # e.g. the CLI's flags
 
     def __post_init__(self) -> None:
+        n = self._name
+        if self.method is not None and self.method not in MODES:
+            raise MoleError(f"{n('method')} must be one of {', '.join(MODES)}, got {self.method!r}")
         chosen = sum([self.gates is not None, self.weights is not None, self.uniform])
         if self.method in METHODS:
             if chosen:
-                raise MoleError(f"`method` {self.method!r} takes no `gates`, `weights` or `uniform`")
+                raise MoleError(f"{n('method')} {self.method} takes no {n('gates')}, {n('weights')} or {n('uniform')}")
         elif chosen != 1:
-            raise MoleError("give exactly one of `gates` (a gate file), `weights` (one per expert) or `uniform` "
-                            "(or `method` switch|composite)")
+            raise MoleError(f"give exactly one of {n('gates')} FILE, {n('weights')} w1,w2,... or {n('uniform')} "
+                            f"(or {n('method')} switch|composite)")
         if self.switch_every < 1:
-            raise MoleError(f"`switch_every` must be ≥ 1, got {self.switch_every}")
-        check_number(self.steps, "`steps`", lo=1, hi=10000)
-        check_number(self.num, "`num`", lo=1, hi=10000)
+            raise MoleError(f"{n('switch_every')} must be ≥ 1, got {self.switch_every}")
+        check_number(self.steps, n("steps"), lo=1, hi=10000)
+        check_number(self.num, n("num"), lo=1, hi=10000)
         for side in (self.width, self.height):
-            check_number(side, "`size`", lo=8, hi=8192)
+            check_number(side, n("size"), lo=8, hi=8192)
             if side % 8:
-                raise MoleError(f"`size` must be multiples of 8 (WxH or one side), got {self.width}x{self.height}")
-        check_number(self.cfg, "`cfg`", lo=0, hi=100)
-        self.strength = check_number(self.strength, "`strength`")
+                raise MoleError(f"{n('size')} must be multiples of 8 (WxH or one side), got {self.width}x{self.height}")
+        check_number(self.cfg, n("cfg"), lo=0, hi=100)
+        self.strength = check_number(self.strength, n("strength"))
         if self.weights is not None:
-            self.weights = check_numbers(self.weights, "`weights`")
+            self.weights = check_numbers(self.weights, n("weights"))
+
+    def _name(self, field_name: str) -> str:
+        """How errors name a field: the front end's own name (``names``), else the field in backticks."""
+        return self.names.get(field_name, f"`{field_name}`")
 
     @property
     def width(self) -> int:

@@ -138,7 +138,8 @@ def test_cli_and_node_record_the_same_timestep_buckets(mole, tiny, files, expert
             torch.testing.assert_close(torch.tensor(node["by_bucket"][b][scope]), torch.tensor(g), atol=1e-4, rtol=1e-4)
 
 
-LISTS = ["0.5, 1", "0.5 1", "0.5;1", " 2,  -0.25 ", "1e-1,3", "x, 1", "nan", "1, inf", "1e9", ""]
+LISTS = ["0.5, 1", "0.5 1", "0.5;1", " 2,  -0.25 ", "1e-1,3", "x, 1", "1,,2", "1 two", ""]  # the values' range:
+# SampleSpec on the CLI side, tests/train/test_methods.py
 SWITCH_LISTS = ["1,0,1", "on off on", "true;false;yes", "1, 0, 0", "0,0,0", "1,2,0", "ON, Off, no"]
 
 
