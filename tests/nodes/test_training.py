@@ -3,6 +3,7 @@ wait/background jobs, ComfyUI's Cancel, cancel during save, resume and bad input
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -494,3 +495,42 @@ def test_after_a_restart_the_job_is_listed_interrupted_and_queuing_the_node_agai
     assert not os.path.exists(state_file)  # deleted once the gate file is in place
     assert (comfy_dirs["mole_gates"] / "restart" / "r.safetensors").is_file()
     assert not [j for j in mole.jobs.list_jobs() if j["file"] == "restart/r.safetensors" and j["status"] != "done"]
+
+
+def test_comfyui_model_sampling_discrete_v_prediction_patch_is_honoured(mole):
+    """An ε checkpoint patched by ComfyUI's ModelSamplingDiscrete (v_prediction), as users do for SD2.x-v and
+    v-pred SDXL finetunes: the private copy trains on the patched parameterisation."""
+    import importlib
+
+    advanced = importlib.import_module("comfy_extras.nodes_model_advanced")
+    with torch.inference_mode():
+        model = tiny_model(0)
+        patched = advanced.ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+        copy_ = mole.comfy_backend.private_copy(patched, 0)
+    backend = mole.comfy_backend.ComfyBackend(copy_)
+    gen = torch.Generator().manual_seed(2)
+    x0, eps, ctx = (torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen),
+                    torch.randn(2, 7, 32, generator=gen))
+    t = torch.tensor([100, 800])
+    x_t = add_noise(backend.alphas_cumprod, x0, eps, t)
+    a = backend.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        got = backend.predict(x_t, t, {"c_crossattn": ctx})
+        raw = copy_.diffusion_model(x_t, t.float(), context=ctx)
+    assert rel(got, a.sqrt() * raw + (1 - a).sqrt() * x_t) < 1e-4  # v → ε, not the unpatched ε reading
+    assert rel(got, raw) > 1e-2
+
+
+def test_train_gates_on_a_v_prediction_model_writes_gates_that_load(mole, tiny, vae, experts, images):
+    import comfy.model_base
+
+    with torch.inference_mode():
+        v_model = tiny_model(0, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    train_node(mole, (v_model, tiny[1]), vae, experts, images, "vpred/run", run="wait", steps=4)
+    job = last_job(mole)
+    assert job.status == "done" and all(math.isfinite(h["loss"]) for h in job.history)
+    saved = load_gates(mole, "vpred/run.safetensors")
+    assert saved.gate_file.info["training"]["steps_done"] == 4
+    m, _, _ = apply(mole, v_model, experts, "gated", gates=saved)
+    with torch.inference_mode():
+        assert torch.isfinite(sample(m)).all()

@@ -102,3 +102,42 @@ def tiny_cond(seed: int, tokens: int = 7) -> list:
     """A CONDITIONING with a random context ``(1, tokens, 32)``."""
     gen = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, CONTEXT_DIM, generator=gen), {}]]
+
+
+# ----- SDXL: two text encoders (CLIP-L + CLIP-G), ADM conditioning (pooled CLIP-G + 6 size/crop embeddings) -----
+SDXL_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+               "projection_dim": 32}
+SDXL_CLIP_G = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+               "projection_dim": 32}
+SDXL_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": SDXL_CLIP_G["projection_dim"] + 6 * 256, "in_channels": 4,
+    "model_channels": 32, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 2, 2],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 2, 2, 2], "channel_mult": [1, 2, 2], "transformer_depth_middle": 2,
+    "use_linear_in_transformer": True, "context_dim": SDXL_CLIP_L["hidden_size"] + SDXL_CLIP_G["hidden_size"],
+    "num_heads": 2, "num_head_channels": -1, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+
+
+def tiny_sdxl_model(seed: int = 0, model_type: comfy.model_base.ModelType = comfy.model_base.ModelType.EPS
+                    ) -> comfy.model_patcher.ModelPatcher:
+    """A ``ModelPatcher`` over a tiny SDXL ``model_base.SDXL``: SDXL's block layout (``input_blocks`` 4–8 with
+    transformers of depth 2 at two levels, ``middle_block``, ``output_blocks`` 0–5 with transformers), linear
+    ``proj_in``, ADM conditioning, at width 32 and transformer depth 2."""
+    cfg = comfy.supported_models.SDXL({**SDXL_UNET_CONFIG, "dtype": torch.float32})
+    cfg.unet_config.update(num_heads=2, num_head_channels=-1)  # SDXL's extra config asks 64-channel heads
+    model = comfy.model_base.SDXL(cfg, model_type=model_type, device=torch.device("cpu"))
+    fill_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_sdxl_clip(seed: int = 1) -> comfy.sd.CLIP:
+    """A real ``comfy.sd.CLIP`` over ComfyUI's ``SDXLClipModel`` (CLIP-L and CLIP-G, both at hidden size 32)."""
+    import comfy.sdxl_clip
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(SDXL_CLIP_L),
+                                                "clip_g_model_config": dict(SDXL_CLIP_G), "dtype": torch.float32})
+    fill_(clip.cond_stage_model, seed)
+    return clip
