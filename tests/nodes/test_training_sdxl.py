@@ -93,3 +93,38 @@ def test_sdxl_train_node_writes_gates_that_load_and_sample_at_two_sizes(mole, sd
             mixed, base = sample_sdxl(m, clip, width, height), sample_sdxl(model, clip, width, height)
         assert mixed.shape[-2:] == (height // 8, width // 8) and torch.isfinite(mixed).all()
         assert (mixed - base).abs().max() > 1e-4  # the experts act
+
+
+def test_sdxl_static_and_nla_equal_chained_lora_loaders(mole, sdxl, sdxl_experts, comfy_dirs):
+    from tests.nodes._helpers import lora_loader
+
+    model, clip = sdxl
+    loras = comfy_dirs["loras"]
+    with torch.inference_mode():
+        base = sample_sdxl(model, clip, 64, 64)
+    for mode, weights, strengths in (("static weights", "0.7, 0.4", (0.7, 0.4)), ("uniform (NLA)", "", (0.5, 0.5))):
+        m, _, _ = apply(mole, model, sdxl_experts, mode, weights)
+        ref, _ = lora_loader(model, None, loras / "xl_a.safetensors", strengths[0])
+        ref, _ = lora_loader(ref, None, loras / "xl_b.safetensors", strengths[1])
+        with torch.inference_mode():
+            ours, oracle = sample_sdxl(m, clip, 64, 64), sample_sdxl(ref, clip, 64, 64)
+        assert (ours - oracle).abs().max() <= 1e-4, mode
+        assert (ours - base).abs().max() > 1e-2, mode  # the experts act
+
+
+def test_sdxl_block_labels_and_inspire_block_weights(mole, sdxl, sdxl_experts):
+    model, _ = sdxl
+    _, _, gates = apply(mole, model, sdxl_experts, "gated")
+    with torch.inference_mode():
+        payload = mole.gates.MoleVisualizeGates.execute(gates=gates, by_timestep=False, scale=1).ui["mole_gates"][0]
+    attn = {label for label in payload["labels"] if ".attn" in label}
+    assert attn == {"down1.attn0", "down1.attn1", "down2.attn0", "down2.attn1", "mid.attn0",
+                    "up0.attn0", "up0.attn1", "up0.attn2", "up1.attn0", "up1.attn1", "up1.attn2"}
+    with torch.inference_mode():
+        out = mole.bake.MoleBake.execute(model=model, experts=sdxl_experts, weights_from="static weights",
+                                         weights="1, 0.5", strength=1.0, save_lora=False, filename_prefix="x")
+    lines = out.args[2].splitlines()  # SDXL in Inspire's semantics: BASE + input 4,5,7,8 + middle + output 0…5
+    assert lines == ["xl_a:" + ",".join(["1"] * 12), "xl_b:" + ",".join(["0.5"] * 12)]
+    keys = sdxl_experts.entries[0].model_keys.values()
+    want = {(0, i) for i in (4, 5, 7, 8)} | {(1, 1)} | {(2, i) for i in range(6)}
+    assert {mole.lbw.block_of(k) for k in keys} == want

@@ -109,7 +109,7 @@ SDXL_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads"
                "projection_dim": 32}
 SDXL_CLIP_G = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
                "projection_dim": 32}
-SDXL_UNET_CONFIG = {
+SDXL_UNET_CONFIG = {  # as ComfyUI's model detection writes SDXL's (transformer_depth_output is read from the end)
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
     "num_classes": "sequential", "adm_in_channels": SDXL_CLIP_G["projection_dim"] + 6 * 256, "in_channels": 4,
     "model_channels": 32, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 2, 2],
