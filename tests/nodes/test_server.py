@@ -146,3 +146,58 @@ def test_dotdot_gate_file_name_is_rejected_at_validation(server):
     entry = srv.run(graph(mode="uniform (NLA)", sample=False, save_as=None))
     assert entry["status"]["status_str"] == "success"
     assert torch.tensor(entry["outputs"]["8"]["mole_gates"][0]["values"]).eq(0.5).all()
+
+
+def sdxl_graph(width: int, height: int, mask: str = "", gates_file: str | None = None) -> dict:
+    """Tiny SDXL → Load Experts (two SDXL LoRAs) → gated Apply → CLIPTextEncodeSDXL (size and crop
+    conditioning) → KSampler with CFG at ``width``×``height`` → Visualize Gates."""
+    text = {"clip": ["3", 1], "width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
+            "target_height": height}
+    g = {
+        "1": {"class_type": "MoLETestTinySDXL", "inputs": {"seed": 0}},
+        "2": {"class_type": "MoLE_LoadExperts", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1],
+            **{k: v for i, name in enumerate(["xl_a.safetensors", "xl_b.safetensors", "None", "None"], 1)
+               for k, v in ((f"lora_{i}", name), (f"strength_{i}", 1.0), (f"on_{i}", True))}}},
+        "3": {"class_type": "MoLE_Apply", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": "gated", "strength": 1.0,
+            "weights": "", "mask": mask, "timestep_buckets": 2}},
+        "4": {"class_type": "CLIPTextEncodeSDXL", "inputs": {**text, "text_g": "a photo of a cat",
+                                                              "text_l": "a photo of a cat"}},
+        "5": {"class_type": "CLIPTextEncodeSDXL", "inputs": {**text, "text_g": "", "text_l": ""}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "seed": 0,
+            "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "MoLE_VisualizeGates", "inputs": {"gates": ["3", 2], "by_timestep": True, "scale": 1,
+                                                               "samples": ["7", 0]}},
+    }
+    if gates_file is not None:
+        g["10"] = {"class_type": "MoLE_LoadGates", "inputs": {"gate_file": gates_file}}
+        g["3"]["inputs"]["gates"] = ["10", 0]
+    return g
+
+
+def test_sdxl_gated_with_cfg_and_size_conditioning_at_three_sizes_with_one_gate_file(server, mole, comfy_dirs):
+    """One gate file (written from the first run) serves 64², 128² and a non-square 96×64; masking runs."""
+    import mole_core
+    from tests.nodes.testing_pack.tiny_comfy import tiny_sdxl_model
+
+    srv, base = server
+    with torch.inference_mode():
+        model = tiny_sdxl_model(0)  # the server builds the same weights from the same seed
+    for i, name in enumerate(("xl_a", "xl_b")):
+        lora = _loras.random_lora(model, None, seed=20 + i, rank=4, alpha=2.0, conv=False)
+        for folder in (base / "models" / "loras", comfy_dirs["loras"]):  # the server's and this process's
+            _loras.write_kohya(lora, folder / f"{name}.safetensors")
+    first = srv.run(sdxl_graph(64, 64))
+    assert first["status"]["status_str"] == "success", first["status"]
+    payload = first["outputs"]["8"]["mole_gates"][0]
+    assert payload["experts"] == ["xl_a.safetensors", "xl_b.safetensors"] and "up0.attn2" in payload["labels"]
+    experts = load(mole, model, None, ("xl_a.safetensors", 1.0, True), ("xl_b.safetensors", 1.0, True))
+    _, _, fresh = apply(mole, model, experts, "gated")
+    mole_core.write_gate_file(fresh.gate_file, base / "models" / "mole_gates" / "xl.safetensors")
+    for width, height, mask in ((128, 128, ""), (96, 64, ""), (96, 64, "1, 0")):
+        entry = srv.run(sdxl_graph(width, height, mask, gates_file="xl.safetensors"))
+        assert entry["status"]["status_str"] == "success", (width, height, mask, entry["status"])
+        assert entry["outputs"]["8"]["mole_gates"][0]["experts"] == ["xl_a.safetensors", "xl_b.safetensors"]

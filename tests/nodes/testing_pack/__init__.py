@@ -1,11 +1,12 @@
-"""Test-only ComfyUI node pack: tiny SD1.5-topology MODEL/CLIP/VAE, a random CONDITIONING and reference images.
+"""Test-only ComfyUI node pack: tiny SD1.5- and SDXL-topology MODEL/CLIP/VAE, a random CONDITIONING and reference
+images.
 
 Placed in ``custom_nodes`` by ``tests/nodes/test_server.py`` next to the MoLE package; never shipped.
 """
 
 from __future__ import annotations
 
-from .tiny_comfy import blob_images, tiny_clip, tiny_cond, tiny_model, tiny_vae
+from .tiny_comfy import blob_images, tiny_clip, tiny_cond, tiny_model, tiny_sdxl_clip, tiny_sdxl_model, tiny_vae
 
 
 class MoLETestTinyModel:
@@ -19,6 +20,19 @@ class MoLETestTinyModel:
 
     def load(self, seed):
         return tiny_model(seed), tiny_clip(seed + 1), tiny_vae(seed + 2)
+
+
+class MoLETestTinySDXL:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "weights seed"})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "MoLE/testing"
+
+    def load(self, seed):
+        return tiny_sdxl_model(seed), tiny_sdxl_clip(seed + 1), tiny_vae(seed + 2)
 
 
 class MoLETestTinyCond:
@@ -50,5 +64,5 @@ class MoLETestBlobs:
         return (blob_images(count, size, seed),)
 
 
-NODE_CLASS_MAPPINGS = {"MoLETestTinyModel": MoLETestTinyModel, "MoLETestTinyCond": MoLETestTinyCond,
-                       "MoLETestBlobs": MoLETestBlobs}
+NODE_CLASS_MAPPINGS = {"MoLETestTinyModel": MoLETestTinyModel, "MoLETestTinySDXL": MoLETestTinySDXL,
+                       "MoLETestTinyCond": MoLETestTinyCond, "MoLETestBlobs": MoLETestBlobs}
