@@ -52,10 +52,12 @@ def _targets(model, clip, attn: bool, conv: bool, te: bool) -> dict[str, torch.S
             out[f"unet:{diff}"] = sd[f"{ldm}.weight"].shape
     if te and clip is not None:
         csd = clip.cond_stage_model.state_dict()
-        for k, v in csd.items():
-            if k.startswith("clip_l.transformer.text_model.encoder.layers.") and k.endswith(".weight") \
-                    and k[: -len(".weight")].endswith(TE_TARGETS):
-                out["te:" + k[len("clip_l.transformer."): -len(".weight")]] = v.shape
+        for encoder, comp in (("clip_l", "te"), ("clip_g", "te2")):  # SDXL has both
+            prefix = f"{encoder}.transformer."
+            for k, v in csd.items():
+                if k.startswith(prefix + "text_model.encoder.layers.") and k.endswith(".weight") \
+                        and k[: -len(".weight")].endswith(TE_TARGETS):
+                    out[f"{comp}:" + k[len(prefix): -len(".weight")]] = v.shape
     return out
 
 
@@ -80,9 +82,11 @@ def _split(name: str) -> tuple[str, str]:
 
 def write_kohya(lora: Lora, path: str | Path) -> Path:
     sd = {}
+    sdxl = "te2" in lora.components()  # kohya SDXL: lora_te1_ (CLIP-L) and lora_te2_ (CLIP-G)
+    prefixes = {"unet": "lora_unet_", "te": "lora_te1_" if sdxl else "lora_te_", "te2": "lora_te2_"}
     for name, (down, up) in lora.factors.items():
         comp, p = _split(name)
-        key = ("lora_unet_" if comp == "unet" else "lora_te_") + p.replace(".", "_")
+        key = prefixes[comp] + p.replace(".", "_")
         sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
         if lora.alpha is not None:
             sd[f"{key}.alpha"] = torch.tensor(float(lora.alpha))
@@ -95,7 +99,8 @@ def write_comfy(lora: Lora, model, path: str | Path) -> Path:
     sd = {}
     for name, (down, up) in lora.factors.items():
         comp, p = _split(name)
-        key = f"diffusion_model.{names[p]}" if comp == "unet" else f"text_encoders.clip_l.transformer.{p}"
+        encoder = "clip_g" if comp == "te2" else "clip_l"
+        key = f"diffusion_model.{names[p]}" if comp == "unet" else f"text_encoders.{encoder}.transformer.{p}"
         sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
         if lora.alpha is not None:
             sd[f"{key}.alpha"] = torch.tensor(float(lora.alpha))

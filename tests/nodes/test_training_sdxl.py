@@ -128,3 +128,30 @@ def test_sdxl_block_labels_and_inspire_block_weights(mole, sdxl, sdxl_experts):
     keys = sdxl_experts.entries[0].model_keys.values()
     want = {(0, i) for i in (4, 5, 7, 8)} | {(1, 1)} | {(2, i) for i in range(6)}
     assert {mole.lbw.block_of(k) for k in keys} == want
+
+
+def test_sdxl_loras_with_both_text_encoders_equal_chained_lora_loaders(mole, sdxl, comfy_dirs):
+    """kohya SDXL files with ``lora_te1_`` (CLIP-L) and ``lora_te2_`` (CLIP-G) parts: MoLE's static mix of the UNet
+    and both text encoders equals chained ``LoraLoader``s, conditioning and pooled output included."""
+    from tests.nodes import _loras
+    from tests.nodes._helpers import lora_loader
+
+    model, clip = sdxl
+    for i, name in enumerate(("xl_te_a", "xl_te_b")):
+        lora = _loras.random_lora(model, clip, seed=30 + i, rank=4, alpha=2.0, conv=False)
+        assert {"unet", "te", "te2"} <= lora.components()
+        _loras.write_kohya(lora, comfy_dirs["loras"] / f"{name}.safetensors")
+    experts = load(mole, model, clip, ("xl_te_a.safetensors", 1.0, True), ("xl_te_b.safetensors", 1.0, True))
+    m, c, _ = apply(mole, model, experts, "static weights", "0.7, 0.4", clip=clip)
+    ref_m, ref_c = lora_loader(model, clip, comfy_dirs["loras"] / "xl_te_a.safetensors", 0.7)
+    ref_m, ref_c = lora_loader(ref_m, ref_c, comfy_dirs["loras"] / "xl_te_b.safetensors", 0.4)
+
+    def encoded(cl):  # noqa: ANN001, ANN202
+        cond, pooled = cl.encode_from_tokens(cl.tokenize("a photo of a cat"), return_pooled=True)
+        return cond, pooled
+    with torch.inference_mode():
+        (cond, pooled), (cond_ref, pooled_ref), (cond_base, _) = encoded(c), encoded(ref_c), encoded(clip)
+        ours, oracle = sample_sdxl(m, c, 64, 64), sample_sdxl(ref_m, ref_c, 64, 64)
+    assert torch.allclose(cond, cond_ref, atol=1e-5) and torch.allclose(pooled, pooled_ref, atol=1e-5)
+    assert (cond[..., 32:] - cond_base[..., 32:]).abs().max() > 1e-3  # CLIP-G's half of the context moves too
+    assert (ours - oracle).abs().max() <= 1e-4
