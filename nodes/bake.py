@@ -18,10 +18,11 @@ from comfy_api.latest import io, ui
 import mole_core
 from mole_core.bake import export_lora
 from mole_core.checks import check_number
+from mole_core.paths import path_inside
 
 from .apply import TE, apply_static, static_vector
 from .comfy_index import build_index
-from .common import check_relative_name, parse_floats, path_inside
+from .common import check_relative_name, parse_floats
 from .injection import holder_of
 from .lbw import lbw_text
 from .types import ExpertsIO, GatesIO, MoleExperts, MoleGates

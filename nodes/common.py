@@ -49,21 +49,6 @@ def check_relative_name(name: str, what: str, folder: str) -> str:
     return clean
 
 
-def inside(base: str, path: str) -> bool:
-    """Whether ``path`` resolves (symlinks followed) to a location inside ``base``."""
-    base_r, path_r = os.path.realpath(base), os.path.realpath(path)
-    return os.path.commonpath([base_r, path_r]) == base_r
-
-
-def path_inside(base: str, relative: str, what: str, folder: str) -> str:
-    """The absolute path of ``relative`` under ``base``, refused (one-line MoleError naming ``what``) when it
-    would leave ``base`` once symlinks are followed: every write of the nodes goes through this."""
-    path = os.path.join(base, *relative.split("/"))
-    if not inside(base, path):
-        raise mole_core.MoleError(f"`{what}` must stay inside {folder} (a symlinked folder there points outside)")
-    return path
-
-
 def parse_floats(text: str, what: str, n: int | None = None, names: list[str] | None = None) -> list[float]:
     """``"0.5, 1, 0.25"`` → floats (the grammar the CLI's ``--weights`` reads too); with ``n``, exactly ``n``
     values are required.

@@ -19,8 +19,9 @@ from PIL import Image
 import mole_core
 from mole_core import viz
 from mole_core.naming import execution_key
+from mole_core.paths import path_inside
 
-from .common import GATES_FOLDER, check_relative_name, path_inside
+from .common import GATES_FOLDER, check_relative_name
 from .types import GatesIO, MoleGates
 
 _FOLDER_LABEL = "models/mole_gates"

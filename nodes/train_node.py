@@ -27,6 +27,7 @@ import mole_core
 from mole_core.gate_file import GateFile
 from mole_core.gates import FAMILIES, GATE_INPUTS, ROUTED_INPUTS
 from mole_core.naming import GRANULARITIES
+from mole_core.paths import path_inside
 
 from ..train.compose import ComposePrompts, named_concepts, twin_prompt
 from ..train.config import TrainConfig
@@ -121,8 +122,10 @@ def compose_inputs(refs: list[Reference], composition_prompts: str, base_prompts
 def checkpoint_path(file: str) -> str:
     """``models/mole_gates/.checkpoints/<name>.<random>.mole-state`` (never listed as a gate file)."""
     folder = jobs.checkpoint_folder()
+    name = f"{saved_states.stem(file)}.{uuid.uuid4().hex[:8]}{saved_states.SUFFIX}"
+    path = path_inside(os.path.dirname(folder), f"{os.path.basename(folder)}/{name}", "name", "models/mole_gates")
     os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"{saved_states.stem(file)}.{uuid.uuid4().hex[:8]}{saved_states.SUFFIX}")
+    return path
 
 
 def nla_clip(clip: Any, experts: MoleExperts) -> Any:

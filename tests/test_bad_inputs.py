@@ -6,6 +6,7 @@ sentinel in place of the model loader fails the case otherwise). The nodes' tabl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -226,3 +227,12 @@ def test_a_failed_cli_run_leaves_an_existing_output_byte_identical(world, tmp_pa
         assert main(_fill(argv, world, tmp_path)) == 2
     assert out.read_bytes() == before and json.loads(json.dumps(sorted(p.name for p in tmp_path.iterdir()))) == [
         "g.safetensors"]
+
+
+def test_sample_refuses_an_output_name_that_a_symlink_takes_outside_out(world, tmp_path, capsys, no_model_loads):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    os.symlink(outside / "stolen.png", out / "uniform_000000.png")
+    assert main(_fill(_with(SAMPLE, "--out", str(out)), world, tmp_path)) == 2
+    assert "--out" in capsys.readouterr().err and not any(outside.iterdir())

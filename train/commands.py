@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mole_core as mole
 from mole_core import MoleError
+from mole_core.paths import path_inside
 
 from .compose import ComposePrompts
 from .config import TrainConfig, config_fields
@@ -192,11 +193,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.gates:
         mole.read_gate_file(args.gates)  # fail fast: corrupt gate file
     out = outdir(args.out)
+    names = [_in_out(out, f"{spec.mode}_{spec.seed + i:06d}.png") for i in range(spec.num)]  # before any work
     pipe, experts = _load(args)
     if spec.mask is not None and len(spec.mask) != len(experts):
         raise MoleError(f"--mask has {len(spec.mask)} values for {len(experts)} experts")
-    for image, info in sample_images(pipe, experts, spec):
-        path = save_png(image, info, out / f"{spec.mode}_{info['seed']:06d}.png")
+    for (image, info), name in zip(sample_images(pipe, experts, spec), names):
+        path = save_png(image, info, name)
         print(path)
     return 0
 
@@ -220,10 +222,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         guide = load_clip(args.clip_model, args.clip_arch, names=CLI_NAMES)
     rows, tiles, labels = [], [], []
     for name, spec in runs:
-        folder = out / name
+        folder = Path(_in_out(out, name))
         folder.mkdir(exist_ok=True)
         for image, info in sample_images(pipe, experts, spec):
-            save_png(image, info, folder / f"{info['seed']:06d}.png")
+            save_png(image, info, _in_out(out, f"{name}/{info['seed']:06d}.png"))
             tiles.append(image)
             labels.append(f"{name} s{info['seed']}")
         row = {"method": name}
@@ -232,9 +234,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
             row.update(evaluate_folder(guide, folder, args.prompt, args.references))
         rows.append(row)
-    image_grid(tiles, cols=args.num, labels=labels).save(out / "grid.png")
-    (out / "compare.json").write_text(to_json(rows))
-    (out / "compare.md").write_text(_table(rows))
+    image_grid(tiles, cols=args.num, labels=labels).save(_in_out(out, "grid.png"))
+    Path(_in_out(out, "compare.json")).write_text(to_json(rows))
+    Path(_in_out(out, "compare.md")).write_text(_table(rows))
     print(_table(rows))
     return 0
 
@@ -289,6 +291,11 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "compare": cmd_compare, "e
 
 
 # ----- what every command needs from the process -----
+def _in_out(out: Path, name: str) -> str:
+    """``out/name``, refused when a symlink there would take the write outside ``--out``."""
+    return path_inside(out, name, "--out", str(out))
+
+
 def outdir(path: str) -> Path:
     """``--out`` folder, created; one-line error if it is a file."""
     p = Path(path)
