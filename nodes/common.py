@@ -34,9 +34,10 @@ def check_relative_name(name: str, what: str, folder: str) -> str:
     Raises:
         MoleError: empty, absolute, drive-letter or ``..`` names, and pickle extensions.
     """
-    if "\x00" in (name or "") or len(name or "") > MAX_NAME:
-        raise mole_core.MoleError(f"`{what}`: a name without NUL characters and at most {MAX_NAME} characters "
-                                  f"is expected, got {len(name or '')} characters")
+    if "\x00" in (name or ""):
+        raise mole_core.MoleError(f"`{what}`: a name without NUL characters is expected")
+    if len(name or "") > MAX_NAME:
+        raise mole_core.MoleError(f"`{what}`: a name of at most {MAX_NAME} characters is expected, got {len(name)}")
     clean = (name or "").strip().replace("\\", "/")
     parts = clean.split("/")
     if any(len(p.encode()) > 200 for p in parts):

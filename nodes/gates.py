@@ -28,12 +28,13 @@ _FOLDER_LABEL = "models/mole_gates"
 
 
 # ----- helpers (pure functions of the payloads) -----
-def gate_path_for_save(filename: str) -> tuple[str, str]:
-    """``(relative name with .safetensors, absolute path)`` inside the first mole_gates folder."""
-    name = check_relative_name(filename, "filename", _FOLDER_LABEL)
+def gate_path_for_save(filename: str, what: str = "filename") -> tuple[str, str]:
+    """``(relative name with .safetensors, absolute path)`` inside the first mole_gates folder; errors name the
+    node input ``what``."""
+    name = check_relative_name(filename, what, _FOLDER_LABEL)
     if not name.lower().endswith(".safetensors"):
         name += ".safetensors"
-    return name, path_inside(folder_paths.get_folder_paths(GATES_FOLDER)[0], name, "filename", _FOLDER_LABEL)
+    return name, path_inside(folder_paths.get_folder_paths(GATES_FOLDER)[0], name, what, _FOLDER_LABEL)
 
 
 def gate_path_for_load(name: str) -> str:

@@ -168,7 +168,7 @@ def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch
             do not fit the model, missing CLIP guide for the CLIP and compose objectives, compose inputs
             missing or inconsistent.
     """
-    file, path = gate_path_for_save(name)
+    file, path = gate_path_for_save(name, "name")
     check_trainable(model)
     needs_guide = {"clip", "compose"} & set(cfg.objectives)
     if needs_guide and clip_guide is None:

@@ -290,6 +290,8 @@ def test_stop_and_save_finishes_early_with_a_file(mole, tiny, vae, experts, imag
     ({"prompts": "  \n "}, "`prompts` is empty"),
     ({"steps": 0}, "`steps` must be > 0"),
     ({"name": "../escape"}, "must be a file name inside models/mole_gates"),
+    ({"name": "x" * 300}, "`name`"),
+    ({"name": "a\x00b"}, "`name`"),
     ({"objective": "denoise + clip"}, "needs `clip_guide`"),
 ])
 def test_bad_inputs_raise_one_line_errors(mole, tiny, vae, experts, images, change, message):
