@@ -313,6 +313,9 @@ def load_expert(path: str | os.PathLike, *, strength: float = 1.0, name: str | N
                             f"text encoder (e.g. {lora_like[0]}) — a LoRA for another model family?")
         example = f" (e.g. {skipped[0]})" if skipped else ""
         raise MoleError(f"{label}: no LoRA keys for a Stable Diffusion UNet or CLIP text encoder found{example}")
+    if skipped:
+        warnings.warn(f"{label}: {len(skipped)} tensors are no LoRA factor of a Stable Diffusion UNet or CLIP text "
+                      f"encoder and are ignored (e.g. {skipped[0]})", MoleWarning, stacklevel=2)
     return Expert(name=label, factors=factors, sha256=file_sha256(p), path=str(p), format=fmt,
                   strength=strength, metadata=meta, skipped_keys=skipped)
 

@@ -139,3 +139,24 @@ def test_parse_lora_spec():
     assert mole.parse_lora_spec("a.safetensors:0.7") == ("a.safetensors", 0.7)
     assert mole.parse_lora_spec("C:/x/a.safetensors") == ("C:/x/a.safetensors", 1.0)
     assert mole.parse_lora_spec("a.safetensors:-1e-1") == ("a.safetensors", -0.1)
+
+
+def test_tensors_that_are_no_lora_factor_warn_and_are_ignored(tmp_path):
+    """Unknown extra content in a LoRA file warns (issue #14) instead of being dropped without a word."""
+    import warnings
+
+    import torch
+    from safetensors.torch import save_file
+
+    import mole_core
+
+    sd = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.randn(2, 8),
+          "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.randn(8, 2),
+          "training_step_counter": torch.zeros(1)}
+    save_file(sd, str(tmp_path / "extra.safetensors"))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        expert = mole_core.load_expert(tmp_path / "extra.safetensors")
+    messages = [str(w.message) for w in rec if issubclass(w.category, mole_core.MoleWarning)]
+    assert any("1 tensors are no LoRA factor" in m and "training_step_counter" in m for m in messages), messages
+    assert expert.skipped_keys == ["training_step_counter"] and len(expert.factors) == 1
