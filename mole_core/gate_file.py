@@ -18,13 +18,14 @@ import dataclasses
 import json
 import os
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .errors import MoleError
+from .errors import MoleError, MoleWarning
 from .gate_schema import check_metadata, check_tensors, router_parts
 from .gates import GateConfig, prior_gates
 from .lora_files import read_safetensors
@@ -195,5 +196,9 @@ def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateF
                                 f"gives {router.weight.shape[1]}")
             for part in router_parts(gf.config):
                 getattr(router, part).copy_(gf.tensors[f"router.{part}"])
+    extra = [s for s in gf.scopes if s.split(":", 1)[0] in comps and s not in mix.scopes]
+    if extra:
+        warnings.warn(f"{name}: {len(extra)} gate scopes match no block of this model and are ignored "
+                      f"(e.g. {extra[0]})", MoleWarning, stacklevel=2)
     ignored = [s for s in gf.scopes if s.split(":", 1)[0] not in comps]
     return dataclasses.replace(gf, info={**gf.info, "ignored_scopes": ignored})

@@ -134,3 +134,22 @@ def test_gate_files_get_the_mode_every_other_output_gets(setup, tmp_path):
         os.umask(old)
         mix.detach()
     assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "other.json").stat().st_mode) == 0o644
+
+
+def test_gate_scopes_that_match_no_block_warn(setup):
+    """A gate file with a scope this model lacks (in a component it has) warns instead of dropping it silently."""
+    import dataclasses
+
+    from mole_core.gate_file import apply_gate_file
+
+    net, experts = setup
+    mix = mole.attach(net, experts)
+    gf = mole.snapshot(mix)
+    first = next(iter(gf.scopes))
+    ghost = first.split(":", 1)[0] + ":ghost_block"
+    tensors = {**gf.tensors, **{k.replace(f"gates.{first}.", f"gates.{ghost}."): v.clone()
+                                for k, v in gf.tensors.items() if k.startswith(f"gates.{first}.")}}
+    extra = dataclasses.replace(gf, scopes={**gf.scopes, ghost: dict(gf.scopes[first])}, tensors=tensors)
+    with pytest.warns(mole.MoleWarning, match="1 gate scopes match no block of this model.*ghost_block"):
+        apply_gate_file(mix, extra)
+    mix.detach()
