@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.nodes._helpers import comfyui_nodes, lora_loader, sample
-from tests.nodes._nodes import apply, load_gates, rel
+from tests.nodes._nodes import apply, denoise_loss, load_gates, rel
 from tests.nodes.testing_pack.tiny_comfy import blob_images, tiny_model, tiny_vae
 from train.backend import add_noise
 
@@ -130,10 +130,9 @@ def test_private_copy_is_normal_independent_and_hook_free(mole, tiny):
 
 @pytest.mark.parametrize("gate_input", ["input", "prompt"])
 def test_training_lowers_the_denoise_loss(mole, tiny, vae, experts, images, gate_input):
-    import mole_core
     from train.config import TrainConfig
     from train.data import references_from_images
-    from train.engine import evaluate_denoise, prepare_references, train
+    from train.engine import prepare_references, train
 
     model, clip = tiny
     cb = mole.comfy_backend
@@ -147,15 +146,7 @@ def test_training_lowers_the_denoise_loss(mole, tiny, vae, experts, images, gate
     backend = cb.ComfyBackend(copy_)
     cache = cb.cache_to(cache, backend.device)
     result = train(cfg, backend, mole.train_node.normal_experts(experts), refs, cache=cache)
-
-    def loss(gates) -> float:
-        mix = mole_core.attach(backend.mixture_target(), mole.train_node.normal_experts(experts), gates=gates,
-                               components=["unet"])
-        try:
-            return sum(evaluate_denoise(backend, cache, draws=16).values())
-        finally:
-            mix.detach()
-    before, after = loss(start), loss(result.gates)
+    before, after = (denoise_loss(mole, backend, experts, cache, g) for g in (start, result.gates))
     print(f"\ndenoise loss on the references ({gate_input} gates): uniform gates {before:.5f} → trained {after:.5f}")
     assert after < before
 
@@ -504,6 +495,7 @@ def test_comfyui_model_sampling_discrete_v_prediction_patch_is_honoured(mole):
     v-pred SDXL finetunes: the private copy trains on the patched parameterisation."""
     import importlib
 
+    comfyui_nodes()  # that module imports ComfyUI's ``nodes`` by its absolute name: load ComfyUI's (by path) first
     advanced = importlib.import_module("comfy_extras.nodes_model_advanced")
     with torch.inference_mode():
         model = tiny_model(0)
