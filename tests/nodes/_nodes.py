@@ -82,3 +82,16 @@ def constant_sigmoid_gates(mole, model, experts, folder: Path, name: str, gates:
     info = {**gf.info, "gate_config": cfg.to_dict()}
     mole_core.write_gate_file(mole_core.GateFile(gf.path, cfg, gf.experts, gf.scopes, tensors, info), folder / name)
     return load_gates(mole, name)
+
+
+def denoise_loss(mole, backend, experts, cache, gates) -> float:
+    """Summed held-out denoise loss of ``gates`` on ``cache`` (UNet experts attached, 16 draws)."""
+    import mole_core
+    from train.engine import evaluate_denoise
+
+    mix = mole_core.attach(backend.mixture_target(), mole.train_node.normal_experts(experts), gates=gates,
+                           components=["unet"])
+    try:
+        return sum(evaluate_denoise(backend, cache, draws=16).values())
+    finally:
+        mix.detach()

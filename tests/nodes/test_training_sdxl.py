@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.nodes._nodes import apply, load, load_gates
+from tests.nodes._nodes import apply, denoise_loss, load, load_gates
 from tests.nodes.test_training import images, last_job, train_node, vae  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -47,10 +47,9 @@ def sdxl_experts(mole, sdxl, comfy_dirs):
 
 
 def test_sdxl_gates_train_and_lower_the_denoise_loss(mole, sdxl, vae, sdxl_experts, images):  # noqa: F811
-    import mole_core
     from train.config import TrainConfig
     from train.data import references_from_images
-    from train.engine import evaluate_denoise, prepare_references, train
+    from train.engine import prepare_references, train
 
     model, clip = sdxl
     cb = mole.comfy_backend
@@ -64,15 +63,7 @@ def test_sdxl_gates_train_and_lower_the_denoise_loss(mole, sdxl, vae, sdxl_exper
     backend = cb.ComfyBackend(copy_)
     cache = cb.cache_to(cache, backend.device)
     result = train(cfg, backend, mole.train_node.normal_experts(sdxl_experts), refs, cache=cache)
-
-    def loss(gates) -> float:  # noqa: ANN001
-        mix = mole_core.attach(backend.mixture_target(), mole.train_node.normal_experts(sdxl_experts), gates=gates,
-                               components=["unet"])
-        try:
-            return sum(evaluate_denoise(backend, cache, draws=16).values())
-        finally:
-            mix.detach()
-    before, after = loss(start), loss(result.gates)
+    before, after = (denoise_loss(mole, backend, sdxl_experts, cache, g) for g in (start, result.gates))
     print(f"\nSDXL denoise loss on the references: uniform gates {before:.5f} → trained {after:.5f}")
     assert after < before
 

@@ -22,15 +22,7 @@ class MoLETestTinyModel:
         return tiny_model(seed), tiny_clip(seed + 1), tiny_vae(seed + 2)
 
 
-class MoLETestTinySDXL:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "weights seed"})}}
-
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
-    CATEGORY = "MoLE/testing"
-
+class MoLETestTinySDXL(MoLETestTinyModel):
     def load(self, seed):
         return tiny_sdxl_model(seed), tiny_sdxl_clip(seed + 1), tiny_vae(seed + 2)
 
