@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench bench-quality clean comfy-deps ui-deps
+.PHONY: venv test lint demo bench bench-quality clean comfy-deps ui-deps browser-deps
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,7 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) lint
+test: $(STAMP) lint browser-deps
 	@if [ -f $(COMFYUI_PATH)/requirements.txt ] && [ ! -f $(VENV)/.comfy-installed ]; then \
 		echo "ComfyUI checkout at $(COMFYUI_PATH): installing its requirements for tests/nodes"; \
 		$(MAKE) --no-print-directory comfy-deps; fi
@@ -51,7 +51,24 @@ comfy-deps: $(STAMP)
 	$(BIN)/python -c "import scipy, torchsde, aiohttp, requests" && touch $(VENV)/.comfy-installed \
 		|| echo "ComfyUI's requirements did not install: tests/nodes will be skipped with one line"
 
-# Real-browser test of the web extension (tests/nodes/test_training_browser.py): playwright-core + Debian chromium.
+# Real-browser test of the web extension (tests/nodes/test_training_browser.py): npm playwright-core + Debian
+# chromium. `make test` runs browser-deps, which installs whatever is missing from the package registries and,
+# where it cannot (no npm, not root, no apt), says so in one line; the browser test then skips with its reason.
 ui-deps:
 	cd tests/ui && npm install --no-audit --no-fund
 	test -x /usr/bin/chromium || echo "also needed: apt-get install -y chromium"
+
+browser-deps:
+	@if [ ! -d tests/ui/node_modules/playwright-core ]; then \
+		if command -v npm >/dev/null; then \
+			(cd tests/ui && timeout 600 npm install --no-audit --no-fund --silent) \
+				|| echo "browser checks: npm install in tests/ui failed; they will be skipped"; \
+		else echo "browser checks: npm is not installed; they will be skipped"; fi; fi
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "browser checks: installing Debian chromium (apt-get)"; \
+			( DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+				|| (timeout 300 apt-get update -q >/dev/null 2>&1 \
+					&& DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1) ) \
+				|| echo "browser checks: apt-get install chromium failed; they will be skipped"; \
+		else echo "browser checks: chromium is missing and cannot be installed here (needs root and apt-get)"; fi; fi
