@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import composition as C  # noqa: E402
 
 import mole_core as mole  # noqa: E402
+from mole_toy import load_world  # noqa: E402
+from mole_toy import world as W  # noqa: E402
+from mole_toy.evaluate import sample  # noqa: E402
+from mole_toy.guide import load_toy_guide  # noqa: E402
 from train.compose import reference_embeddings  # noqa: E402
 from train.diffusers_backend import quiet_libraries  # noqa: E402
-from train.toy import load_world  # noqa: E402
-from train.toy import world as W  # noqa: E402
-from train.toy.evaluate import sample  # noqa: E402
-from train.toy.guide import load_toy_guide  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 STAR_MID_UP01 = ("mid_block.", "up_blocks.0.", "up_blocks.1.")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=8, help="prompts per composition (default 8)")
     ap.add_argument("--images", type=int, default=4, help="images per prompt (default 4)")
     ap.add_argument("--held-out", action="store_true", help="also the held-out templates")
-    ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
+    ap.add_argument("--assets", default=None, help="toy world folder (default mole_toy/assets)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
     for flag in ("seeds", "prompts", "images"):

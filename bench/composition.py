@@ -37,16 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mole_core as mole  # noqa: E402
 from mole_core.gates import share_entropy  # noqa: E402
+from mole_toy import load_world  # noqa: E402
+from mole_toy import world as W  # noqa: E402
+from mole_toy.evaluate import sample  # noqa: E402
+from mole_toy.guide import load_toy_guide  # noqa: E402
 from train.compose import ComposePrompts, latent_shape, named_concepts  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import Reference  # noqa: E402
 from train.diffusers_backend import DiffusersBackend, quiet_libraries  # noqa: E402
 from train.engine import train  # noqa: E402
 from train.sampling import attach_mixture, attach_training_free  # noqa: E402
-from train.toy import load_world  # noqa: E402
-from train.toy import world as W  # noqa: E402
-from train.toy.evaluate import sample  # noqa: E402
-from train.toy.guide import load_toy_guide  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 CONCEPTS = ["purple", "striped", "star"]
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="gate-training steps (default 300; quick 120)")
     ap.add_argument("--recipes", default=None, help=f"comma list of recipes (default all: "
                     f"{','.join(r.name for r in RECIPES)})")
-    ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
+    ap.add_argument("--assets", default=None, help="toy world folder (default mole_toy/assets)")
     args = ap.parse_args(argv)
     known = {r.name: r for r in RECIPES + ON_REQUEST}
     names = args.recipes.split(",") if args.recipes else [r.name for r in RECIPES]

@@ -43,14 +43,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mole_core as mole  # noqa: E402
+from mole_toy import load_world  # noqa: E402
+from mole_toy import world as W  # noqa: E402
+from mole_toy.evaluate import sample  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import Reference  # noqa: E402
 from train.diffusers_backend import DiffusersBackend, quiet_libraries  # noqa: E402
 from train.engine import reference_cache, train  # noqa: E402
 from train.sampling import attach_mixture, attach_training_free  # noqa: E402
-from train.toy import load_world  # noqa: E402
-from train.toy import world as W  # noqa: E402
-from train.toy.evaluate import sample  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 DEFAULT_CONCEPTS = ["purple", "striped", "star"]  # the demo's three (colour, texture, shape)
@@ -210,11 +210,11 @@ def run_subset(world, pipe, backend, subset: tuple[str, ...], seed: int, s: Sett
 def compose_setup(world, subset: tuple[str, ...], seed: int) -> dict:  # noqa: ANN001
     """Training prompts of objective 'compose': every 1..k-concept composition of the subset (prompt seeds
     disjoint from the evaluation's), base prompts, and the toy CLIP as the guide."""
+    from mole_toy.guide import load_toy_guide
     from train.compose import ComposePrompts
-    from train.toy.guide import load_toy_guide
 
     if world.clip_path is None:
-        raise SystemExit("the toy world has no CLIP: run `python -m train.toy build-clip`")
+        raise SystemExit("the toy world has no CLIP: run `python -m mole_toy build-clip`")
     comps = [c.prompt for k in range(1, len(subset) + 1) for sub in itertools.combinations(subset, k)
              for c in world.composition_prompts(k, per_set=4, seed=100 + seed, concepts=list(sub))]
     base = [W.caption(sp) for sp in W.sample_specs(24, 5000 + seed, W.BASE_VALUES)]
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                     "each costs ~3 min per seed here)")
     ap.add_argument("--variants", default=None, help="comma-separated MoLE variants to train instead of the default "
                     f"set (the baselines always run; empty: baselines only); known: {', '.join(ALL_VARIANTS)}")
-    ap.add_argument("--assets", default=None, help="toy world folder (default train/assets/toy)")
+    ap.add_argument("--assets", default=None, help="toy world folder (default mole_toy/assets)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1)")
     ap.add_argument("--concepts", default=None, help="comma-separated concept LoRAs to compose (default "
                     f"{','.join(DEFAULT_CONCEPTS)}; the toy world also has pink)")

@@ -1,4 +1,4 @@
-"""The toy world (train/toy): generator, probes, committed assets, LoRA files, quick rebuild."""
+"""The toy world (mole_toy): generator, probes, committed assets, LoRA files, quick rebuild."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.toy import world as W
-from train.toy.api import DEFAULT_ASSETS, composition_prompts, load_world, write_reference_folder
-from train.toy.probes import Probe, accuracy, soft_mask
+from mole_toy import world as W
+from mole_toy.api import DEFAULT_ASSETS, composition_prompts, load_world, write_reference_folder
+from mole_toy.probes import Probe, accuracy, soft_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def world():  # noqa: ANN201
     if not (DEFAULT_ASSETS / "manifest.json").is_file():
-        pytest.fail(f"toy assets missing at {DEFAULT_ASSETS}: run `python -m train.toy build`")
+        pytest.fail(f"toy assets missing at {DEFAULT_ASSETS}: run `python -m mole_toy build`")
     return load_world()
 
 
@@ -99,7 +99,7 @@ def test_assets_small_and_pickle_free(world) -> None:  # noqa: ANN001
 
 
 def test_pipeline_loads_offline_and_samples(world, pipe) -> None:  # noqa: ANN001
-    from train.toy.models import make_pixel_vae
+    from mole_toy.models import make_pixel_vae
 
     assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -176,7 +176,7 @@ def test_reference_folder_readable_by_trainer(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_build_smoke(tmp_path: Path) -> None:
     out = tmp_path / "toy"
-    proc = subprocess.run([sys.executable, "-m", "train.toy", "build", "--quick", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "mole_toy", "build", "--quick", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())

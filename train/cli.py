@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     d.add_argument("--rebuild", action="store_true",
-                   help="rebuild the toy world (train/assets/toy) first: ≈ 40 min on 2 CPU cores; default: the "
+                   help="rebuild the toy world (mole_toy/assets) first: ≈ 40 min on 2 CPU cores; default: the "
                    "committed assets")
     return ap
 

@@ -1,6 +1,6 @@
 """``mole-train demo`` / ``make demo``: the whole job end to end on the embedded toy world.
 
-The toy world (``train/assets/toy``, built by ``python -m train.toy build``) is a tiny text-to-image
+The toy world (``mole_toy/assets``, built by ``python -m mole_toy build``) is a tiny text-to-image
 model that draws coloured shapes, plus concept LoRAs that each teach one thing it has never seen
 (a colour, a texture, a shape). The demo trains MoLE gates for three concepts
 with the composition objective (sampled compositions scored by the toy CLIP, reference images of each
@@ -24,6 +24,8 @@ from PIL import Image
 import mole_core as mole
 from mole_core import MoleError
 from mole_core.viz import heatmap_payload, save_heatmap
+from mole_toy import world as W
+from mole_toy.guide import load_toy_guide
 
 from .compose import ComposePrompts
 from .config import TrainConfig
@@ -32,8 +34,6 @@ from .diffusers_backend import DiffusersBackend, quiet_libraries
 from .engine import gate_statistics, reference_cache, train
 from .plots import training_curves
 from .sampling import attach_mixture, image_grid, save_png
-from .toy import world as W
-from .toy.guide import load_toy_guide
 
 DEMO_CONCEPTS = ["purple", "striped", "star"]
 DEMO_STEPS = 150
@@ -49,10 +49,10 @@ METHODS = ("mole", "nla", "stack")  # learned gates, every LoRA at 1/N, every Lo
 
 
 def _world(rebuild: bool):  # noqa: ANN202
-    from .toy import load_world
+    from mole_toy import load_world
 
     if rebuild:
-        from .toy.build import build
+        from mole_toy.build import build
 
         build()
     try:
@@ -62,7 +62,7 @@ def _world(rebuild: bool):  # noqa: ANN202
 
 
 def _sample(world, pipe, experts, method: str, gates, prompts: list[str], seed: int):  # noqa: ANN001, ANN202
-    from .toy.evaluate import sample
+    from mole_toy.evaluate import sample
 
     stack = method == "stack"
     mixes = attach_mixture(pipe, experts, gates=gates if method == "mole" else None,

@@ -48,7 +48,7 @@ def load_guide(checkpoint: str | Path, arch: str = "ViT-B-32", device: str = "cp
     """An image-text guide: open_clip (:func:`load_clip`), or the toy world's CLIP when ``arch`` is ``toy``."""
     if arch != "toy":
         return load_clip(checkpoint, arch, device, names)
-    from .toy.guide import load_toy_guide
+    from mole_toy.guide import load_toy_guide
 
     p = Path(checkpoint)
     if not p.is_file():

@@ -86,10 +86,13 @@ def _import_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
 def test_no_two_modules_import_each_other():
     """One direction per pair: the CLI calls the commands (not back), ``attach`` loads gate files that read
     mixtures (the mixture module imports neither) — checked on the AST, function-level imports included."""
-    graph = _import_graph(("mole_core", "train", "nodes"))
+    graph = _import_graph(("mole_core", "train", "nodes", "mole_toy"))
     assert "train.commands" in graph["train.cli"] and "mole_core.gate_file" in graph["mole_core.attaching"]
     pairs = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if a in graph[b]})
     assert pairs == [], pairs
+    # the toy world needs only the engine: the trainer's demo uses it, never the other way round
+    assert not {(a, b) for a in graph if a.startswith("mole_toy") for b in graph[a] if b.startswith(("train", "nodes"))}
+    assert "mole_toy" in graph["train.demo"] or "mole_toy.guide" in graph["train.demo"]
 
 
 def test_no_module_imports_another_modules_private_name():

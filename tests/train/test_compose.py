@@ -42,7 +42,7 @@ RECIPE = dict(resolution=32, batch_size=4, seed=0, checkpoint_every=0, objective
 
 @pytest.fixture(scope="module")
 def toy():  # noqa: ANN201
-    from train.toy.guide import load_toy_guide
+    from mole_toy.guide import load_toy_guide
 
     world, pipe, backend, experts = load_toy(CONCEPTS)
     refs = [Reference(None, cap, name, img) for name, items in world.reference_images(CONCEPTS, 4, 0).items()

@@ -1,4 +1,4 @@
-"""The toy CLIP guide (train/toy/clip.py): the committed model reads held-out renders, its gradients reach
+"""The toy CLIP guide (mole_toy/clip.py): the committed model reads held-out renders, its gradients reach
 the pixels, its file round-trips exactly, training is deterministic, and it is independent of the probes."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.toy import clip as C
-from train.toy import world as W
-from train.toy.api import DEFAULT_ASSETS, load_world
+from mole_toy import clip as C
+from mole_toy import world as W
+from mole_toy.api import DEFAULT_ASSETS, load_world
 
 # Measured on the committed model (640 held-out renders, seed 800): 1.0 everywhere, clean and noisy.
 # Thresholds leave room for a retrain while staying far above chance (1/64 retrieval, 1/3–1/5 attributes).
@@ -26,10 +26,10 @@ HELD_OUT_SEED = 4242  # neither the training renders (seed 701) nor the build's 
 @pytest.fixture(scope="module")
 def model() -> C.ToyClip:
     if not (DEFAULT_ASSETS / "manifest.json").is_file():
-        pytest.fail(f"toy assets missing at {DEFAULT_ASSETS}: run `python -m train.toy build`")
+        pytest.fail(f"toy assets missing at {DEFAULT_ASSETS}: run `python -m mole_toy build`")
     world = load_world()
     if world.clip_path is None:
-        pytest.fail(f"toy CLIP missing in {DEFAULT_ASSETS}: run `python -m train.toy build-clip`")
+        pytest.fail(f"toy CLIP missing in {DEFAULT_ASSETS}: run `python -m mole_toy build-clip`")
     return world.load_clip()
 
 
@@ -123,7 +123,7 @@ def test_independent_of_the_probes() -> None:
 
 
 def test_world_without_clip(tmp_path: Path) -> None:
-    from train.toy.api import World
+    from mole_toy.api import World
 
     world = World(root=tmp_path, manifest={}, probe=None)
     assert world.clip_path is None

@@ -6,7 +6,7 @@ reference images (``encode_image``), with gradients flowing back to the pixels.
 
 It is trained only on the generator's renders and their exact captions (every attribute value, base
 and novel, in every combination) with a symmetric InfoNCE loss, under light noise / blur so that it
-reads a diffusion model's samples too. It shares no code or weights with :mod:`train.toy.probes`: the
+reads a diffusion model's samples too. It shares no code or weights with :mod:`mole_toy.probes`: the
 probes stay an independent measurement of what the guide steers.
 """
 

@@ -1,7 +1,7 @@
 """The toy world: a procedural shapes dataset, a tiny text-to-image model, concept LoRAs and probes.
 
 Used by the quality benchmark (MoLE vs NLA on compositions of novel concepts) and ``make demo``.
-Build the assets with ``python -m train.toy build``; use them with :func:`load_world`.
+Build the assets with ``python -m mole_toy build``; use them with :func:`load_world`.
 """
 
 from __future__ import annotations

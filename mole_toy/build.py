@@ -1,14 +1,14 @@
 """Build the toy world's assets: tokenizer, pixel VAE, base model, concept LoRAs, shape probe, toy CLIP,
 manifest.
 
-``python -m train.toy build [--quick] [--out DIR]``; ``python -m train.toy build-clip [--out DIR]`` (re)trains
+``python -m mole_toy build [--quick] [--out DIR]``; ``python -m mole_toy build-clip [--out DIR]`` (re)trains
 only the toy CLIP of an existing world (other files untouched). Everything is seeded and runs on one CPU thread
-by default, so a rebuild gives the same files. Layout of ``DIR`` (default ``train/assets/toy``)::
+by default, so a rebuild gives the same files. Layout of ``DIR`` (default ``mole_toy/assets``)::
 
     pipeline/        StableDiffusionPipeline folder (fp16 safetensors, loadable offline)
     loras/<c>.safetensors   one concept LoRA per novel value (kohya or diffusers layout)
     probes/shape_net.safetensors
-    clip/toy_clip.safetensors   contrastive image–text guide (see ``train.toy.clip``)
+    clip/toy_clip.safetensors   contrastive image–text guide (see ``mole_toy.clip``)
     manifest.json    attributes, concepts, triggers, files, seeds, build time, all measurements
 """
 
@@ -36,7 +36,7 @@ from .probes import Probe, ShapeNet
 from .tokenizer import write_tokenizer
 
 Log = Callable[[str], None]
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "toy"
+DEFAULT_OUT = Path(__file__).resolve().parent / "assets"
 LORA_FORMATS = {"purple": "kohya", "striped": "diffusers", "star": "kohya", "pink": "diffusers"}
 MANIFEST_VERSION = 1
 CLIP_FILE = "clip/toy_clip.safetensors"
@@ -153,7 +153,7 @@ def build_clip(out: str | Path | None = None, config: BuildConfig | None = None,
     out = Path(out) if out is not None else DEFAULT_OUT
     path = out / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no toy world built there; run `python -m train.toy build --out {out}`")
+        raise FileNotFoundError(f"{path}: no toy world built there; run `python -m mole_toy build --out {out}`")
     manifest = json.loads(path.read_text())
     cfg = replace(config or BuildConfig(), seed=manifest["build"]["config"]["seed"])
     torch.set_num_threads(cfg.threads)

@@ -18,7 +18,7 @@ from .probes import Probe
 if TYPE_CHECKING:
     from .clip import ToyClip
 
-DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy"
+DEFAULT_ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class World:
 
     @property
     def clip_path(self) -> Path | None:
-        """The toy CLIP guide's file, or ``None`` when this world has none (``python -m train.toy build-clip``)."""
+        """The toy CLIP guide's file, or ``None`` when this world has none (``python -m mole_toy build-clip``)."""
         entry = self.manifest.get("clip")
         path = self.root / entry["file"] if entry else None
         return path if path is not None and path.is_file() else None
@@ -67,7 +67,7 @@ class World:
         from .clip import load_toy_clip
 
         if self.clip_path is None:
-            raise FileNotFoundError(f"{self.root}: no toy CLIP built; run `python -m train.toy build-clip "
+            raise FileNotFoundError(f"{self.root}: no toy CLIP built; run `python -m mole_toy build-clip "
                                     f"--out {self.root}`")
         return load_toy_clip(self.clip_path)
 
@@ -134,15 +134,15 @@ def write_reference_folder(folder: str | Path, concepts: list[str], n: int = 8, 
 
 
 def load_world(assets_dir: str | Path | None = None) -> World:
-    """The toy world built into ``assets_dir`` (default ``train/assets/toy``).
+    """The toy world built into ``assets_dir`` (default ``mole_toy/assets``).
 
     Raises:
-        FileNotFoundError: no ``manifest.json`` there (build it: ``python -m train.toy build``).
+        FileNotFoundError: no ``manifest.json`` there (build it: ``python -m mole_toy build``).
     """
     root = Path(assets_dir) if assets_dir is not None else DEFAULT_ASSETS
     path = root / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no toy world built there; run `python -m train.toy build --out {root}`")
+        raise FileNotFoundError(f"{path}: no toy world built there; run `python -m mole_toy build --out {root}`")
     manifest = json.loads(path.read_text())
     return World(root=root, manifest=manifest, probe=Probe(root / manifest["probe"]["shape_net"]))
 

@@ -1,5 +1,5 @@
-"""``python -m train.toy build [--quick] [--out DIR]``: rebuild the toy world's assets;
-``python -m train.toy build-clip [--out DIR]``: (re)train only its toy CLIP guide."""
+"""``python -m mole_toy build [--quick] [--out DIR]``: rebuild the toy world's assets;
+``python -m mole_toy build-clip [--out DIR]``: (re)train only its toy CLIP guide."""
 
 from __future__ import annotations
 
@@ -11,18 +11,18 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.toy", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mole_toy", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="train and write every asset (deterministic)")
     b.add_argument("--quick", action="store_true", help="tiny step counts, into a temporary folder unless --out")
-    b.add_argument("--out", default=None, help="output folder (default: train/assets/toy)")
+    b.add_argument("--out", default=None, help="output folder (default: mole_toy/assets)")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: reproducible, and "
                    "much faster than 2 on a shared machine)")
     b.add_argument("--preview", default=None, help="also write PNG grids of the evaluation samples here")
     c = sub.add_parser("build-clip", help="(re)train only the toy CLIP of an existing world; other files unchanged")
     c.add_argument("--quick", action="store_true", help="tiny step counts (smoke test)")
-    c.add_argument("--out", default=None, help="the built world's folder (default: train/assets/toy)")
+    c.add_argument("--out", default=None, help="the built world's folder (default: mole_toy/assets)")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: reproducible)")
     args = parser.parse_args(argv)
     if args.command == "build-clip":

@@ -1,7 +1,7 @@
 """Training loops for the toy world: VAE, diffusion model (base and LoRA), shape classifier.
 
 All loops are deterministic: data order and noise come from a ``torch.Generator`` seeded by the
-caller, and the build pins torch to one thread (see :mod:`train.toy.build`).
+caller, and the build pins torch to one thread (see :mod:`mole_toy.build`).
 """
 
 from __future__ import annotations
