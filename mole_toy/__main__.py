@@ -24,8 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--quick", action="store_true", help="tiny step counts (smoke test)")
     c.add_argument("--out", default=None, help="the built world's folder (default: mole_toy/assets)")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: reproducible)")
+    c.add_argument("--hard-negatives", type=int, default=None, metavar="N",
+                   help="per training step, N renders whose texture is darker than the world draws it, shown to "
+                   "every caption as an image it does not describe (default 0: the committed CLIP)")
     args = parser.parse_args(argv)
     if args.command == "build-clip":
+        if args.hard_negatives is not None and args.hard_negatives < 0:
+            parser.error(f"--hard-negatives must be ≥ 0, got {args.hard_negatives}")
         if args.quick and args.out is None:
             parser.error("build-clip --quick needs --out (it would replace the committed toy CLIP)")
         return _build_clip(args)
@@ -35,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 def _build_clip(args: argparse.Namespace) -> int:
     from .build import BuildConfig, build_clip, with_overrides
 
-    cfg = with_overrides(BuildConfig.quick() if args.quick else BuildConfig(), threads=args.threads)
+    cfg = with_overrides(BuildConfig.quick() if args.quick else BuildConfig(), threads=args.threads,
+                         clip_hard_negatives=args.hard_negatives)
     entry = build_clip(out=Path(args.out) if args.out else None, config=cfg)["clip"]
     held = entry["held_out"]["clean"]
     print(json.dumps({"file": entry["file"], "bytes": entry["bytes"], "seconds": entry["training"]["seconds"],

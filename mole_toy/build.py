@@ -70,6 +70,7 @@ class BuildConfig:
     clip_batch: int = 128
     clip_lr: float = 2e-3
     clip_eval: int = 640
+    clip_hard_negatives: int = 0  # per step; 0 = the committed toy CLIP (see mole_toy.clip.train_toy_clip)
 
     @classmethod
     def quick(cls) -> BuildConfig:
@@ -123,7 +124,8 @@ def train_clip(cfg: BuildConfig, out: Path, log: Log) -> dict:
     """Train the toy CLIP on generator renders only, save it (fp16) and measure the saved file on held-out
     renders; returns its manifest entry."""
     model, info = train_toy_clip(seed=cfg.seed + 700, steps=cfg.clip_steps, images=cfg.clip_images,
-                                 batch=cfg.clip_batch, lr=cfg.clip_lr, log=log)
+                                 batch=cfg.clip_batch, lr=cfg.clip_lr, hard_negatives=cfg.clip_hard_negatives,
+                                 log=log)
     path = save_toy_clip(model, out / CLIP_FILE)
     metrics = evaluate_toy_clip(load_toy_clip(path), n=cfg.clip_eval, seed=cfg.seed + 800)
     for name in ("clean", "noisy"):

@@ -147,11 +147,28 @@ def _render_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
 
 # ----- training -----
 
-def clip_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE; items with the same caption id in ``labels`` all count as positives."""
+def clip_loss(logits: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE; items with the same caption id in ``labels`` all count as positives.
+    ``negatives`` ``(B_texts, H)``: logits of each caption against hard-negative images, which join the
+    caption → image softmax as images no caption matches."""
     same = (labels[:, None] == labels[None, :]).float()
     target = same / same.sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    t2i = logits.T
+    if negatives is not None and negatives.shape[1]:
+        t2i = torch.cat([t2i, negatives], 1)
+        target_t2i = torch.cat([target, target.new_zeros(target.shape[0], negatives.shape[1])], 1)
+    else:
+        target_t2i = target
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(t2i, target_t2i))
+
+
+def _hard_negative_pool(n: int, seed: int, dark: tuple[float, float]) -> torch.Tensor:
+    """``n`` renders of dotted / striped shapes whose dark parts are off the world's contrast (brightness
+    uniform in ``dark`` instead of :data:`world.DARK`): what no caption describes."""
+    values = {**W.ALL_VALUES, "texture": tuple(t for t in W.TEXTURES if t != "plain")}
+    rng = np.random.default_rng(seed)
+    specs = W.sample_specs(n, seed, values)
+    return to_input(np.stack([W.render(s, dark=float(rng.uniform(*dark))) for s in specs]))
 
 
 def _lr(step: int, steps: int, lr: float) -> float:
@@ -162,12 +179,16 @@ def _lr(step: int, steps: int, lr: float) -> float:
 
 
 def train_toy_clip(seed: int = 0, steps: int = 1200, images: int = 6000, batch: int = 128, lr: float = 2e-3,
-                   config: ClipConfig | None = None, log: Log = print) -> tuple[ToyClip, dict]:
+                   config: ClipConfig | None = None, hard_negatives: int = 0,
+                   negative_dark: tuple[float, float] = (0.0, 0.2), log: Log = print) -> tuple[ToyClip, dict]:
     """Train a :class:`ToyClip` on ``images`` fresh renders over every attribute value (deterministic in
-    ``seed`` on one thread); returns the model (eval mode) and training info."""
+    ``seed`` on one thread); returns the model (eval mode) and training info. ``hard_negatives`` per step:
+    textured renders with the dark parts' brightness in ``negative_dark`` (off the world's contrast), shown
+    to every caption as an image it does not describe, so texture contrast counts."""
     torch.manual_seed(seed)
     model = ToyClip(config)
     x_all, caps = _render_pool(images, seed + 1)
+    x_neg = _hard_negative_pool(images // 2, seed + 3, negative_dark) if hard_negatives else None
     ids = {c: i for i, c in enumerate(sorted(set(caps)))}
     y_all = torch.tensor([ids[c] for c in caps])
     gen = torch.Generator().manual_seed(seed + 2)
@@ -178,7 +199,13 @@ def train_toy_clip(seed: int = 0, steps: int = 1200, images: int = 6000, batch: 
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr)
         idx = torch.randint(0, len(x_all), (batch,), generator=gen)
-        loss = clip_loss(model(augment(x_all[idx], gen), [caps[i] for i in idx.tolist()]), y_all[idx])
+        texts = model.encode_text([caps[i] for i in idx.tolist()])
+        logits = model.logit_scale * model.encode_image(augment(x_all[idx], gen)) @ texts.T
+        negatives = None
+        if x_neg is not None:
+            neg = x_neg[torch.randint(0, len(x_neg), (hard_negatives,), generator=gen)]
+            negatives = model.logit_scale * texts @ model.encode_image(augment(neg, gen)).T
+        loss = clip_loss(logits, y_all[idx], negatives)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -189,6 +216,8 @@ def train_toy_clip(seed: int = 0, steps: int = 1200, images: int = 6000, batch: 
     model.eval()
     info = {"steps": steps, "images": images, "batch": batch, "lr": lr, "seed": seed,
             "final_loss": round(float(np.mean(losses[-50:])), 4), "seconds": round(time.time() - t0, 1)}
+    if hard_negatives:
+        info |= {"hard_negatives": hard_negatives, "negative_dark": list(negative_dark)}
     return model, info
 
 

@@ -149,29 +149,30 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def _texture(texture: str, n: int, scale: int, phase: float) -> np.ndarray:
-    """Brightness factor map ``(n, n)`` in {DARK, 1} (before downsampling)."""
+def _texture(texture: str, n: int, scale: int, phase: float, dark: float = DARK) -> np.ndarray:
+    """Brightness factor map ``(n, n)`` in {``dark``, 1} (before downsampling)."""
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float64) / scale + 0.5 / scale
     if texture == "plain":
         return np.ones((n, n))
     if texture == "striped":
         on = np.mod(xx + yy + phase, STRIPE_PERIOD) < STRIPE_PERIOD / 2
-        return np.where(on, 1.0, DARK)
+        return np.where(on, 1.0, dark)
     if texture == "dotted":
         dx = np.mod(xx + phase, DOT_SPACING) - DOT_SPACING / 2
         dy = np.mod(yy + phase, DOT_SPACING) - DOT_SPACING / 2
-        return np.where(dx * dx + dy * dy < DOT_RADIUS**2, DARK, 1.0)
+        return np.where(dx * dx + dy * dy < DOT_RADIUS**2, dark, 1.0)
     raise ValueError(f"unknown texture {texture!r}; known: {TEXTURES}")
 
 
-def render(spec: Spec) -> np.ndarray:
-    """The image of ``spec``: ``(32, 32, 3)`` uint8, anti-aliased by 4× supersampling."""
+def render(spec: Spec, dark: float = DARK) -> np.ndarray:
+    """The image of ``spec``: ``(32, 32, 3)`` uint8, anti-aliased by 4× supersampling. ``dark`` other than
+    :data:`DARK` draws the texture off the world's contrast (the toy CLIP's hard negatives)."""
     n = SIZE * SUPERSAMPLE
     mask_img = Image.new("L", (n, n), 0)
     s = SUPERSAMPLE
     _draw_shape(ImageDraw.Draw(mask_img), spec.shape, spec.cx * s, spec.cy * s, spec.radius * s)
     mask = np.asarray(mask_img, dtype=np.float64)[..., None] / 255.0
-    fg = np.asarray(COLOURS[spec.colour], dtype=np.float64) * _texture(spec.texture, n, s, spec.phase)[..., None]
+    fg = np.asarray(COLOURS[spec.colour], dtype=np.float64) * _texture(spec.texture, n, s, spec.phase, dark)[..., None]
     bg = np.asarray(BACKGROUNDS[spec.background], dtype=np.float64)
     img = mask * fg + (1.0 - mask) * bg
     img = img.reshape(SIZE, s, SIZE, s, 3).mean(axis=(1, 3))

@@ -185,3 +185,14 @@ def test_quick_build_smoke(tmp_path: Path) -> None:
         assert (out / c["file"]).is_file()
     assert (out / "pipeline" / "model_index.json").is_file()
     assert load_world(out).probe is not None
+
+    # build-clip retrains only the toy CLIP of that world, here with hard negatives; a negative count is refused
+    files = {p: p.read_bytes() for p in out.rglob("*.safetensors") if "clip" not in p.parts}
+    proc = subprocess.run([sys.executable, "-m", "mole_toy", "build-clip", "--quick", "--hard-negatives", "4",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["clip"]["training"]["hard_negatives"] == 4
+    assert all(p.read_bytes() == b for p, b in files.items())
+    bad = subprocess.run([sys.executable, "-m", "mole_toy", "build-clip", "--hard-negatives", "-1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--hard-negatives must be ≥ 0, got -1" in bad.stderr

@@ -129,3 +129,48 @@ def test_world_without_clip(tmp_path: Path) -> None:
     assert world.clip_path is None
     with pytest.raises(FileNotFoundError, match="build-clip"):
         world.load_clip()
+
+
+# ----- hard negatives (``build-clip --hard-negatives N``) -----
+
+def test_clip_loss_with_hard_negatives_by_hand() -> None:
+    torch.manual_seed(0)
+    logits, neg, labels = torch.randn(3, 3), torch.randn(3, 2), torch.tensor([0, 1, 1])
+    got = C.clip_loss(logits, labels, neg)
+    target = torch.tensor([[1.0, 0, 0], [0, 0.5, 0.5], [0, 0.5, 0.5]])
+    i2t = -(target * logits.log_softmax(1)).sum(1).mean()
+    t2i_logits = torch.cat([logits.T, neg], 1)  # each caption against every image, the hard negatives last
+    t2i = -(torch.cat([target, torch.zeros(3, 2)], 1) * t2i_logits.log_softmax(1)).sum(1).mean()
+    assert torch.allclose(got, 0.5 * (i2t + t2i), atol=1e-6)
+    assert torch.equal(C.clip_loss(logits, labels, neg[:, :0]), C.clip_loss(logits, labels))
+    assert C.clip_loss(logits, labels, neg + 5) > C.clip_loss(logits, labels, neg)  # a closer negative costs more
+
+
+def test_render_dark_parameter() -> None:
+    spec = W.random_layout(np.random.default_rng(0), W.parse_caption("a red striped circle on grey"))
+    assert np.array_equal(W.render(spec, dark=W.DARK), W.render(spec))
+    lum = lambda im: im.astype(float).sum(-1)  # noqa: E731
+    darker = lum(W.render(spec, dark=0.1)) < lum(W.render(spec)) - 1
+    assert 0.1 < darker.mean() < 0.5  # the stripes' dark half of the shape only
+    plain = W.random_layout(np.random.default_rng(0), W.parse_caption("a red circle on grey"))
+    assert np.array_equal(W.render(plain, dark=0.1), W.render(plain))
+
+
+@pytest.mark.slow
+def test_hard_negatives_make_texture_contrast_count() -> None:
+    """Measured (seed 3, 100 steps, 768 renders): the cosine to the caption falls 0.07 from the world's
+    texture contrast to dark parts at 0.1 without hard negatives, 0.37 with 32 per step."""
+    rng = np.random.default_rng(5)
+    specs = [W.random_layout(rng, dict(colour=c, texture=t, shape=s, background=b)) for c in ("red", "purple")
+             for t in ("striped", "dotted") for s in ("circle", "star") for b in ("black", "grey")]
+    gaps = {}
+    for hard in (0, 32):
+        model, info = C.train_toy_clip(seed=3, steps=100, images=768, batch=64, hard_negatives=hard,
+                                       log=lambda _: None)
+        assert ("hard_negatives" in info) == bool(hard)  # the committed CLIP's manifest entry stays as it was
+        with torch.no_grad():
+            text = model.encode_text([W.caption(s) for s in specs])
+            right = (model.encode_image(C.to_input(W.render_batch(specs))) * text).sum(-1).mean()
+            dark = (model.encode_image(C.to_input(np.stack([W.render(s, dark=0.1) for s in specs]))) * text).sum(-1)
+        gaps[hard] = float(right - dark.mean())
+    assert gaps[32] > 0.25 and gaps[32] > gaps[0] + 0.15, gaps
