@@ -85,7 +85,7 @@ def run_seed(seed: int, s: argparse.Namespace, log) -> list[dict]:  # noqa: ANN0
     pipe = world.pipeline()
     pipe.set_progress_bar_config(disable=True)
     experts = dict(zip(C.CONCEPTS, mole.load_experts(world.expert_paths(C.CONCEPTS))))
-    guide = load_toy_guide(world.clip_path)
+    guide = load_toy_guide(s.clip or world.clip_path)
     refs = C.references(world, seed, 8)
     ref_emb = reference_embeddings(guide, [to_guide_input(np.asarray(r.image)[None])[0] for r in refs],
                                    [r.concept for r in refs])
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=4, help="images per prompt (default 4)")
     ap.add_argument("--held-out", action="store_true", help="also the held-out templates")
     ap.add_argument("--assets", default=None, help="toy world folder (default mole_toy/assets)")
+    ap.add_argument("--clip", default=None, help="a toy CLIP file to judge with (default: the world's own), e.g. "
+                    "one from `python -m mole_toy build-clip --hard-negatives N --out DIR`")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
     for flag in ("seeds", "prompts", "images"):
@@ -172,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{flag} must be ≥ 1, got {getattr(args, flag)}")
     torch.set_num_threads(1)
     quiet_libraries()
-    s = argparse.Namespace(assets=args.assets, prompts=args.prompts, images=args.images, held_out=args.held_out,
-                           sample_steps=12, guidance=5.0)
+    if args.clip is not None and not Path(args.clip).is_file():
+        ap.error(f"--clip: no file at {args.clip}")
+    s = argparse.Namespace(assets=args.assets, clip=args.clip, prompts=args.prompts, images=args.images,
+                           held_out=args.held_out, sample_steps=12, guidance=5.0)
     t0 = time.time()
     rows = [r for seed in range(args.seeds) for r in run_seed(seed, s, lambda m: print(m, file=sys.stderr, flush=True))]
     summary = {**summarise(rows), "seeds": args.seeds, "seconds": round(time.time() - t0)}

@@ -58,3 +58,9 @@ def test_a_tiny_run_scores_every_composition_and_assignment(capsys):
     assert len(out["cells"]) == 4 * len(B.ASSIGNMENTS)  # three pairs and the triple
     assert all(0 <= c["accuracy"] <= 1 and -1 <= c["guide_global"] <= 1 for c in out["cells"])
     assert set(out["train"]) == {"every_block", "best_single", "best_per_composition", "guide_pick_per_composition"}
+
+
+def test_clip_flag_must_name_a_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        B.main(["--clip", str(tmp_path / "none.safetensors")])
+    assert e.value.code == 2 and "--clip: no file at" in capsys.readouterr().err
