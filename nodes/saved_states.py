@@ -73,11 +73,33 @@ def canonical_config(config: dict) -> str:
     return json.dumps(json.loads(json.dumps(config)), sort_keys=True)
 
 
+_HEADERS: dict[str, tuple[tuple[int, int], SavedState | None]] = {}  # path → ((mtime_ns, size), what it said)
+_HEADERS_MAX = 1024
+
+
 def read_state(path: str) -> SavedState | None:
-    """The state at ``path``, or None when it is not a readable MoLE training state."""
+    """The state at ``path``, or None when it is not a readable MoLE training state. A file's header is read
+    once per version (modification time and size): ``GET /mole/jobs``, which the panel polls, cleans and lists
+    the folder without reopening every state."""
     name = os.path.basename(path)
     if not name.endswith(SUFFIX) or name.count(".") < 2:
         return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    version = (st.st_mtime_ns, st.st_size)
+    hit = _HEADERS.get(path)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    if len(_HEADERS) >= _HEADERS_MAX:
+        _HEADERS.clear()
+    state = _read_header(path, name)
+    _HEADERS[path] = (version, state)
+    return state
+
+
+def _read_header(path: str, name: str) -> SavedState | None:
     prefix, key = name.removesuffix(SUFFIX).rsplit(".", 1)
     try:
         with safe_open(path, "pt") as f:

@@ -61,3 +61,23 @@ def test_stale_policy_deletes_complete_and_old_states_and_keeps_owned_ones(mole,
     assert sorted(gone) == sorted(os.path.basename(p) for p in (done, old, junk_old))
     assert all(os.path.exists(p) for p in (keep, owned_old, junk_new))
     assert [s.path for s in S.interrupted(str(tmp_path), [owned_old])] == [keep]  # the corrupt file is not offered
+
+
+def test_each_header_is_read_once_per_file_version(mole, tmp_path, monkeypatch):
+    """``GET /mole/jobs`` (polled by the panel) cleans, then lists: one header read per state file, again only
+    when the file changed."""
+    S = mole.saved_states
+    a = _state(tmp_path, "a.k0000001.mole-state", 3)
+    _state(tmp_path, "b.k0000002.mole-state", 4)
+    opened = []
+    real = S.safe_open
+    monkeypatch.setattr(S, "safe_open", lambda path, *args, **kw: opened.append(path) or real(path, *args, **kw))
+    for _ in range(3):
+        S.clean_stale(str(tmp_path), [])
+        assert [s.step for s in S.interrupted(str(tmp_path), [])] == [3, 4]
+    assert sorted(opened) == sorted(str(p) for p in tmp_path.glob("*.mole-state"))  # once each
+    opened.clear()
+    _state(tmp_path, "a.k0000001.mole-state", 6)  # the run saved a later step: a new version of the file
+    os.utime(a, (time.time() + 5, time.time() + 5))
+    assert [s.step for s in S.interrupted(str(tmp_path), [])] == [4, 6]  # oldest first
+    assert opened == [a]
