@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,8 +213,8 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
             compose = ComposeObjective(cfg, backend, [m for m in (gated, static) if m is not None], guide,
                                        compose_prompts, refs_emb, shape)
         backend.set_gradient_checkpointing(cfg.gradient_checkpointing)
-        return _run(cfg, backend, experts, cache, gated, objectives, rank, world, progress, should_stop,
-                    checkpoint_path, resume_from, out_path, compose)
+        return _run(_Run(cfg, backend, experts, cache, gated, objectives, compose, rank, world),
+                    _Io(progress, should_stop, checkpoint_path, resume_from, out_path))
     finally:
         for m in (gated, static):
             if m is not None:
@@ -246,105 +246,157 @@ def _calibrate(backend: Backend, mix: Mixture, shape: tuple[int, ...], prompts: 
     mix.calibrate_centers(run)
 
 
-def _run(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], cache: CachedSet, mix: Mixture,
-         objectives: list, rank: int, world: int, progress: ProgressFn | None,
-         should_stop: Callable[[], bool] | None, checkpoint_path: str | None, resume_from: str | None,
-         out_path: str | None, compose: ComposeObjective | None = None) -> TrainResult:
+@dataclass
+class _Run:
+    """What one training run optimises: the gated mixture over the experts, on the cached references and/or
+    the composition objective, as rank ``rank`` of ``world`` processes."""
+
+    cfg: TrainConfig
+    backend: Backend
+    experts: list[mole.Expert]
+    cache: CachedSet
+    mix: Mixture
+    objectives: list
+    compose: ComposeObjective | None
+    rank: int
+    world: int
+
+
+@dataclass
+class _Io:
+    """Where a run reports and what it reads and writes."""
+
+    progress: ProgressFn | None = None
+    should_stop: Callable[[], bool] | None = None
+    checkpoint_path: str | None = None
+    resume_from: str | None = None
+    out_path: str | None = None
+
+
+def _run(run: _Run, io: _Io) -> TrainResult:
+    cfg, mix = run.cfg, run.mix
     gen = torch.Generator().manual_seed(cfg.seed)
     params = mix.gate_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step_module: nn.Module = _GateStep(mix.gates)
-    if world > 1:
+    if run.world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module, broadcast_buffers=False)
-    history: list[dict] = []
-    start = 0
-    identity = {"experts": [e.summary() for e in experts], "config": cfg.to_dict()}
-    if resume_from:
-        state = read_checkpoint(resume_from)
-        if [e["sha256"] for e in state.info.get("experts", [])] != [e.sha256 for e in experts]:
-            raise MoleError(f"{resume_from}: checkpoint was made with other experts")
-        restore(state, [mix], opt, gen, resume_from)
-        start, history = state.step, list(state.info.get("history", []))
-    T = len(backend.alphas_cumprod)
-    lo, hi = int(cfg.t_min * T), max(int(cfg.t_min * T) + 1, int(cfg.t_max * T))
-    local = cfg.batch_size // world
-    mine = slice(rank * local, (rank + 1) * local)
-    amp = torch.autocast(backend.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
+    identity = {"experts": [e.summary() for e in run.experts], "config": cfg.to_dict()}
+    start, history = _resume(run, io.resume_from, opt, gen)
     t0, cancelled, step = time.perf_counter(), False, start
     for step in range(start, cfg.steps):
-        if should_stop is not None and should_stop():
+        if io.should_stop is not None and io.should_stop():
             cancelled = True
             break
-        terms_acc: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            idx = torch.randint(len(cache), (cfg.batch_size,), generator=gen)
-            t = torch.randint(lo, hi, (cfg.batch_size,), generator=gen)
-            x0 = torch.stack([_crop(cache.latents[i], cache.crop, gen, cfg.random_crop) for i in idx.tolist()])
-            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
-            idx, t, x0, noise = idx[mine], t[mine], x0[mine], noise[mine].to(x0.device, x0.dtype)
-            t_dev = t.to(backend.device)
-
-            def forward(idx=idx, t=t_dev, x0=x0, noise=noise) -> tuple[torch.Tensor, dict]:
-                mix.clear_live_gates()
-                mix.routes.clear()  # gate_input router: an earlier step's routes belong to a spent graph
-                terms: dict[str, torch.Tensor] = {}
-                if objectives:
-                    x_t = add_noise(backend.alphas_cumprod, x0, noise, t)
-                    cond = (backend.encode_prompts([cache.captions[i] for i in idx.tolist()])
-                            if cfg.train_text_gates else _batch_cond(cache, idx))
-                    with amp:
-                        out = backend.predict(x_t, t, cond)
-                    ctx = StepContext(backend, cfg, x0, noise, t, x_t, out, idx)
-                    for obj in objectives:
-                        terms.update(obj(ctx))
-                if compose is not None:
-                    with amp:
-                        terms.update(compose(gen, local))
-                if cfg.alpha > 0 and mix.config.convex:  # sigmoid gates need no balance: they do not compete
-                    terms["balance"] = cfg.alpha * _balance(mix, world)
-                return sum(terms.values()) / cfg.grad_accum, terms
-
-            box: dict = {}
-            sync = world > 1 and micro < cfg.grad_accum - 1
-            with step_module.no_sync() if sync else nullcontext():  # type: ignore[operator]
-                loss = step_module(lambda box=box: _keep(box, forward()))
-                loss.backward()
-            for k, v in box["terms"].items():
-                terms_acc[k] = terms_acc.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        total = sum(terms_acc.values())
-        bad_grad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
-        if not math.isfinite(total) or bad_grad:
-            _save_last_good(mix, out_path, cfg, history, step, rank)
-            where = "loss" if not math.isfinite(total) else "gradient"
-            raise TrainingDiverged(f"non-finite {where} at step {step + 1} ({_fmt(terms_acc)}); training stopped, "
-                                   f"last good gates kept{' in ' + partial_path(out_path) if out_path else ''}")
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": total, **terms_acc, "lr": _lr(cfg, step), **_gate_metrics(mix)}
+        terms = _accumulate(run, step_module, gen)
+        record = _optimizer_step(run, io.out_path, opt, params, terms, step, history)
         history.append(record)
         elapsed = time.perf_counter() - t0
-        done = step + 1 - start
-        if progress is not None and rank == 0:
-            progress({**record, "steps": cfg.steps, "terms": dict(terms_acc), "elapsed_s": elapsed,
-                      "eta_s": elapsed / done * (cfg.steps - step - 1)})
-        if checkpoint_path and rank == 0 and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(checkpoint_path, [mix], opt, gen, step + 1, {**identity, "history": history})
+        if io.progress is not None and run.rank == 0:
+            io.progress({**record, "steps": cfg.steps, "terms": dict(terms), "elapsed_s": elapsed,
+                         "eta_s": elapsed / (step + 1 - start) * (cfg.steps - step - 1)})
+        if io.checkpoint_path and run.rank == 0 and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(io.checkpoint_path, [mix], opt, gen, step + 1, {**identity, "history": history})
     else:
         step = cfg.steps
     steps_done = step if cancelled else cfg.steps
-    if checkpoint_path and rank == 0:
-        save_checkpoint(checkpoint_path, [mix], opt, gen, steps_done, {**identity, "history": history})
+    if io.checkpoint_path and run.rank == 0:
+        save_checkpoint(io.checkpoint_path, [mix], opt, gen, steps_done, {**identity, "history": history})
     metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
-    gf = mole.snapshot(mix, training={**cfg.to_dict(), "steps_done": steps_done, "world_size": world},
+    gf = mole.snapshot(mix, training={**cfg.to_dict(), "steps_done": steps_done, "world_size": run.world},
                        metrics=metrics)
-    path = (partial_path(out_path) if cancelled else out_path) if out_path else None
-    if path and rank == 0:
+    path = (partial_path(io.out_path) if cancelled else io.out_path) if io.out_path else None
+    if path and run.rank == 0:
         mole.write_gate_file(gf, path)
     return TrainResult(gf, history, steps_done, cancelled, metrics, path)
+
+
+def _resume(run: _Run, resume_from: str | None, opt: torch.optim.Optimizer, gen: torch.Generator
+            ) -> tuple[int, list[dict]]:
+    """The step to start from and the history so far: 0 and none, or what the checkpoint restores (gates,
+    optimiser, RNG) after checking that it was made with the same experts."""
+    if not resume_from:
+        return 0, []
+    state = read_checkpoint(resume_from)
+    if [e["sha256"] for e in state.info.get("experts", [])] != [e.sha256 for e in run.experts]:
+        raise MoleError(f"{resume_from}: checkpoint was made with other experts")
+    restore(state, [run.mix], opt, gen, resume_from)
+    return state.step, list(state.info.get("history", []))
+
+
+def _accumulate(run: _Run, step_module: nn.Module, gen: torch.Generator) -> dict[str, float]:
+    """Forward and backward over ``grad_accum`` micro-batches; returns the loss terms averaged over them."""
+    cfg, backend = run.cfg, run.backend
+    T = len(backend.alphas_cumprod)
+    lo, hi = int(cfg.t_min * T), max(int(cfg.t_min * T) + 1, int(cfg.t_max * T))
+    local = cfg.batch_size // run.world
+    mine = slice(run.rank * local, (run.rank + 1) * local)
+    amp = torch.autocast(backend.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
+    terms_acc: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        # the whole global batch is drawn on every rank (same RNG stream), each keeps its slice
+        idx = torch.randint(len(run.cache), (cfg.batch_size,), generator=gen)
+        t = torch.randint(lo, hi, (cfg.batch_size,), generator=gen)
+        x0 = torch.stack([_crop(run.cache.latents[i], run.cache.crop, gen, cfg.random_crop) for i in idx.tolist()])
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
+        idx, t, x0, noise = idx[mine], t[mine], x0[mine], noise[mine].to(x0.device, x0.dtype)
+        t_dev = t.to(backend.device)
+
+        def forward(idx=idx, t=t_dev, x0=x0, noise=noise) -> tuple[torch.Tensor, dict]:
+            return _loss(run, amp, gen, local, idx, t, x0, noise)
+
+        box: dict = {}
+        sync = run.world > 1 and micro < cfg.grad_accum - 1
+        with step_module.no_sync() if sync else nullcontext():  # type: ignore[operator]
+            loss = step_module(lambda box=box, forward=forward: _keep(box, forward()))
+            loss.backward()
+        for k, v in box["terms"].items():
+            terms_acc[k] = terms_acc.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+    return terms_acc
+
+
+def _loss(run: _Run, amp: AbstractContextManager, gen: torch.Generator, local: int, idx: torch.Tensor, t: torch.Tensor,
+          x0: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's loss (already divided by ``grad_accum``) and its terms."""
+    cfg, backend, mix = run.cfg, run.backend, run.mix
+    mix.clear_live_gates()
+    mix.routes.clear()  # gate_input router: an earlier step's routes belong to a spent graph
+    terms: dict[str, torch.Tensor] = {}
+    if run.objectives:
+        x_t = add_noise(backend.alphas_cumprod, x0, noise, t)
+        cond = (backend.encode_prompts([run.cache.captions[i] for i in idx.tolist()])
+                if cfg.train_text_gates else _batch_cond(run.cache, idx))
+        with amp:
+            out = backend.predict(x_t, t, cond)
+        ctx = StepContext(backend, cfg, x0, noise, t, x_t, out, idx)
+        for obj in run.objectives:
+            terms.update(obj(ctx))
+    if run.compose is not None:
+        with amp:
+            terms.update(run.compose(gen, local))
+    if cfg.alpha > 0 and mix.config.convex:  # sigmoid gates need no balance: they do not compete
+        terms["balance"] = cfg.alpha * _balance(mix, run.world)
+    return sum(terms.values()) / cfg.grad_accum, terms
+
+
+def _optimizer_step(run: _Run, out_path: str | None, opt: torch.optim.Optimizer, params: list,
+                    terms: dict[str, float], step: int, history: list[dict]) -> dict:
+    """Check for divergence (last good gates kept, :class:`TrainingDiverged`), clip, step; the step's record."""
+    cfg = run.cfg
+    total = sum(terms.values())
+    bad_grad = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
+    if not math.isfinite(total) or bad_grad:
+        _save_last_good(run.mix, out_path, cfg, history, step, run.rank)
+        where = "loss" if not math.isfinite(total) else "gradient"
+        raise TrainingDiverged(f"non-finite {where} at step {step + 1} ({_fmt(terms)}); training stopped, "
+                               f"last good gates kept{' in ' + partial_path(out_path) if out_path else ''}")
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = _lr(cfg, step)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": total, **terms, "lr": _lr(cfg, step), **_gate_metrics(run.mix)}
 
 
 def _keep(box: dict, result: tuple[torch.Tensor, dict]) -> torch.Tensor:
