@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MoleError
-from .expert import LoraFactor, factor_from_delta
+from .expert import LoraFactor, factor_from_delta, resolve_dora
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class ExpertBank:
             raise MoleError(f"{target}: an expert bank needs at least one expert")
         self.target = target
         in_dim, out_dim, kernel, conv = layer_shape(module)
-        fitted = [(i, fit_factor(f, in_dim, out_dim, kernel, target)) for i, f in members]
+        fitted = [(i, fit_factor(f if f.dora_scale is None else resolve_dora(f, module.weight, target),
+                                 in_dim, out_dim, kernel, target)) for i, f in members]
         self.in_dim, self.out_dim, self.kernel, self.conv = in_dim, out_dim, kernel, conv
         self.experts = [i for i, _ in fitted]
         self.a_cat = torch.cat([f.down.float() for _, f in fitted], 0)

@@ -24,6 +24,7 @@ class LoraFactor:
     alpha: float | None = None
     scale_override: float | None = None
     dense: bool = False  # a full-rank exact factorisation of a non-LoRA delta (LoHa, LoKr, diff)
+    dora_scale: torch.Tensor | None = None  # DoRA magnitude: the delta depends on the layer's weight (see resolve_dora)
 
     @property
     def rank(self) -> int:
@@ -45,6 +46,36 @@ class LoraFactor:
         d = up.flatten(1) @ down.flatten(1)
         shape = (up.shape[0], *down.shape[1:])
         return (d * self.scale).reshape(shape)
+
+
+def resolve_dora(f: LoraFactor, weight: torch.Tensor, where: str) -> LoraFactor:
+    """A DoRA factor as the exact dense delta it makes on a layer of base ``weight``, in ComfyUI's convention
+    (LoRA's ``weight_decompose`` at strength 1): ``W' = m · (W + ΔW) / ‖·‖`` with the norm taken per output row
+    of ``W`` when the magnitude ``m`` is on the output axis, per input column of ``W + ΔW`` otherwise; the
+    delta is ``W' − W``. ComfyUI scales that delta by the strength, so a gate scales it the same way."""
+    w = weight.detach().float().cpu()
+    lora = f.delta()
+    if lora.numel() != w.numel():
+        raise MoleError(f"{where}: DoRA module is {tuple(lora.shape)} but the layer weight is {tuple(w.shape)}")
+    calc = w + lora.reshape(w.shape)
+    m = f.dora_scale.float().cpu()
+    on_output = m.shape[0] == calc.shape[0]
+    ones = [1] * (w.dim() - 1)
+    if on_output:
+        norm = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True).reshape(w.shape[0], *ones)
+    else:
+        norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(calc.shape[1], *ones).transpose(0, 1)
+    norm = norm + torch.finfo(torch.float32).eps
+    try:
+        delta = calc * (m / norm) - w
+    except RuntimeError:
+        raise MoleError(f"{where}: DoRA magnitude {tuple(m.shape)} fits neither axis of the layer weight "
+                        f"{tuple(w.shape)}") from None
+    if delta.shape != w.shape:
+        raise MoleError(f"{where}: DoRA magnitude {tuple(m.shape)} fits neither axis of the layer weight "
+                        f"{tuple(w.shape)}")
+    return factor_from_delta(delta)
 
 
 def factor_from_delta(delta: torch.Tensor) -> LoraFactor:

@@ -6,7 +6,8 @@ processor layout; alphas from ``lora_adapter_metadata``), PEFT (``base_model.mod
 ``lora_A/lora_B``; a folder with ``adapter_config.json`` gives r and lora_alpha, also
 ``unet/``, ``text_encoder/``, ``text_encoder_2/`` sub-folders) and ComfyUI
 (``diffusion_model.*.lora_up/down``). LoHa, LoKr and full ``diff`` patches become exact dense
-experts (with a warning); DoRA is refused. Only ``.safetensors`` files are read, never pickles.
+experts (with a warning), and so does DoRA (kohya / LyCORIS ``dora_scale``), against each layer's weight
+when attached. Only ``.safetensors`` files are read, never pickles.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _ROLE_SUFFIXES = (
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     ("_lora.down.weight", "down_old"), ("_lora.up.weight", "up_old"),
-    (".alpha", "alpha"), (".dora_scale", "dora"), (".lora_magnitude_vector", "dora"),
+    (".alpha", "alpha"), (".dora_scale", "dora_scale"), (".lora_magnitude_vector", "dora"),
     (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
     (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
     (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_w1_a", "lokr_w1_a"),
@@ -209,7 +210,11 @@ def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_conf
             skipped.extend(f"{prefix}.{r}" for r in roles)
             continue
         if "dora" in roles:
-            raise MoleError(f"expert {name!r}: {prefix} is a DoRA module (dora_scale); DoRA experts are not supported")
+            raise MoleError(f"expert {name!r}: {prefix} is a PEFT DoRA module (lora_magnitude_vector); DoRA is read "
+                            "in the kohya / LyCORIS layout (dora_scale)")
+        if "dora_scale" in roles and not ("down" in roles and "up" in roles):
+            raise MoleError(f"expert {name!r}: {prefix} has a dora_scale but no LoRA down/up (DoRA on LoHa / LoKr "
+                            "modules is not supported)")
         check_module(name, prefix, roles)
         alpha_t = roles.get("alpha")
         alpha = float(alpha_t.float().item()) if alpha_t is not None else None
@@ -217,7 +222,9 @@ def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_conf
             down, up = roles["down"], roles["up"]
             if "mid" in roles:
                 down = _fold_tucker(down, roles["mid"])
-            f = LoraFactor(down=down, up=up, alpha=alpha)
+            f = LoraFactor(down=down, up=up, alpha=alpha, dora_scale=roles.get("dora_scale"))
+            if f.dora_scale is not None:
+                dense_kinds.add("DoRA")
             cfg = _peft_cfg_for(canon, peft_config, adapter_metadata)
             if alpha is None and cfg is not None:
                 f.scale_override = cfg.scale(canon.split(":", 1)[1], f.rank)
@@ -244,7 +251,8 @@ def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_conf
         factors[canon] = f
     if dense_kinds:
         warnings.warn(f"expert {name!r}: {'/'.join(sorted(dense_kinds))} modules are applied through an exact "
-                      "dense delta (slower, more memory than LoRA)", MoleWarning, stacklevel=3)
+                      "dense delta (slower, more memory than LoRA; DoRA's is computed against each layer's weight "
+                      "when attached)", MoleWarning, stacklevel=3)
     return factors, skipped, fmt
 
 

@@ -196,3 +196,56 @@ def test_comfy_key_maps_give_the_same_experts(same_lora_all_formats, tiny_sd15):
         name = canonical_from_prefix(prefix)
         torch.testing.assert_close(e.factors[name].delta().reshape(comfy[prefix].shape), comfy[prefix],
                                    atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("axis", ["output", "input"])
+def test_dora_expert_is_the_weight_decomposition_by_hand(tiny_sd15, tmp_path, axis):
+    """A kohya / LyCORIS DoRA module (``dora_scale``) acts as ``W + s·(W' − W)`` with ``W' = m · (W + ΔW) / n``:
+    ``n`` is the norm of each output row of ``W`` for an output-axis magnitude (ComfyUI's convention), of each
+    input column of ``W + ΔW`` for an input-axis one; computed here by hand on the layer's real weight."""
+    from safetensors.torch import save_file
+
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    weight = dict(tiny_sd15["unet"].named_modules())[module].weight.detach().float()
+    gen = torch.Generator().manual_seed(3)
+    down = torch.randn(2, weight.shape[1], generator=gen) * 0.3
+    up = torch.randn(weight.shape[0], 2, generator=gen) * 0.3
+    delta = up @ down * (1.0 / 2)  # alpha 1, rank 2
+    eps = torch.finfo(torch.float32).eps
+    if axis == "output":
+        m = weight.norm(dim=1, keepdim=True) * 1.2  # (out, 1)
+        decomposed = m * (weight + delta) / (weight.norm(dim=1, keepdim=True) + eps)
+    else:
+        m = (weight + delta).norm(dim=0, keepdim=True) * 0.8  # (1, in)
+        decomposed = m * (weight + delta) / ((weight + delta).norm(dim=0, keepdim=True) + eps)
+    key = "lora_unet_" + module.replace(".", "_")
+    path = tmp_path / "dora.safetensors"
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0),
+               f"{key}.dora_scale": m}, str(path))
+    s = 0.7
+    with pytest.warns(mole.MoleWarning, match="DoRA"):
+        comps, mix = _ours(tiny_sd15, [f"{path}:{s}"])
+    merged = copy.deepcopy(tiny_sd15["unet"])
+    with torch.no_grad():
+        dict(merged.named_modules())[module].weight += s * (decomposed - weight)
+    try:
+        assert (unet_forward(comps["unet"]) - unet_forward(merged)).abs().max() <= TOL
+        assert (unet_forward(comps["unet"]) - unet_forward(tiny_sd15["unet"])).abs().max() > 100 * TOL
+        torch.testing.assert_close(mix.merged_deltas()[f"unet:{module}"], s * (decomposed - weight), atol=1e-6,
+                                   rtol=1e-5)
+    finally:
+        mix.detach()
+
+
+def test_dora_magnitude_that_fits_no_axis_is_a_one_line_error(tiny_sd15, tmp_path):
+    from safetensors.torch import save_file
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    weight = tiny_sd15["unet"].down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    save_file({f"{key}.lora_down.weight": torch.ones(2, weight.shape[1]), f"{key}.lora_up.weight":
+               torch.ones(weight.shape[0], 2), f"{key}.dora_scale": torch.ones(3, 5)}, str(tmp_path / "d.safetensors"))
+    with pytest.warns(mole.MoleWarning, match="DoRA"):
+        e = mole.load_expert(tmp_path / "d.safetensors")
+    with pytest.raises(mole.MoleError, match=r"DoRA magnitude \(3, 5\) fits neither axis") as info:
+        mole.attach(copy.deepcopy(tiny_sd15["unet"]), [e])
+    assert "\n" not in str(info.value)

@@ -107,8 +107,8 @@ def test_errors_are_one_line_and_name_the_file(tmp_path):
     bad[f"{K}.lora_up.weight"][0, 0] = float("nan")
     save_file(bad, tmp_path / "nan.safetensors")
     cases["missing.safetensors"] = "file not found"
-    dora = _kohya()
-    dora[f"{K}.dora_scale"] = torch.ones(1, 32)
+    dora = _kohya()  # kohya / LyCORIS DoRA (dora_scale) is read; PEFT's layout is not
+    dora[f"{K}.lora_magnitude_vector"] = torch.ones(32, 1)
     save_file(dora, tmp_path / "dora.safetensors")
     cases["dora.safetensors"] = "DoRA"
     half = _kohya()

@@ -150,3 +150,33 @@ def write_loha(model, path: str | Path, seed: int = 0) -> Path:
         sd[f"{key}.alpha"] = torch.tensor(1.0)
     save_file(sd, str(path))
     return Path(path)
+
+
+DORA_MODULES = {  # module → the axis its DoRA magnitude is on
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "output",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": "input",
+    "mid_block.attentions.0.proj_in": "output",  # a 1×1 conv in the SD1.5 topology
+}
+
+
+def write_dora(model, path: str | Path, seed: int = 0) -> Path:
+    """A DoRA (kohya / LyCORIS names: ``lora_down``/``lora_up``/``alpha`` + ``dora_scale``) on three layers of
+    the tiny model, with the magnitude on the output axis (shape ``(out, 1[, 1, 1])``) or the input axis
+    (``(1, in[, 1, 1])``), near the base weight's own norms so the decomposition matters."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for module, axis in DORA_MODULES.items():
+        weight = model.model.diffusion_model.state_dict()[f"{unet_names(model)[module]}.weight"].float()
+        out_dim, in_dim = weight.shape[0], math.prod(weight.shape[1:])
+        key = "lora_unet_" + module.replace(".", "_")
+        conv = weight.dim() == 4
+        sd[f"{key}.lora_down.weight"] = torch.randn(2, *weight.shape[1:], generator=gen) * 0.3
+        sd[f"{key}.lora_up.weight"] = torch.randn(out_dim, 2, *([1, 1] if conv else []), generator=gen) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(1.0)
+        flat = weight.reshape(out_dim, in_dim)
+        norms = flat.norm(dim=1) if axis == "output" else flat.norm(dim=0)
+        scale = norms * (1 + 0.3 * torch.randn(norms.shape, generator=gen))
+        shape = (out_dim, 1) if axis == "output" else (1, in_dim)
+        sd[f"{key}.dora_scale"] = scale.reshape(*shape, *([1, 1] if conv else []))
+    save_file(sd, str(path))
+    return Path(path)

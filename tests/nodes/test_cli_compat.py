@@ -11,7 +11,7 @@ import comfy.utils
 import pytest
 import torch
 
-from tests.nodes._nodes import apply, load_gates, random_gates, rel
+from tests.nodes._nodes import apply, load, load_gates, random_gates, rel
 
 pytestmark = pytest.mark.comfy
 
@@ -174,3 +174,31 @@ def test_mask_grammar_is_the_same_in_the_cli_and_the_nodes(mole, text, capsys):
     except mole_core.MoleError as exc:
         node = "error: " + str(exc).replace("`mask`", "value")
     assert _cli_value("--mask", text, capsys) == node
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha"])
+def test_dora_and_loha_experts_equal_comfyui_in_the_cli_and_the_nodes(mole, tiny, comfy_dirs, diffusers_unet, inputs,
+                                                                      kind):
+    """A DoRA (magnitudes on the output and the input axis, a 1×1 conv among its layers) and a LoHa expert:
+    ComfyUI's own LoraLoader, MoLE's nodes (static weight) and the CLI's engine on the diffusers UNet of the
+    same weights give the same UNet output, at strength 1 and 0.6 (DoRA's delta scales linearly in ComfyUI)."""
+    import mole_core
+    from tests.nodes import _loras
+    from tests.nodes._helpers import lora_loader
+
+    model, _ = tiny
+    writer = _loras.write_dora if kind == "dora" else _loras.write_loha
+    path = writer(model, comfy_dirs["loras"] / f"cross_{kind}.safetensors", seed=7)
+    with pytest.warns(mole_core.MoleWarning, match="DoRA" if kind == "dora" else "LoHa"):
+        engine_expert = mole_core.load_expert(path)
+    assert len(engine_expert.factors) == (len(_loras.DORA_MODULES) if kind == "dora" else 2)
+    bare = comfy_forward(model, inputs)
+    ex = load(mole, model, None, (path.name, 1.0, True))
+    for strength in (1.0, 0.6):
+        oracle = comfy_forward(lora_loader(model, None, path, strength)[0], inputs)
+        assert rel(oracle, bare) > 1e-3  # the expert changes the output well beyond the tolerance below
+        nodes_out = comfy_forward(apply(mole, model, ex, "static weights", f"{strength}")[0], inputs)
+        with mole_core.attach(diffusers_unet, [engine_expert], mode="static", weights=[strength]):
+            cli_out = diffusers_forward(diffusers_unet, inputs)
+        assert rel(nodes_out, oracle) <= 1e-5, (kind, strength)
+        assert rel(cli_out, oracle) <= 1e-5, (kind, strength)
