@@ -52,7 +52,7 @@ def _targets(model, clip, attn: bool, conv: bool, te: bool) -> dict[str, torch.S
             out[f"unet:{diff}"] = sd[f"{ldm}.weight"].shape
     if te and clip is not None:
         csd = clip.cond_stage_model.state_dict()
-        for encoder, comp in (("clip_l", "te"), ("clip_g", "te2")):  # SDXL has both
+        for encoder, comp in (("clip_l", "te"), ("clip_h", "te"), ("clip_g", "te2")):  # SDXL: l + g; SD2.x: h
             prefix = f"{encoder}.transformer."
             for k, v in csd.items():
                 if k.startswith(prefix + "text_model.encoder.layers.") and k.endswith(".weight") \

@@ -144,3 +144,30 @@ def tiny_sdxl_clip(seed: int = 1) -> comfy.sd.CLIP:
                                                 "clip_g_model_config": dict(SDXL_CLIP_G), "dtype": torch.float32})
     fill_(clip.cond_stage_model, seed)
     return clip
+
+
+# ----- SD2.x 768-v: OpenCLIP-H text encoder (penultimate layer), linear proj_in, v-prediction -----
+SD2_CLIP_H = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+              "projection_dim": 32}
+SD2_UNET_CONFIG = {**UNET_CONFIG, "use_linear_in_transformer": True, "context_dim": SD2_CLIP_H["hidden_size"]}
+
+
+def tiny_sd2_model(seed: int = 0, model_type: comfy.model_base.ModelType = comfy.model_base.ModelType.V_PREDICTION
+                   ) -> comfy.model_patcher.ModelPatcher:
+    """A ``ModelPatcher`` over a tiny SD2.x ``BaseModel`` from ComfyUI's ``SD20`` config: SD1.5's block names
+    with SD2's linear ``proj_in``/``proj_out``, v-prediction (768-v) by default, at width 32."""
+    cfg = comfy.supported_models.SD20({**SD2_UNET_CONFIG, "dtype": torch.float32})
+    cfg.unet_config.update(num_heads=2, num_head_channels=-1)  # SD20's extra config asks 64-channel heads
+    model = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
+    return _patcher(model, seed)
+
+
+def tiny_sd2_clip(seed: int = 1) -> comfy.sd.CLIP:
+    """A real ``comfy.sd.CLIP`` over ComfyUI's ``SD2ClipModel`` (OpenCLIP-H layout ``clip_h``, its penultimate
+    layer as SD2 uses it) at hidden size 32, fp32."""
+    import comfy.text_encoders.sd2_clip as sd2_clip
+
+    target = comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_h_model_config": dict(SD2_CLIP_H), "dtype": torch.float32})
+    fill_(clip.cond_stage_model, seed)
+    return clip

@@ -1,0 +1,121 @@
+"""SD2.x 768-v (issue #16): ComfyUI's own ``SD20`` model config (linear ``proj_in``, v-prediction) and
+``SD2ClipModel`` (OpenCLIP-H layout, penultimate layer) at tiny width. Static and NLA mixes equal chained
+``LoraLoader``s (UNet and the ``lora_te_`` CLIP-H part); MoLE Train Gates trains it in ``wait`` and ``background``
+mode (the v-prediction denoise loss falls) and its gate file loads and samples."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.nodes._nodes import apply, denoise_loss, load, load_gates
+from tests.nodes.test_training import images, last_job, train_node, vae, wait_done  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+
+
+def sample_sd2(model, clip, steps: int = 3, size: int = 64) -> torch.Tensor:
+    """``comfy.sample.sample`` (euler, CFG 5) with the model's own text encoder."""
+    import comfy.sample
+
+    def cond(text: str) -> list:
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", cond("a photo of a cat"), cond(""),
+                               latent, disable_pbar=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    from tests.nodes.testing_pack.tiny_comfy import tiny_sd2_clip, tiny_sd2_model
+
+    with torch.inference_mode():
+        return tiny_sd2_model(0), tiny_sd2_clip(1)
+
+
+@pytest.fixture(scope="module")
+def sd2_experts(mole, sd2, comfy_dirs):
+    """Two kohya LoRAs on the UNet (attention, linear ``proj_in`` included, and 3×3 convs) and on CLIP-H."""
+    from tests.nodes import _loras
+
+    model, clip = sd2
+    for i, name in enumerate(("sd2_a", "sd2_b")):
+        lora = _loras.random_lora(model, clip, seed=40 + i, rank=4, alpha=2.0)
+        assert lora.components() == {"unet", "te"}
+        _loras.write_kohya(lora, comfy_dirs["loras"] / f"{name}.safetensors")
+    return load(mole, model, clip, ("sd2_a.safetensors", 1.0, True), ("sd2_b.safetensors", 1.0, True))
+
+
+def test_sd2_model_is_v_prediction_with_linear_projections(sd2):
+    import comfy.model_base
+
+    model, clip = sd2
+    assert model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+    assert model.model.diffusion_model.state_dict()["input_blocks.1.1.proj_in.weight"].dim() == 2  # linear
+    assert any(k.startswith("clip_h.") for k in clip.cond_stage_model.state_dict())
+
+
+def test_sd2_static_and_nla_equal_chained_lora_loaders(mole, sd2, sd2_experts, comfy_dirs):
+    from tests.nodes._helpers import lora_loader
+
+    model, clip = sd2
+    loras = comfy_dirs["loras"]
+    with torch.inference_mode():
+        base = sample_sd2(model, clip)
+        base_cond = clip.encode_from_tokens(clip.tokenize("a photo of a cat"))
+    for mode, weights, strengths in (("static weights", "0.7, 0.4", (0.7, 0.4)), ("uniform (NLA)", "", (0.5, 0.5))):
+        m, c, _ = apply(mole, model, sd2_experts, mode, weights, clip=clip)
+        ref_m, ref_c = lora_loader(model, clip, loras / "sd2_a.safetensors", strengths[0])
+        ref_m, ref_c = lora_loader(ref_m, ref_c, loras / "sd2_b.safetensors", strengths[1])
+        with torch.inference_mode():
+            cond, cond_ref = (cl.encode_from_tokens(cl.tokenize("a photo of a cat")) for cl in (c, ref_c))
+            ours, oracle = sample_sd2(m, c), sample_sd2(ref_m, ref_c)
+        assert torch.allclose(cond, cond_ref, atol=1e-5), mode
+        assert (cond - base_cond).abs().max() > 1e-3, mode  # the CLIP-H parts act
+        assert (ours - oracle).abs().max() <= 1e-4, mode
+        assert (ours - base).abs().max() > 1e-2, mode  # the experts act
+
+
+def test_sd2_v_gates_train_and_lower_the_denoise_loss(mole, sd2, vae, sd2_experts, images):  # noqa: F811
+    from train.config import TrainConfig
+    from train.data import references_from_images
+    from train.engine import prepare_references, train
+
+    model, clip = sd2
+    cb = mole.comfy_backend
+    cfg = TrainConfig(steps=30, lr=0.05, alpha=0.0, batch_size=4, resolution=64, warmup_steps=0, seed=0)
+    refs = references_from_images(images, ["a photo of a ball"])
+    with torch.inference_mode():
+        cache = cb.unify_context(prepare_references(cb.ComfyEncoder(model.model, vae, clip, 64), refs, cfg))
+        copy_ = cb.private_copy(model, 0)
+        start = mole.train_node.initial_gates(model, sd2_experts, cfg)
+    assert copy_.model_type.name == "V_PREDICTION"  # the backend's ε̂ comes from the model's v output
+    backend = cb.ComfyBackend(copy_)
+    cache = cb.cache_to(cache, backend.device)
+    result = train(cfg, backend, mole.train_node.normal_experts(sd2_experts), refs, cache=cache)
+    before, after = (denoise_loss(mole, backend, sd2_experts, cache, g) for g in (start, result.gates))
+    print(f"\nSD2.x-v denoise loss on the references: uniform gates {before:.5f} → trained {after:.5f}")
+    assert after < before
+
+
+@pytest.mark.parametrize("run", ["wait", "background"])
+def test_sd2_train_node_writes_gates_that_load_and_sample(mole, sd2, vae, sd2_experts, images, run):  # noqa: F811
+    name = f"sd2/{run}"
+    train_node(mole, sd2, vae, sd2_experts, images, name, run=run, steps=4)
+    job = last_job(mole)
+    if run == "background":
+        job = wait_done(mole, job)
+    assert job.status == "done", job.error
+    assert [h["step"] for h in job.history] == [1, 2, 3, 4] and all(math.isfinite(h["loss"]) for h in job.history)
+    saved = load_gates(mole, f"{name}.safetensors")
+    assert saved.gate_file.info["training"]["steps_done"] == 4
+    assert any(s.startswith("unet:mid_block.attentions") for s in saved.gate_file.scopes)
+    model, clip = sd2
+    m, c, _ = apply(mole, model, sd2_experts, "gated", gates=saved, clip=clip)
+    with torch.inference_mode():
+        mixed, base = sample_sd2(m, c), sample_sd2(model, clip)
+    assert torch.isfinite(mixed).all() and (mixed - base).abs().max() > 1e-4  # the experts act
