@@ -66,3 +66,17 @@ def slots(*picks) -> dict:
         name, strength, on = picks[i - 1] if i <= len(picks) else ("None", 1.0, True)
         out.update({f"lora_{i}": name, f"strength_{i}": strength, f"on_{i}": on})
     return out
+
+
+def sample_text(model, clip, width: int = 64, height: int = 64, steps: int = 3, size_cond: bool = False
+                ) -> torch.Tensor:
+    """``comfy.sample.sample`` (euler, CFG 5) conditioned by the model's own text encoder ("a photo of a cat",
+    negative ""); ``size_cond`` adds SDXL's width/height to the conditioning (as ``CLIPTextEncodeSDXL`` does)."""
+    def cond(text: str) -> list:
+        c = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        return [[t, {**extra, "width": width, "height": height}] for t, extra in c] if size_cond else c
+
+    latent = torch.zeros(1, 4, height // 8, width // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", cond("a photo of a cat"), cond(""),
+                               latent, disable_pbar=True, seed=0)

@@ -95,3 +95,27 @@ def denoise_loss(mole, backend, experts, cache, gates) -> float:
         return sum(evaluate_denoise(backend, cache, draws=16).values())
     finally:
         mix.detach()
+
+
+def train_and_measure(mole, model, clip, vae, experts, images, steps: int = 30, **fields
+                      ) -> tuple[float, float, object]:
+    """Train UNet gates on ``images`` through the ComfyUI backend (denoise objective, a private copy of
+    ``model``; ``fields`` override the TrainConfig); returns the held-out denoise loss with the initial and the
+    trained gates, and the reference cache (its conditioning as the backend sees it)."""
+    from train.config import TrainConfig
+    from train.data import references_from_images
+    from train.engine import prepare_references, train
+
+    cb = mole.comfy_backend
+    cfg = TrainConfig(steps=steps, lr=0.05, alpha=0.0, batch_size=4, resolution=64, warmup_steps=0, seed=0,
+                      **fields)
+    refs = references_from_images(images, ["a photo of a ball"])
+    with torch.inference_mode():
+        cache = cb.unify_context(prepare_references(cb.ComfyEncoder(model.model, vae, clip, 64), refs, cfg))
+        copy_ = cb.private_copy(model, 0)
+        start = mole.train_node.initial_gates(model, experts, cfg)
+    backend = cb.ComfyBackend(copy_)
+    cache = cb.cache_to(cache, backend.device)
+    result = train(cfg, backend, mole.train_node.normal_experts(experts), refs, cache=cache)
+    before, after = (denoise_loss(mole, backend, experts, cache, g) for g in (start, result.gates))
+    return before, after, cache

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.nodes._helpers import comfyui_nodes, lora_loader, sample
-from tests.nodes._nodes import apply, denoise_loss, load_gates, rel
+from tests.nodes._nodes import apply, load_gates, rel, train_and_measure
 from tests.nodes.testing_pack.tiny_comfy import blob_images, tiny_model, tiny_vae
 from train.backend import add_noise
 
@@ -130,23 +130,8 @@ def test_private_copy_is_normal_independent_and_hook_free(mole, tiny):
 
 @pytest.mark.parametrize("gate_input", ["input", "prompt"])
 def test_training_lowers_the_denoise_loss(mole, tiny, vae, experts, images, gate_input):
-    from train.config import TrainConfig
-    from train.data import references_from_images
-    from train.engine import prepare_references, train
-
     model, clip = tiny
-    cb = mole.comfy_backend
-    cfg = TrainConfig(steps=30, lr=0.05, alpha=0.0, batch_size=4, resolution=64, warmup_steps=0, seed=0,
-                      gate_input=gate_input)
-    refs = references_from_images(images, ["a photo of a ball"])
-    with torch.inference_mode():
-        cache = cb.unify_context(prepare_references(cb.ComfyEncoder(model.model, vae, clip, 64), refs, cfg))
-        copy_ = cb.private_copy(model, 0)
-        start = mole.train_node.initial_gates(model, experts, cfg)
-    backend = cb.ComfyBackend(copy_)
-    cache = cb.cache_to(cache, backend.device)
-    result = train(cfg, backend, mole.train_node.normal_experts(experts), refs, cache=cache)
-    before, after = (denoise_loss(mole, backend, experts, cache, g) for g in (start, result.gates))
+    before, after, _ = train_and_measure(mole, model, clip, vae, experts, images, gate_input=gate_input)
     print(f"\ndenoise loss on the references ({gate_input} gates): uniform gates {before:.5f} → trained {after:.5f}")
     assert after < before
 

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from tests.nodes._nodes import apply, denoise_loss, load, load_gates
+from tests.nodes._helpers import sample_text
+from tests.nodes._nodes import apply, load, load_gates, train_and_measure
 from tests.nodes.test_training import images, last_job, train_node, vae, wait_done  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -18,15 +19,7 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 def sample_sd2(model, clip, steps: int = 3, size: int = 64) -> torch.Tensor:
     """``comfy.sample.sample`` (euler, CFG 5) with the model's own text encoder."""
-    import comfy.sample
-
-    def cond(text: str) -> list:
-        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-    latent = torch.zeros(1, 4, size // 8, size // 8)
-    noise = comfy.sample.prepare_noise(latent, 0)
-    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", cond("a photo of a cat"), cond(""),
-                               latent, disable_pbar=True, seed=0)
+    return sample_text(model, clip, size, size, steps)
 
 
 @pytest.fixture(scope="module")
@@ -81,23 +74,8 @@ def test_sd2_static_and_nla_equal_chained_lora_loaders(mole, sd2, sd2_experts, c
 
 
 def test_sd2_v_gates_train_and_lower_the_denoise_loss(mole, sd2, vae, sd2_experts, images):  # noqa: F811
-    from train.config import TrainConfig
-    from train.data import references_from_images
-    from train.engine import prepare_references, train
-
     model, clip = sd2
-    cb = mole.comfy_backend
-    cfg = TrainConfig(steps=30, lr=0.05, alpha=0.0, batch_size=4, resolution=64, warmup_steps=0, seed=0)
-    refs = references_from_images(images, ["a photo of a ball"])
-    with torch.inference_mode():
-        cache = cb.unify_context(prepare_references(cb.ComfyEncoder(model.model, vae, clip, 64), refs, cfg))
-        copy_ = cb.private_copy(model, 0)
-        start = mole.train_node.initial_gates(model, sd2_experts, cfg)
-    assert copy_.model_type.name == "V_PREDICTION"  # the backend's ε̂ comes from the model's v output
-    backend = cb.ComfyBackend(copy_)
-    cache = cb.cache_to(cache, backend.device)
-    result = train(cfg, backend, mole.train_node.normal_experts(sd2_experts), refs, cache=cache)
-    before, after = (denoise_loss(mole, backend, sd2_experts, cache, g) for g in (start, result.gates))
+    before, after, _ = train_and_measure(mole, model, clip, vae, sd2_experts, images)
     print(f"\nSD2.x-v denoise loss on the references: uniform gates {before:.5f} → trained {after:.5f}")
     assert after < before
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.nodes._nodes import apply, denoise_loss, load, load_gates
+from tests.nodes._helpers import sample_text
+from tests.nodes._nodes import apply, load, load_gates, train_and_measure
 from tests.nodes.test_training import images, last_job, train_node, vae  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
@@ -16,15 +17,7 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 def sample_sdxl(model, clip, width: int, height: int, steps: int = 3) -> torch.Tensor:
     """``comfy.sample.sample`` (euler, CFG 5) with SDXL conditioning: both encoders, pooled output and size."""
-    import comfy.sample
-
-    def cond(text: str) -> list:
-        c = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-        return [[t, {**extra, "width": width, "height": height}] for t, extra in c]
-    latent = torch.zeros(1, 4, height // 8, width // 8)
-    noise = comfy.sample.prepare_noise(latent, 0)
-    return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", cond("a photo of a cat"), cond(""),
-                               latent, disable_pbar=True, seed=0)
+    return sample_text(model, clip, width, height, steps, size_cond=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +40,9 @@ def sdxl_experts(mole, sdxl, comfy_dirs):
 
 
 def test_sdxl_gates_train_and_lower_the_denoise_loss(mole, sdxl, vae, sdxl_experts, images):  # noqa: F811
-    from train.config import TrainConfig
-    from train.data import references_from_images
-    from train.engine import prepare_references, train
-
     model, clip = sdxl
-    cb = mole.comfy_backend
-    cfg = TrainConfig(steps=30, lr=0.05, alpha=0.0, batch_size=4, resolution=64, warmup_steps=0, seed=0)
-    refs = references_from_images(images, ["a photo of a ball"])
-    with torch.inference_mode():
-        cache = cb.unify_context(prepare_references(cb.ComfyEncoder(model.model, vae, clip, 64), refs, cfg))
-        copy_ = cb.private_copy(model, 0)
-        start = mole.train_node.initial_gates(model, sdxl_experts, cfg)
+    before, after, cache = train_and_measure(mole, model, clip, vae, sdxl_experts, images)
     assert all(c["y"].shape[-1] == 32 + 6 * 256 for c in cache.conds)  # ADM: pooled CLIP-G + 6 size embeddings
-    backend = cb.ComfyBackend(copy_)
-    cache = cb.cache_to(cache, backend.device)
-    result = train(cfg, backend, mole.train_node.normal_experts(sdxl_experts), refs, cache=cache)
-    before, after = (denoise_loss(mole, backend, sdxl_experts, cache, g) for g in (start, result.gates))
     print(f"\nSDXL denoise loss on the references: uniform gates {before:.5f} → trained {after:.5f}")
     assert after < before
 
