@@ -13,6 +13,7 @@ ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -37,10 +38,15 @@ def check_metadata(name: str, info: object, fmt: str, version: int) -> tuple[Gat
     cfg_dict = info.get("gate_config")
     if not isinstance(cfg_dict, dict):
         raise MoleError(f"{name}: `gate_config` must be a JSON object, got {type(cfg_dict).__name__}")
+    known = {f.name for f in dataclasses.fields(GateConfig)}
+    unknown = sorted(k for k in cfg_dict if k not in known)
+    if unknown:  # repr: a key may hold any character, a newline included, and the message stays one line
+        raise MoleError(f"{name}: `gate_config` has unknown key(s) {', '.join(map(repr, unknown[:3]))}"
+                        f"{' …' if len(unknown) > 3 else ''}")
     try:
         cfg = GateConfig(**cfg_dict)
     except TypeError as exc:
-        raise MoleError(f"{name}: malformed `gate_config` ({exc})") from None
+        raise MoleError(f"{name}: malformed `gate_config` ({' '.join(str(exc).split())})") from None
     except MoleError as exc:
         raise MoleError(f"{name}: {exc}") from None
     experts = info.get("experts")

@@ -136,3 +136,15 @@ def test_tensors_of_no_scope_warn(valid, tmp_path):
     _write(path, tensors, info)
     with pytest.warns(mole.MoleWarning, match="belong to no scope"):
         mole.read_gate_file(path)
+
+
+@pytest.mark.parametrize("key", ["\n", "family\nx", "a" * 300])
+def test_unknown_gate_config_keys_are_one_line_errors_that_name_them(valid, tmp_path, key):
+    """Found by the fuzz test above: an unknown key with a newline made the message two lines."""
+    tensors, info = valid
+    info = json.loads(json.dumps(info))
+    info["gate_config"][key] = 1
+    _write(tmp_path / "g.safetensors", tensors, info)
+    with pytest.raises(mole.MoleError, match="unknown key") as exc:
+        mole.read_gate_file(tmp_path / "g.safetensors")
+    assert "\n" not in str(exc.value) and repr(key)[:20] in str(exc.value)
