@@ -29,21 +29,41 @@ def test_mole_core_imports_without_comfy_or_diffusers():
 
 def test_no_absolute_import_of_the_top_level_name_nodes():
     """ComfyUI owns the module name ``nodes``: our ``nodes/`` package is imported relatively, and ComfyUI's
-    ``nodes.py`` is reached through ``tests.nodes._helpers.comfyui_nodes`` — never by an absolute import."""
-    import ast
+    ``nodes.py`` is reached through ``tests.nodes._helpers.comfyui_nodes`` — never by an absolute import, and
+    not through a ComfyUI module that makes one (``comfy_extras.*`` node modules ``import nodes``)."""
+    from tests.fixtures.comfy_check import find_comfyui_root
 
+    comfy = find_comfyui_root()
     offenders = []
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)
         if rel.parts[0] in {".venv", "node_modules"} or "node_modules" in rel.parts:
             continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
-                     else [_dynamic_import_name(node)] if isinstance(node, ast.Call) else [])
-            if any(n and (n == "nodes" or n.startswith("nodes.")) for n in names):
-                offenders.append(f"{rel}:{node.lineno}")
+        for lineno, name in _absolute_imports(path):
+            if name == "nodes" or name.startswith("nodes.") or (comfy is not None and _imports_nodes(comfy, name)):
+                offenders.append(f"{rel}:{lineno} {name}")
     assert not offenders, offenders
+
+
+def _absolute_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every absolute import in ``path``, ``importlib.import_module("…")`` included."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                 else [_dynamic_import_name(node)] if isinstance(node, ast.Call) else [])
+        out += [(node.lineno, n) for n in names if n]
+    return out
+
+
+def _imports_nodes(comfy: Path, module: str) -> bool:
+    """Whether ComfyUI's module ``module`` (a file of the checkout at ``comfy``) imports the top-level ``nodes``."""
+    if not module.startswith(("comfy_extras.", "comfy_api.", "comfy.")):
+        return False
+    file = comfy.joinpath(*module.split(".")).with_suffix(".py")
+    return file.is_file() and any(n == "nodes" or n.startswith("nodes.") for _, n in _absolute_imports(file))
 
 
 def _dynamic_import_name(call) -> str | None:  # noqa: ANN001

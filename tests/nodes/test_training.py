@@ -476,15 +476,21 @@ def test_after_a_restart_the_job_is_listed_interrupted_and_queuing_the_node_agai
 
 
 def test_comfyui_model_sampling_discrete_v_prediction_patch_is_honoured(mole):
-    """An ε checkpoint patched by ComfyUI's ModelSamplingDiscrete (v_prediction), as users do for SD2.x-v and
-    v-pred SDXL finetunes: the private copy trains on the patched parameterisation."""
-    import importlib
+    """An ε checkpoint patched the way ComfyUI's ModelSamplingDiscrete node (v_prediction) patches it, as users do
+    for SD2.x-v and v-pred SDXL finetunes: the private copy trains on the patched parameterisation.
 
-    comfyui_nodes()  # that module imports ComfyUI's ``nodes`` by its absolute name: load ComfyUI's (by path) first
-    advanced = importlib.import_module("comfy_extras.nodes_model_advanced")
+    The patch is built from ComfyUI's core ``comfy.model_sampling`` exactly as the node's ``patch`` does (a
+    ``ModelSamplingDiscrete`` + ``V_PREDICTION`` object patched in as ``model_sampling``): the node's module
+    imports the top-level name ``nodes``, which this repository's ``nodes/`` package must never be confused with."""
+    import comfy.model_sampling as ms
+
+    class VPrediction(ms.ModelSamplingDiscrete, ms.V_PREDICTION):
+        pass
+
     with torch.inference_mode():
         model = tiny_model(0)
-        patched = advanced.ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+        patched = model.clone()
+        patched.add_object_patch("model_sampling", VPrediction(model.model.model_config, zsnr=False))
         copy_ = mole.comfy_backend.private_copy(patched, 0)
     backend = mole.comfy_backend.ComfyBackend(copy_)
     gen = torch.Generator().manual_seed(2)
