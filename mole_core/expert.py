@@ -59,22 +59,15 @@ def resolve_dora(f: LoraFactor, weight: torch.Tensor, where: str) -> LoraFactor:
         raise MoleError(f"{where}: DoRA module is {tuple(lora.shape)} but the layer weight is {tuple(w.shape)}")
     calc = w + lora.reshape(w.shape)
     m = f.dora_scale.float().cpu()
-    on_output = m.shape[0] == calc.shape[0]
     ones = [1] * (w.dim() - 1)
-    if on_output:
-        norm = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True).reshape(w.shape[0], *ones)
+    if tuple(m.shape) == (w.shape[0], *ones):  # output axis: the norm of W's rows, as ComfyUI takes it
+        norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(m.shape)
+    elif tuple(m.shape) == (1, w.shape[1], *ones[1:]):  # input axis: the norm of (W + ΔW)'s columns
+        norm = calc.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(m.shape)
     else:
-        norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
-        norm = norm.reshape(calc.shape[1], *ones).transpose(0, 1)
-    norm = norm + torch.finfo(torch.float32).eps
-    try:
-        delta = calc * (m / norm) - w
-    except RuntimeError:
-        raise MoleError(f"{where}: DoRA magnitude {tuple(m.shape)} fits neither axis of the layer weight "
-                        f"{tuple(w.shape)}") from None
-    if delta.shape != w.shape:
         raise MoleError(f"{where}: DoRA magnitude {tuple(m.shape)} fits neither axis of the layer weight "
                         f"{tuple(w.shape)}")
+    delta = calc * (m / (norm + torch.finfo(torch.float32).eps)) - w
     return factor_from_delta(delta)
 
 

@@ -94,12 +94,12 @@ def read_state(path: str) -> SavedState | None:
         return hit[1]
     if len(_HEADERS) >= _HEADERS_MAX:
         _HEADERS.clear()
-    state = _read_header(path, name)
+    state = _read_header(path, name, st.st_mtime)
     _HEADERS[path] = (version, state)
     return state
 
 
-def _read_header(path: str, name: str) -> SavedState | None:
+def _read_header(path: str, name: str, mtime: float) -> SavedState | None:
     prefix, key = name.removesuffix(SUFFIX).rsplit(".", 1)
     try:
         with safe_open(path, "pt") as f:
@@ -109,7 +109,7 @@ def _read_header(path: str, name: str) -> SavedState | None:
                           step=int(info["step"]), steps=int(info["config"]["steps"]),
                           experts=tuple(str(e["name"]) for e in experts),
                           sha256=tuple(str(e["sha256"]) for e in experts),
-                          config=canonical_config(info["config"]), mtime=os.path.getmtime(path))
+                          config=canonical_config(info["config"]), mtime=mtime)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is simply not a state to offer
         log.debug("MoLE: %s is not a readable training state (%s)", name, exc)
         return None
