@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MoleError
-from .expert import LoraFactor, factor_from_delta, resolve_dora
+from .expert import LoraFactor, factor_from_delta
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,12 @@ def fit_factor(f: LoraFactor, in_dim: int, out_dim: int, kernel: tuple[int, int]
     return LoraFactor(down=down, up=up, alpha=f.alpha, scale_override=f.scale_override, dense=f.dense)
 
 
+def _resolved(f: LoraFactor, module: nn.Module, where: str) -> LoraFactor:
+    """A factor whose delta depends on the layer's weight (GLoRA, OFT, BOFT, DoRA) as the exact dense factor it
+    makes on ``module``; any other factor unchanged."""
+    return f if f.pending is None else factor_from_delta(f.pending.delta(module.weight, where))
+
+
 class ExpertBank:
     """All experts of one target layer, stacked along the rank axis.
 
@@ -81,8 +87,7 @@ class ExpertBank:
             raise MoleError(f"{target}: an expert bank needs at least one expert")
         self.target = target
         in_dim, out_dim, kernel, conv = layer_shape(module)
-        fitted = [(i, fit_factor(f if f.dora_scale is None else resolve_dora(f, module.weight, target),
-                                 in_dim, out_dim, kernel, target)) for i, f in members]
+        fitted = [(i, fit_factor(_resolved(f, module, target), in_dim, out_dim, kernel, target)) for i, f in members]
         self.in_dim, self.out_dim, self.kernel, self.conv = in_dim, out_dim, kernel, conv
         self.experts = [i for i, _ in fitted]
         self.a_cat = torch.cat([f.down.float() for _, f in fitted], 0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapters import WeightDependent
 from .errors import MoleError
 
 
@@ -24,7 +25,9 @@ class LoraFactor:
     alpha: float | None = None
     scale_override: float | None = None
     dense: bool = False  # a full-rank exact factorisation of a non-LoRA delta (LoHa, LoKr, diff)
-    dora_scale: torch.Tensor | None = None  # DoRA magnitude: the delta depends on the layer's weight (see resolve_dora)
+    # a module whose delta depends on the layer's weight (GLoRA, OFT, BOFT, DoRA): resolved into a dense factor
+    # when attached; until then ``down``/``up`` are its LoRA part (DoRA on a LoRA) or empty (rank 0)
+    pending: WeightDependent | None = None
 
     @property
     def rank(self) -> int:
@@ -46,29 +49,6 @@ class LoraFactor:
         d = up.flatten(1) @ down.flatten(1)
         shape = (up.shape[0], *down.shape[1:])
         return (d * self.scale).reshape(shape)
-
-
-def resolve_dora(f: LoraFactor, weight: torch.Tensor, where: str) -> LoraFactor:
-    """A DoRA factor as the exact dense delta it makes on a layer of base ``weight``, in ComfyUI's convention
-    (LoRA's ``weight_decompose`` at strength 1): ``W' = m · (W + ΔW) / ‖·‖`` with the norm taken per output row
-    of ``W`` when the magnitude ``m`` is on the output axis, per input column of ``W + ΔW`` otherwise; the
-    delta is ``W' − W``. ComfyUI scales that delta by the strength, so a gate scales it the same way."""
-    w = weight.detach().float().cpu()
-    lora = f.delta()
-    if lora.numel() != w.numel():
-        raise MoleError(f"{where}: DoRA module is {tuple(lora.shape)} but the layer weight is {tuple(w.shape)}")
-    calc = w + lora.reshape(w.shape)
-    m = f.dora_scale.float().cpu()
-    ones = [1] * (w.dim() - 1)
-    if tuple(m.shape) == (w.shape[0], *ones):  # output axis: the norm of W's rows, as ComfyUI takes it
-        norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(m.shape)
-    elif tuple(m.shape) == (1, w.shape[1], *ones[1:]):  # input axis: the norm of (W + ΔW)'s columns
-        norm = calc.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(m.shape)
-    else:
-        raise MoleError(f"{where}: DoRA magnitude {tuple(m.shape)} fits neither axis of the layer weight "
-                        f"{tuple(w.shape)}")
-    delta = calc * (m / (norm + torch.finfo(torch.float32).eps)) - w
-    return factor_from_delta(delta)
 
 
 def factor_from_delta(delta: torch.Tensor) -> LoraFactor:
@@ -106,7 +86,7 @@ class Expert:
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({f.rank for f in self.factors.values()})
+        return sorted({f.rank for f in self.factors.values() if f.rank})  # rank 0: resolved when attached
 
     def components(self) -> list[str]:
         return sorted({k.split(":", 1)[0] for k in self.factors})

@@ -5,9 +5,10 @@ Formats: kohya (``lora_unet_*``/``lora_te*_`` + ``.lora_down/.lora_up/.alpha``),
 processor layout; alphas from ``lora_adapter_metadata``), PEFT (``base_model.model.*`` with
 ``lora_A/lora_B``; a folder with ``adapter_config.json`` gives r and lora_alpha, also
 ``unet/``, ``text_encoder/``, ``text_encoder_2/`` sub-folders) and ComfyUI
-(``diffusion_model.*.lora_up/down``). LoHa, LoKr and full ``diff`` patches become exact dense
-experts (with a warning), and so does DoRA (kohya / LyCORIS ``dora_scale``), against each layer's weight
-when attached. Only ``.safetensors`` files are read, never pickles.
+(``diffusion_model.*.lora_up/down``). LoHa, LoKr (with or without Tucker cores) and full ``diff`` patches
+become exact dense experts (with a warning); so do GLoRA, OFT, BOFT and DoRA (kohya / LyCORIS ``dora_scale``),
+against each layer's weight when attached (:mod:`mole_core.adapters` has the math, ComfyUI's). Only
+``.safetensors`` files are read, never pickles.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .adapters import WEIGHT_KINDS, WeightDependent, module_kind, scaled_delta
 from .checks import check_number
 from .errors import MoleError, MoleWarning
 from .expert import Expert, LoraFactor, factor_from_delta
@@ -43,6 +45,8 @@ _ROLE_SUFFIXES = (
     (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_w1_a", "lokr_w1_a"),
     (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"),
     (".lokr_t2", "lokr_t2"), (".diff", "diff"), (".diff_b", "diff_b"),
+    (".a1.weight", "a1"), (".a2.weight", "a2"), (".b1.weight", "b1"), (".b2.weight", "b2"),
+    (".oft_blocks", "oft_blocks"), (".rescale", "rescale"),
 )
 _PEFT_NAMED = re.compile(r"^(.+)\.lora_([AB])\.([A-Za-z0-9_-]+)\.weight$")
 _SUBFOLDERS = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}
@@ -160,33 +164,52 @@ def peft_scale(config: dict, module: str, rank: int) -> float | None:
     return _PeftConfig(config).scale(module, rank)
 
 
-def _dense_delta(name: str, key: str, roles: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Exact dense delta of a LoHa / LoKr / diff module (ComfyUI's conventions)."""
-    if "diff" in roles:
-        return roles["diff"].float()
-    alpha = roles.get("alpha")
-    if "hada_w1_a" in roles:
-        if "hada_t1" in roles:
-            raise MoleError(f"expert {name!r}: {key}: LoHa with Tucker cores (hada_t1) is not supported")
-        w1a, w1b, w2a, w2b = (roles[k].float() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-        scale = float(alpha) / w1b.shape[0] if alpha is not None else 1.0
-        return (w1a @ w1b) * (w2a @ w2b) * scale
-    w1 = roles["lokr_w1"].float() if "lokr_w1" in roles else roles["lokr_w1_a"].float() @ roles["lokr_w1_b"].float()
-    if "lokr_t2" in roles:
-        raise MoleError(f"expert {name!r}: {key}: LoKr with Tucker core (lokr_t2) is not supported")
-    w2 = roles["lokr_w2"].float() if "lokr_w2" in roles else roles["lokr_w2_a"].float() @ roles["lokr_w2_b"].float()
-    scale = 1.0
-    if alpha is not None and ("lokr_w1_b" in roles or "lokr_w2_b" in roles):
-        dim = roles["lokr_w1_b" if "lokr_w1_b" in roles else "lokr_w2_b"].shape[0]
-        scale = float(alpha) / dim
-    if w2.dim() == 4:
-        w1 = w1.unsqueeze(2).unsqueeze(2)
-    return torch.kron(w1, w2) * scale
+_PARTS = {  # the tensors each kind needs (LoKr: one of each pair)
+    "LoRA": ({"down"}, {"up"}), "LoHa": ({"hada_w1_a"}, {"hada_w1_b"}, {"hada_w2_a"}, {"hada_w2_b"}),
+    "LoKr": ({"lokr_w1", "lokr_w1_b"}, {"lokr_w2", "lokr_w2_b"}), "GLoRA": ({"a1"}, {"a2"}, {"b1"}, {"b2"}),
+    "OFT": ({"oft_blocks"},), "BOFT": ({"oft_blocks"},), "diff": ({"diff"},),
+}
 
 
-def _fold_tucker(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
-    """LoCon Tucker form: 1×1 ``down`` then k×k ``mid`` equals one k×k conv of rank r."""
-    return torch.einsum("rsij,sc->rcij", mid.float(), down.float().flatten(1))
+def _check_parts(name: str, prefix: str, kind: str | None, roles: dict[str, torch.Tensor]) -> None:
+    """One-line MoleError for a module missing a part of its kind, or with a shape its kind cannot have."""
+    where = f"expert {name!r}: {prefix}"
+    missing = [" or ".join(sorted(alts)) for alts in _PARTS.get(kind, ()) if not alts & roles.keys()]
+    missing += [f"{k}_a" for k in ("lokr_w1", "lokr_w2") if f"{k}_b" in roles and f"{k}_a" not in roles]
+    if kind is None or (kind == "LoRA" and missing):
+        raise MoleError(f"expert {name!r}: incomplete LoRA module {prefix} (has {sorted(roles)}; needs down and up, "
+                        "or the parts of a LoHa, LoKr, GLoRA, OFT or BOFT module)")
+    if missing:
+        raise MoleError(f"expert {name!r}: malformed {kind} module {prefix} (has {sorted(roles)}: missing "
+                        f"{', '.join(missing)})")
+    if "dora_scale" in roles and kind in ("OFT", "BOFT", "diff"):
+        raise MoleError(f"{where}: DoRA on {kind} modules is not supported (only on LoRA, LoHa, LoKr and GLoRA)")
+    if kind in ("OFT", "BOFT"):
+        blocks = roles["oft_blocks"]
+        if blocks.shape[-1] != blocks.shape[-2] or (kind == "BOFT" and blocks.shape[-1] % 2):
+            raise MoleError(f"{where}: {kind} blocks must be square{' and of even size' if kind == 'BOFT' else ''}, "
+                            f"got {tuple(blocks.shape)}")
+        if kind == "BOFT" and "alpha" not in roles:
+            raise MoleError(f"{where}: a BOFT module needs its alpha (the rotation's norm constraint)")
+
+
+def _fold_tucker(roles: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A LoRA's ``down``; the LoCon Tucker form (1×1 ``down`` then k×k ``mid``) as the one k×k conv of rank r it
+    equals."""
+    down = roles["down"]
+    if "mid" not in roles:
+        return down
+    return torch.einsum("rsij,sc->rcij", roles["mid"].float(), down.float().flatten(1))
+
+
+def _lora_factor(roles: dict[str, torch.Tensor], canon: str, cfg: _PeftConfig | None) -> LoraFactor:
+    """A plain LoRA module (kohya ``alpha``, else the PEFT config's scale for ``canon``, else 1)."""
+    alpha_t = roles.get("alpha")
+    alpha = float(alpha_t.float().item()) if alpha_t is not None else None
+    f = LoraFactor(down=_fold_tucker(roles), up=roles["up"], alpha=alpha)
+    if alpha is None and cfg is not None:
+        f.scale_override = cfg.scale(canon.split(":", 1)[1], f.rank)
+    return f
 
 
 def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_config: dict | None = None,
@@ -212,47 +235,37 @@ def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_conf
         if "dora" in roles:
             raise MoleError(f"expert {name!r}: {prefix} is a PEFT DoRA module (lora_magnitude_vector); DoRA is read "
                             "in the kohya / LyCORIS layout (dora_scale)")
-        if "dora_scale" in roles and not ("down" in roles and "up" in roles):
-            raise MoleError(f"expert {name!r}: {prefix} has a dora_scale but no LoRA down/up (DoRA on LoHa / LoKr "
-                            "modules is not supported)")
         check_module(name, prefix, roles)
-        alpha_t = roles.get("alpha")
-        alpha = float(alpha_t.float().item()) if alpha_t is not None else None
-        if "down" in roles and "up" in roles:
-            down, up = roles["down"], roles["up"]
-            if "mid" in roles:
-                down = _fold_tucker(down, roles["mid"])
-            f = LoraFactor(down=down, up=up, alpha=alpha, dora_scale=roles.get("dora_scale"))
-            if f.dora_scale is not None:
-                dense_kinds.add("DoRA")
-            cfg = _peft_cfg_for(canon, peft_config, adapter_metadata)
-            if alpha is None and cfg is not None:
-                f.scale_override = cfg.scale(canon.split(":", 1)[1], f.rank)
-        elif {"hada_w1_a", "lokr_w1", "lokr_w1_a", "diff"} & roles.keys():
-            kind = "LoHa" if "hada_w1_a" in roles else "diff" if "diff" in roles else "LoKr"
+        kind = module_kind(roles)
+        if kind is None and roles.keys() <= {"alpha", "diff_b"}:
+            skipped.extend(f"{prefix}.{r}" for r in roles)
+            continue
+        _check_parts(name, prefix, kind, roles)
+        if kind == "LoRA" and "dora_scale" not in roles:
+            f = _lora_factor(roles, canon, _peft_cfg_for(canon, peft_config, adapter_metadata))
+        elif kind in WEIGHT_KINDS or "dora_scale" in roles:  # resolved against the layer's weight when attached
+            f = LoraFactor(down=_fold_tucker(roles) if kind == "LoRA" else torch.zeros(0, 0),
+                           up=roles["up"] if kind == "LoRA" else torch.zeros(0, 0), scale_override=1.0, dense=True,
+                           pending=WeightDependent(kind, roles))
+            dense_kinds.add(f.pending.label)
+        else:  # LoHa, LoKr, diff: the exact dense delta now
             dense_kinds.add(kind)
             try:
-                delta = _dense_delta(name, prefix, roles)
-            except (KeyError, RuntimeError, IndexError, ValueError) as exc:  # missing or mismatched parts
+                delta = scaled_delta(kind, roles, None)
+            except (RuntimeError, IndexError, ValueError) as exc:  # mismatched parts
                 raise MoleError(f"expert {name!r}: malformed {kind} module {prefix} (has {sorted(roles)}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
             if delta.dim() not in (2, 4) or not torch.isfinite(delta).all():
                 raise MoleError(f"expert {name!r}: {kind} module {prefix} gives a {delta.dim()}-D or non-finite "
                                 "delta")
             f = factor_from_delta(delta)
-        elif roles.keys() <= {"alpha", "diff_b"}:
-            skipped.extend(f"{prefix}.{r}" for r in roles)
-            continue
-        else:
-            raise MoleError(f"expert {name!r}: incomplete LoRA module {prefix} "
-                            f"(has {sorted(roles)}; needs down and up)")
         if canon in factors:
             raise MoleError(f"expert {name!r}: two keys map to the same target {canon} (e.g. {prefix})")
         factors[canon] = f
     if dense_kinds:
-        warnings.warn(f"expert {name!r}: {'/'.join(sorted(dense_kinds))} modules are applied through an exact "
-                      "dense delta (slower, more memory than LoRA; DoRA's is computed against each layer's weight "
-                      "when attached)", MoleWarning, stacklevel=3)
+        warnings.warn(f"expert {name!r}: {', '.join(sorted(dense_kinds))} modules are applied through an exact "
+                      "dense delta (slower, more memory than LoRA; DoRA's, GLoRA's, OFT's and BOFT's are computed "
+                      "against each layer's weight when attached)", MoleWarning, stacklevel=3)
     return factors, skipped, fmt
 
 

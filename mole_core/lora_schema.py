@@ -3,7 +3,8 @@ one-line MoleError naming the expert, the module and what was expected.
 
 Every tensor is floating point (an int or bool factor is a broken file, not something to cast). ``alpha`` is one
 finite number with ``|alpha| ≤`` :data:`MAX_ALPHA`. Factors (``down``/``up``/``mid``, LoHa ``hada_*``, LoKr
-``lokr_*``, full ``diff``) are 2-D (linear) or 4-D (conv) with no empty dimension (rank ≥ 1) and finite entries
+``lokr_*``, GLoRA ``a1``/``a2``/``b1``/``b2``, full ``diff``) are 2-D (linear) or 4-D (conv), OFT's ``oft_blocks``
+3-D (BOFT's 4-D) and ``rescale`` 1- to 4-D, with no empty dimension (rank ≥ 1) and finite entries
 ``|x| ≤`` :data:`MAX_FACTOR` (real LoRAs stay below ~10; beyond this a product overflows half precision); NaN
 entries are refused when the expert is attached (:func:`mole_core.expert.check_experts`). ``up``'s rank equals
 ``down``'s; a conv ``up`` is ``(out, r, 1, 1)``. ``diff_b`` (a bias patch) is 1-D.
@@ -19,6 +20,7 @@ from .errors import MoleError
 
 MAX_FACTOR = 1e3
 MAX_ALPHA = 1e5
+_DIMS = {"diff_b": (1,), "oft_blocks": (3, 4), "rescale": (1, 2, 3, 4)}  # roles not 2-D or 4-D
 
 
 def check_module(expert: str, prefix: str, roles: dict[str, torch.Tensor]) -> None:
@@ -34,7 +36,7 @@ def check_module(expert: str, prefix: str, roles: dict[str, torch.Tensor]) -> No
             if not math.isfinite(a) or abs(a) > MAX_ALPHA:
                 raise MoleError(f"{where}: alpha must be finite with |alpha| ≤ {MAX_ALPHA:g}, got {a}")
             continue
-        dims = (1,) if role == "diff_b" else (2, 4)
+        dims = _DIMS.get(role, (2, 4))
         if t.dim() not in dims or t.numel() == 0:
             raise MoleError(f"{where}: {role} must be a {' or '.join(f'{d}-D' for d in dims)} tensor with no empty "
                             f"dimension, got shape {tuple(t.shape)}")

@@ -180,3 +180,67 @@ def write_dora(model, path: str | Path, seed: int = 0) -> Path:
         sd[f"{key}.dora_scale"] = scale.reshape(*shape, *([1, 1] if conv else []))
     save_file(sd, str(path))
     return Path(path)
+
+
+LYCORIS_KINDS = ("loha_tucker", "lokr", "glora", "oft", "boft", "dora_loha")
+_LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # square: GLoRA's layouts tell apart by W
+_SQUARE = "mid_block.attentions.0.transformer_blocks.0.attn1.to_k"
+_CONV = "down_blocks.0.resnets.0.conv1"  # 3×3
+
+
+def _divisor(n: int, near: int) -> int:
+    return max(d for d in range(1, near + 1) if n % d == 0)
+
+
+def _lycoris_module(kind: str, weight: torch.Tensor, gen: torch.Generator, layer: str) -> dict[str, torch.Tensor]:
+    """The tensors of one ``kind`` module for a layer of base ``weight`` (LyCORIS names, as ComfyUI reads them)."""
+    def rnd(*shape, s=0.3):
+        return torch.randn(*shape, generator=gen) * s
+
+    o, i, conv, r = weight.shape[0], weight.shape[1], weight.dim() == 4, 2
+    kernel = tuple(weight.shape[2:])
+    if kind == "loha_tucker":  # Tucker cores on the 3×3 conv, plain LoHa on the Linear
+        if conv:
+            return {"hada_w1_a": rnd(r, o), "hada_w1_b": rnd(r, i), "hada_t1": rnd(r, r, *kernel),
+                    "hada_w2_a": rnd(r, o), "hada_w2_b": rnd(r, i), "hada_t2": rnd(r, r, *kernel),
+                    "alpha": torch.tensor(1.0)}
+        return {"hada_w1_a": rnd(o, r), "hada_w1_b": rnd(r, i), "hada_w2_a": rnd(o, r), "hada_w2_b": rnd(r, i),
+                "alpha": torch.tensor(1.0)}
+    if kind == "lokr":  # the conv's w2 whole (a Tucker core trips ComfyUI's own LoKr code on this torch: it logs an
+        a, b = _divisor(o, 4), _divisor(i, 4)  # error and skips the layer); the Linear's w1 decomposed
+        if conv:
+            return {"lokr_w1": rnd(a, b), "lokr_w2": rnd(o // a, i // b, *kernel), "alpha": torch.tensor(1.0)}
+        return {"lokr_w1_a": rnd(a, r), "lokr_w1_b": rnd(r, b), "lokr_w2": rnd(o // a, i // b),
+                "alpha": torch.tensor(1.0)}
+    if kind == "glora":
+        if layer == _SQUARE:  # the old LyCORIS layout: b2 b1 + W a2 a1
+            return {"a1.weight": rnd(r, i), "a2.weight": rnd(i, r), "b1.weight": rnd(r, i), "b2.weight": rnd(o, r),
+                    "alpha": torch.tensor(1.0)}
+        return {"a1.weight": rnd(i, r), "a2.weight": rnd(r, i), "b1.weight": rnd(o, r),
+                "b2.weight": rnd(r, i, *kernel), "alpha": torch.tensor(1.0)}
+    if kind == "oft":  # the conv's rotation clamped by alpha; the Linear's not (alpha 0); rescale unused
+        b = _divisor(o, 8)
+        return {"oft_blocks": rnd(o // b, b, b), "alpha": torch.tensor(0.5 if conv else 0.0),
+                "rescale": 1 + rnd(o, *([1] * (weight.dim() - 1)))}
+    if kind == "boft":  # two butterfly stages of 4×4 blocks, with rescale
+        return {"oft_blocks": rnd(2, o // 4, 4, 4), "alpha": torch.tensor(0.5 if conv else 100.0),
+                "rescale": 1 + rnd(o, *([1] * (weight.dim() - 1)))}
+    if kind == "dora_loha":  # LoHa with a DoRA magnitude on the output axis
+        flat = weight.reshape(o, -1).float()
+        return {**_lycoris_module("loha_tucker", weight, gen, layer),
+                "dora_scale": (flat.norm(dim=1) * (1 + rnd(o))).reshape(o, *([1] * (weight.dim() - 1)))}
+    raise ValueError(kind)
+
+
+def write_lycoris(model, path: str | Path, kind: str, seed: int = 0) -> Path:
+    """A LyCORIS module of ``kind`` (:data:`LYCORIS_KINDS`) on a Linear and a 3×3 conv of the tiny model (GLoRA:
+    also a square Linear in the old layout), kohya names."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    layers = (_LINEAR, _CONV, _SQUARE) if kind == "glora" else (_LINEAR, _CONV)
+    for module in layers:
+        weight = model.model.diffusion_model.state_dict()[f"{unet_names(model)[module]}.weight"]
+        key = "lora_unet_" + module.replace(".", "_")
+        sd.update({f"{key}.{role}": t.contiguous() for role, t in _lycoris_module(kind, weight, gen, module).items()})
+    save_file(sd, str(path))
+    return Path(path)

@@ -176,25 +176,35 @@ def test_mask_grammar_is_the_same_in_the_cli_and_the_nodes(mole, text, capsys):
     assert _cli_value("--mask", text, capsys) == node
 
 
-@pytest.mark.parametrize("kind", ["dora", "loha"])
-def test_dora_and_loha_experts_equal_comfyui_in_the_cli_and_the_nodes(mole, tiny, comfy_dirs, diffusers_unet, inputs,
-                                                                      kind):
-    """A DoRA (magnitudes on the output and the input axis, a 1×1 conv among its layers) and a LoHa expert:
-    ComfyUI's own LoraLoader, MoLE's nodes (static weight) and the CLI's engine on the diffusers UNet of the
-    same weights give the same UNet output, at strength 1 and 0.6 (DoRA's delta scales linearly in ComfyUI)."""
+_KIND_LABELS = {"dora": "DoRA", "loha": "LoHa", "loha_tucker": "LoHa", "lokr": "LoKr", "glora": "GLoRA", "oft": "OFT",
+                "boft": "BOFT", "dora_loha": r"DoRA \(LoHa\)"}
+
+
+@pytest.mark.parametrize("kind", list(_KIND_LABELS))
+def test_every_lora_kind_equals_comfyui_in_the_cli_and_the_nodes(mole, tiny, comfy_dirs, diffusers_unet, inputs, kind):
+    """Every LoRA kind the nodes read through ComfyUI's adapters besides plain LoRA — DoRA (magnitudes on the output
+    and the input axis, a 1×1 conv among its layers), LoHa (plain; with Tucker cores), LoKr, GLoRA in both layouts,
+    OFT with and without its norm constraint, BOFT with rescale, DoRA on LoHa; each on a Linear and a conv:
+    ComfyUI's own LoraLoader, MoLE's nodes (static weight) and the CLI's engine on the diffusers UNet of the same
+    weights give the same UNet output, at strength 1 and 0.6 (the delta scales linearly in ComfyUI) — at 1 only
+    for OFT and BOFT: ComfyUI applies their strength inside the rotation (OFT: s²·ΔW), the engine and the nodes'
+    gates scale the strength-1 delta linearly."""
     import mole_core
     from tests.nodes import _loras
     from tests.nodes._helpers import lora_loader
 
     model, _ = tiny
-    writer = _loras.write_dora if kind == "dora" else _loras.write_loha
-    path = writer(model, comfy_dirs["loras"] / f"cross_{kind}.safetensors", seed=7)
-    with pytest.warns(mole_core.MoleWarning, match="DoRA" if kind == "dora" else "LoHa"):
+    target = comfy_dirs["loras"] / f"cross_{kind}.safetensors"
+    if kind in ("dora", "loha"):
+        path = (_loras.write_dora if kind == "dora" else _loras.write_loha)(model, target, seed=7)
+    else:
+        path = _loras.write_lycoris(model, target, kind, seed=11)
+    with pytest.warns(mole_core.MoleWarning, match=_KIND_LABELS[kind]):
         engine_expert = mole_core.load_expert(path)
-    assert len(engine_expert.factors) == (len(_loras.DORA_MODULES) if kind == "dora" else 2)
+    assert len(engine_expert.factors) == {"dora": len(_loras.DORA_MODULES), "glora": 3}.get(kind, 2)
     bare = comfy_forward(model, inputs)
     ex = load(mole, model, None, (path.name, 1.0, True))
-    for strength in (1.0, 0.6):
+    for strength in (1.0,) if kind in ("oft", "boft") else (1.0, 0.6):
         oracle = comfy_forward(lora_loader(model, None, path, strength)[0], inputs)
         assert rel(oracle, bare) > 1e-3  # the expert changes the output well beyond the tolerance below
         nodes_out = comfy_forward(apply(mole, model, ex, "static weights", f"{strength}")[0], inputs)
