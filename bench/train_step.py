@@ -24,7 +24,7 @@ import mole_core as mole
 
 BATCH = 2
 BALANCE_ALPHA = 0.5
-OFFICIAL_STEPS = 33.5  # E[K]: mean rollout length of the official recipe (official-mole-code.md §3, §9)
+OFFICIAL_STEPS = 33.5  # E[K]: mean rollout length per iteration of the official recipe (see bench/README)
 
 
 def parse() -> Namespace:

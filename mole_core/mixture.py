@@ -1,6 +1,6 @@
 """Attach a gated mixture of LoRA experts to any torch model through forward hooks.
 
-Every target layer computes ``y = W x + λ Σ_i g_i s_i E_i(x)`` (DESIGN.md §1). The gate of a
+Every target layer computes ``y = W x + λ Σ_i g_i s_i E_i(x)`` (README, "What the engine computes"). The gate of a
 scope is computed at the scope's *lead* target (the first to run, by canonical execution
 order) from its pooled input, its pooled expert outputs or (UNet scopes, ``gate_input="prompt"``)
 the max-pooled prompt conditioning that the UNet's root pre-hook captured, and reused by the

@@ -6,7 +6,7 @@ A *canonical name* is ``"<component>:<diffusers module path>"`` where component 
 ``te:text_model.encoder.layers.3.self_attn.q_proj``. Text-encoder paths always keep the
 ``text_model.`` wrapper that transformers 5 dropped, so files of every era map alike.
 
-Everything here is a pure function of strings (DESIGN.md §3): no torch, no model.
+Everything here is a pure function of strings: no torch, no model.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Gated MoLE on a ComfyUI ``ModelPatcher`` clone: injection life cycle and gate statistics.
 
-Life cycle (comfyui-internals.md §2.5): one :class:`mole_core.Mixture` is built over the modules of
+Life cycle: one :class:`mole_core.Mixture` is built over the modules of
 the shared ``BaseModel`` and immediately detached. The clone carries a ``PatcherInjection`` whose
 ``inject`` re-installs the mixture's forward hooks and whose ``eject`` removes them; ComfyUI calls
 them when *this* clone is loaded / unloaded (``load_models_gpu``, ``detach``, lowvram reloads,
