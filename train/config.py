@@ -48,6 +48,9 @@ class TrainConfig:
                             "on its own times a learnable per-scope magnitude in [0, m_max]", choices=FAMILIES)
     m_max: float = _opt(2.0, "sigmoid gates: upper bound of the per-scope magnitude")
     init_gate: float = _opt(0.5, "sigmoid gates: every expert's gate at the start")
+    train_magnitudes: bool = _opt(True, "sigmoid gates: train the per-scope magnitudes; off: they stay where they "
+                                  "start (gate_input trigger: 1, the LoRA's own strength) and only the routers "
+                                  "learn (on the toy benchmark its guide lowers composition when it moves them)")
     text_pool: str = _opt("mean", "text-encoder gates pool token states by mean | max (max routes by trigger words) "
                           "| tokens (every token scored, each expert's largest logit kept: at the first layer a "
                           "trigger word's score does not depend on the words around it)", choices=TEXT_POOLS)
@@ -146,6 +149,8 @@ class TrainConfig:
         if routed and not self.train_text_gates:
             raise MoleError(f"`gate_input` {self.gate_input} needs `train_text_gates` (the router reads the text "
                             "encoder's first layer and trains with the text-encoder gates)")
+        if not self.train_magnitudes and self.gate_family != "sigmoid":
+            raise MoleError("`train_magnitudes` off needs gate_family sigmoid (softmax gates have no magnitude)")
         self.gate_config()  # family, m_max, init_gate, text_pool, tau: one-line errors now
 
     def gate_config(self) -> GateConfig:

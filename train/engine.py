@@ -106,6 +106,10 @@ def attach_for_training(backend: Backend, experts: list[mole.Expert], cfg: Train
     gate_cfg = cfg.gate_config()
     comps = None if cfg.train_text_gates else ["unet"]
     gated = mole.attach(backend.mixture_target(), experts, gate_cfg, components=comps, strength=cfg.strength)
+    if not cfg.train_magnitudes:  # the magnitudes stay at their start: not gate parameters of this run
+        for gate in gated.gates.values():
+            if hasattr(gate, "magnitude_logit"):
+                gate.magnitude_logit.requires_grad_(False)
     return gated, _attach_text_nla(backend, experts, cfg)
 
 

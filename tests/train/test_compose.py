@@ -303,6 +303,24 @@ def test_trigger_gates_train_keyed_on_each_loras_word_and_route_by_it(toy):
     assert any(s.startswith("unet:") for s in stats["mean"])
 
 
+def test_trigger_gates_with_frozen_magnitudes_train_only_the_router(toy):
+    """``train_magnitudes=False``: every scope's magnitude stays at its start (1, the LoRA's own strength) bit for
+    bit, while the router's thresholds learn; with the magnitudes trained (same seed) they move."""
+    world, pipe, backend, experts, refs, prompts, guide = toy
+    base = {**RECIPE, "gate_input": "trigger", "granularity": "block", "route_weight": 1.0, "steps": 3}
+    frozen = train(TrainConfig(**base, train_magnitudes=False), backend, experts, refs, compose_prompts=prompts,
+                   guide=guide).gates
+    trained = train(TrainConfig(**base), backend, experts, refs, compose_prompts=prompts, guide=guide).gates
+    start = torch.zeros(3)  # logit of 1 / m_max = 0.5
+    for name in frozen.scopes:
+        assert torch.equal(frozen.tensors[f"gates.{name}.magnitude_logit"], start), name
+    assert any(not torch.equal(trained.tensors[f"gates.{name}.magnitude_logit"], start) for name in trained.scopes)
+    assert not torch.equal(frozen.tensors["router.bias"], -10.0 * 0.5 * torch.ones(3))  # the thresholds moved
+    with pytest.raises(mole.MoleError, match="`train_magnitudes` off needs gate_family sigmoid"):
+        TrainConfig(**{**base, "gate_family": "softmax", "gate_input": "prompt", "route_weight": 0.0},
+                    train_magnitudes=False)
+
+
 def test_cli_trains_trigger_gates_and_samples_with_them(toy, tmp_path):
     world = toy[0]
     refs = world.write_reference_folder(tmp_path / "refs", CONCEPTS, n=2)
