@@ -78,6 +78,10 @@ RECIPES = [
     # each LoRA on when its trigger word (the LoRA file's name) is in the prompt, every block scales each LoRA
     Recipe("mole_sigmoid_compose_trigger", dict(COMPOSE_COMMON, gate_input="trigger", granularity="block",
                                                 gate_family="sigmoid", alpha=0.0, route_weight=1.0)),
+    # the same with every scope's magnitude kept at 1 (the LoRA's own strength): only the router learns
+    Recipe("mole_sigmoid_compose_trigger_fixed", dict(COMPOSE_COMMON, gate_input="trigger", granularity="block",
+                                                      gate_family="sigmoid", alpha=0.0, route_weight=1.0,
+                                                      train_magnitudes=False)),
 ]
 ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to unseen templates
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
@@ -180,7 +184,8 @@ def evaluate(world, pipe, backend, experts, method: dict, sets: dict, base: list
     return res
 
 
-def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log) -> dict:  # noqa: ANN001
+def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log, baselines: bool = True  # noqa: ANN001
+             ) -> dict:
     torch.set_num_threads(1)
     quiet_libraries()
     world = load_world(s.assets)
@@ -197,11 +202,12 @@ def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log) -> di
                     items += [(p, attrs, sub)] * s.images
             sets[f"{k}_{tname}"] = items
     base = [(W.caption(sp), sp.attributes) for sp in W.sample_specs(s.base, 3000 + seed, W.BASE_VALUES)]
-    methods: dict[str, dict] = {"stack": {"mode": "static", "weights": [1.0] * 3},
-                                "nla": {"mode": "uniform"}, "switch": {"method": "switch"},
-                                "composite": {"method": "composite"}}
-    for lam in SWEEP:
-        methods[f"static_{lam:g}"] = {"mode": "uniform", "strength": lam}
+    methods: dict[str, dict] = {}
+    if baselines:
+        methods.update({"stack": {"mode": "static", "weights": [1.0] * 3}, "nla": {"mode": "uniform"},
+                        "switch": {"method": "switch"}, "composite": {"method": "composite"}})
+        for lam in SWEEP:
+            methods[f"static_{lam:g}"] = {"mode": "uniform", "strength": lam}
     refs = references(world, seed, 8)
     for r in recipes:
         cfg = TrainConfig(**{**dict(steps=s.steps, lr=s.lr, resolution=W.SIZE, batch_size=8, seed=seed,
@@ -234,8 +240,9 @@ def summarise(runs: list[dict]) -> dict:
             agg[m]["routing"] = {c: {w: float(np.mean([r[m]["routing"][c][w] for r in runs]))
                                      for w in ("named", "others", "none")} for c in CONCEPTS}
     sweep = [m for m in agg if m.startswith("static_")]
-    best = max(sweep, key=lambda m: agg[m]["3_train"][0])
-    agg["static_best"] = {**agg[best], "lambda": float(best.split("_")[1])}
+    if sweep:
+        best = max(sweep, key=lambda m: agg[m]["3_train"][0])
+        agg["static_best"] = {**agg[best], "lambda": float(best.split("_")[1])}
     return agg
 
 
@@ -262,6 +269,23 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _saved(path: Path, seeds: list[int], s: argparse.Namespace) -> dict:
+    """The saved results that ``--merge`` adds to; they must come from the same seeds, images and steps."""
+    if not path.exists():
+        raise SystemExit(f"--merge: no saved results at {path}; run the whole benchmark first")
+    saved = json.loads(path.read_text())
+    want = {"seeds": seeds, "images_per_composition": s.prompts * s.images, "gate_steps": s.steps}
+    got = {k: saved.get(k) for k in want}
+    if got != want:
+        raise SystemExit(f"--merge: {path.name} was measured with {got}, this run would use {want}")
+    return saved
+
+
+def _elapsed(saved: dict) -> dict:
+    e = saved.get("elapsed_s")
+    return e if isinstance(e, dict) else {"all": e}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, 4 prompts × 4 images per composition, 120 gate "
@@ -273,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", default=None, help=f"comma list of recipes (default all: "
                     f"{','.join(r.name for r in RECIPES)})")
     ap.add_argument("--assets", default=None, help="toy world folder (default mole_toy/assets)")
+    ap.add_argument("--merge", action="store_true", help="train and judge only --recipes (no baselines) and put "
+                    "their rows into the saved results of the same settings; the other rows stay as saved")
     args = ap.parse_args(argv)
+    if args.merge and not args.recipes:
+        ap.error("--merge needs --recipes (the rows to add or replace)")
     known = {r.name: r for r in RECIPES + ON_REQUEST}
     names = args.recipes.split(",") if args.recipes else [r.name for r in RECIPES]
     unknown = [n for n in names if n not in known]
@@ -286,22 +314,29 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     log = _log
     t0 = time.perf_counter()
+    name = "composition_quick" if args.quick else "composition"
+    saved = _saved(OUT / f"{name}.json", seeds, s) if args.merge else None
+    n = len(seeds)
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(run_seed, seeds, [s] * len(seeds), [recipes] * len(seeds), [log] * len(seeds)))
+            runs = list(pool.map(run_seed, seeds, [s] * n, [recipes] * n, [log] * n, [not args.merge] * n))
     else:
-        runs = [run_seed(seed, s, recipes, log) for seed in seeds]
+        runs = [run_seed(seed, s, recipes, log, not args.merge) for seed in seeds]
     agg = summarise(runs)
+    if saved is not None:
+        agg = {**saved["results"], **agg}
     text = table(agg)
     print(text)
     OUT.mkdir(exist_ok=True)
     summary = {"bench": "composition", "quick": args.quick, "seeds": seeds, "gate_steps": s.steps,
                "images_per_composition": s.prompts * s.images, "elapsed_s": round(time.perf_counter() - t0, 1),
                "results": agg}
-    (OUT / ("composition_quick.json" if args.quick else "composition.json")).write_text(json.dumps(summary, indent=1))
-    (OUT / ("composition_quick.md" if args.quick else "composition.md")).write_text(text + "\n")
+    if saved is not None:
+        summary["elapsed_s"] = {**_elapsed(saved), ",".join(names): summary["elapsed_s"]}
+    (OUT / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    (OUT / f"{name}.md").write_text(text + "\n")
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -1,0 +1,69 @@
+"""``bench/composition.py --merge``: a recipe's rows join the saved results of the same settings, the other rows
+stay as saved, and results of other settings are refused. (The benchmark itself takes an hour; its recipes'
+training runs are tested in tests/train/test_compose.py.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import composition as C  # noqa: E402
+
+ROW = {"2_train": (0.5, 0.1), "3_train": (0.4, 0.1), "2_held_out": (1.0, 0.0), "3_held_out": (1.0, 0.0),
+       "base": (0.6, 0.0), "sample_entropy": (0.7, 0.0)}
+
+
+def _saved(tmp_path: Path, **over: object) -> Path:
+    summary = {"bench": "composition", "quick": True, "seeds": [0], "gate_steps": 120, "images_per_composition": 16,
+               "elapsed_s": 100.0, "results": {"stack": ROW, "mole_denoise": ROW}, **over}
+    path = tmp_path / "composition_quick.json"
+    path.write_text(json.dumps(summary))
+    return path
+
+
+def test_merge_replaces_the_recipes_rows_and_keeps_the_others(tmp_path, monkeypatch, capsys):
+    _saved(tmp_path)
+    monkeypatch.setattr(C, "OUT", tmp_path)
+    calls = []
+
+    def run_seed(seed, s, recipes, log, baselines=True):  # noqa: ANN001, ANN202
+        calls.append((seed, [r.name for r in recipes], baselines))
+        return {r.name: {"2_train": 0.9, "3_train": 0.8, "2_held_out": 1.0, "3_held_out": 1.0, "base": 0.7,
+                         "sample_entropy": 0.5} for r in recipes}
+
+    monkeypatch.setattr(C, "run_seed", run_seed)
+    assert C.main(["--quick", "--merge", "--recipes", "mole_denoise,mole_sigmoid_compose_trigger_fixed"]) == 0
+    assert calls == [(0, ["mole_denoise", "mole_sigmoid_compose_trigger_fixed"], False)]  # no baselines re-run
+    out = json.loads((tmp_path / "composition_quick.json").read_text())
+    assert list(out["results"]) == ["stack", "mole_denoise", "mole_sigmoid_compose_trigger_fixed"]
+    assert out["results"]["stack"] == {k: list(v) for k, v in ROW.items()}
+    assert out["results"]["mole_denoise"]["2_train"] == [0.9, 0.0]
+    assert out["elapsed_s"]["all"] == 100.0
+    md = (tmp_path / "composition_quick.md").read_text()
+    assert "| stack | 0.50 ± 0.10" in md and "| mole_sigmoid_compose_trigger_fixed | 0.90 ± 0.00" in md
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"seeds": [0, 1, 2]}, "was measured with"),
+    ({"images_per_composition": 64}, "was measured with"),
+    ({"gate_steps": 300}, "was measured with"),
+])
+def test_merge_refuses_results_of_other_settings(tmp_path, monkeypatch, over, message):
+    _saved(tmp_path, **over)
+    monkeypatch.setattr(C, "OUT", tmp_path)
+    monkeypatch.setattr(C, "run_seed", lambda *a, **k: pytest.fail("ran before checking the saved settings"))
+    with pytest.raises(SystemExit, match=message):
+        C.main(["--quick", "--merge", "--recipes", "mole_denoise"])
+
+
+def test_merge_needs_saved_results_and_recipes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(C, "OUT", tmp_path)
+    with pytest.raises(SystemExit, match="no saved results"):
+        C.main(["--quick", "--merge", "--recipes", "mole_denoise"])
+    with pytest.raises(SystemExit) as info:
+        C.main(["--quick", "--merge"])
+    assert info.value.code == 2 and "--merge needs --recipes" in capsys.readouterr().err
