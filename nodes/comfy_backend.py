@@ -73,8 +73,9 @@ def schedule(base: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return sigmas, 1.0 / (1.0 + sigmas * sigmas)
 
 
-def training_memory(patcher: Any, resolution: int, batch_size: int) -> int:
-    """Bytes to ask model management for before the copy: the copy itself plus activations.
+def training_memory(patcher: Any, resolution: int, batch_size: int, copy_weights: bool = True) -> int:
+    """Bytes to ask model management for before the copy: the copied weights (none when they are shared)
+    plus activations.
 
     Activations are kept for backward, so three times ComfyUI's own inference estimate for the batch
     (a heuristic; gate parameters and optimizer state are negligible).
@@ -83,7 +84,7 @@ def training_memory(patcher: Any, resolution: int, batch_size: int) -> int:
     latent = base.latent_format.latent_channels
     side = max(1, resolution // 8)
     activations = base.memory_required([batch_size, latent, side, side])
-    return int(patcher.model_size() + 3 * activations)
+    return int((patcher.model_size() if copy_weights else 0) + 3 * activations)
 
 
 # ----- the private copy -----
@@ -108,13 +109,24 @@ def normalize_copy_(module: nn.Module) -> nn.Module:
     return module
 
 
-def private_copy(patcher: Any, memory_required: int) -> Any:
-    """A copy of ``patcher``'s ``BaseModel`` with its own weights, made in the prompt thread.
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal-mode tensor on the same memory as ``t`` (an inference tensor cannot be saved for backward;
+    a DLPack round trip makes a tensor without that flag and without a copy)."""
+    return torch.utils.dlpack.from_dlpack(t.detach()) if t.is_inference() else t.detach()
+
+
+def private_copy(patcher: Any, memory_required: int, share_weights: bool = False) -> Any:
+    """A copy of ``patcher``'s ``BaseModel`` for training, made in the prompt thread.
 
     ComfyUI first loads the patcher in full (its LoRA patches and object patches applied, no lowvram
     deferral) after freeing ``memory_required`` bytes beyond it; then the module is deep-copied outside
     inference mode (references to patchers are cut) and normalised by :func:`normalize_copy_`. The copy
     lives on the patcher's load device; nothing of the shared model or of other clones changes.
+
+    ``share_weights``: the copy's parameters and buffers use the loaded model's memory instead of their own
+    (no second copy of the weights: a real-size SDXL fits in 24 GB only so). Only for a run that ends before
+    anything else can load, patch or unload the model — the node's ``wait`` mode; a stopped job gets its own
+    weights (:func:`own_weights`) before it is kept for a resume.
     """
     mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
     base = patcher.model
@@ -122,9 +134,30 @@ def private_copy(patcher: Any, memory_required: int) -> Any:
     if base.current_patcher is not None:
         memo[id(base.current_patcher)] = None
     with torch.inference_mode(False):
+        if share_weights:
+            for p in base.parameters():
+                memo[id(p)] = nn.Parameter(_alias(p), requires_grad=False)
+            for b in base.buffers():
+                memo[id(b)] = _alias(b)
         clone = copy.deepcopy(base, memo)
     clone.current_patcher = None
     return normalize_copy_(clone).requires_grad_(False)
+
+
+def own_weights(module: nn.Module, device: torch.device) -> bool:
+    """Give a copy made with ``share_weights`` its own weights on ``device`` (a stopped job kept for a resume:
+    other prompts may patch the shared ones next). False, and nothing changed, when ``device`` lacks the memory."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if mm.get_free_memory(device) < 1.1 * sum(t.numel() * t.element_size() for t in tensors):
+        return False
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub.named_parameters(recurse=False)):
+                setattr(sub, name, nn.Parameter(p.detach().to(device, copy=True), requires_grad=False))
+            for name, b in list(sub.named_buffers(recurse=False)):
+                if b is not None:
+                    sub._buffers[name] = b.detach().to(device, copy=True)
+    return True
 
 
 def private_module(module: nn.Module, patcher: Any | None = None) -> nn.Module:

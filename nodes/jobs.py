@@ -44,7 +44,7 @@ from ..train.data import CachedSet, Reference
 from ..train.engine import TrainResult, gate_statistics, train
 from ..train.worker import Job, JobContext, Worker
 from . import saved_states
-from .comfy_backend import ComfyBackend, PromptTable
+from .comfy_backend import ComfyBackend, PromptTable, own_weights
 from .common import GATES_FOLDER
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class TrainingSpec:
     node: str | None = None
     mode: str = "background"
     resume_from: str | None = None  # a checkpoint of an earlier server run this job continues
+    shares_weights: bool = False  # the model copy uses the shared model's weights (wait mode): never kept to resume
     result: TrainResult | None = None
     finish_early: bool = False
     expert_names: list[str] = field(init=False)
@@ -358,9 +359,18 @@ def _release(spec: TrainingSpec) -> None:
 
 
 def _park(spec: TrainingSpec) -> None:
-    """Keep a stopped job's copy (on the offload device) so it can be resumed; release the oldest."""
+    """Keep a stopped job's copy (on the offload device) so it can be resumed; release the oldest. A copy on the
+    shared model's weights first gets its own (other prompts may patch the shared ones once the node returns),
+    or is released when memory is short for that (its checkpoint stays: running the node again continues it)."""
     if spec.model is None:
         return
+    if spec.shares_weights:
+        if not own_weights(spec.model, spec.offload_device):
+            log.warning("MoLE: %s stopped; no memory to keep its model copy for a resume (run the node again to "
+                        "continue from its checkpoint)", spec.file)
+            _release(spec)
+            return
+        spec.shares_weights = False
     spec.model.to(spec.offload_device)
     with _lock:
         if spec not in _parked:

@@ -1,4 +1,5 @@
-"""MoLE Train Gates: learn the gates from reference images on a private model copy in a background worker.
+"""MoLE Train Gates: learn the gates from reference images on a private model copy in a background worker
+(``wait`` mode: the copy shares the loaded model's weights, see :func:`.comfy_backend.private_copy`).
 
 The node prepares everything in the prompt thread (ComfyUI's own VAE/CLIP encoding, the private model
 copy, normal-mode tensors; see :mod:`.comfy_backend`) and hands a job to the server-wide worker of
@@ -181,7 +182,8 @@ def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch
     cache = unify_context(prepare_references(encoder, refs, cfg))
     table = (PromptTable.encode(encoder, ComfyEncoder(model.model, vae, clip, cfg.resolution), everything)
              .to(model.load_device) if compose_prompts else None)
-    copy_ = private_copy(model, training_memory(model, cfg.resolution, cfg.batch_size))
+    shared = mode == "wait"  # nothing else runs until the job ends: train on the loaded weights, no second copy
+    copy_ = private_copy(model, training_memory(model, cfg.resolution, cfg.batch_size, not shared), shared)
     vae_model = private_module(vae.first_stage_model, vae.patcher) if needs_guide else None
     normal = normal_experts(experts)
     earlier = saved_states.find_resumable(jobs.checkpoint_folder(), file, [e.sha256 for e in normal], cfg.to_dict(),
@@ -194,7 +196,8 @@ def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch
         refs=refs, resume_from=earlier.path if earlier else None,
         cache=cache_to(cache, model.load_device), model=copy_, load_device=model.load_device,
         offload_device=model.offload_device, vae_model=vae_model, vae_scale_factor=encoder.vae_scale_factor,
-        clip_guide=clip_guide, compose_prompts=compose_prompts, prompt_table=table, node=node, mode=mode)
+        clip_guide=clip_guide, compose_prompts=compose_prompts, prompt_table=table, node=node, mode=mode,
+        shares_weights=shared)
     return spec, start
 
 
@@ -299,7 +302,8 @@ class MoleTrainGates(io.ComfyNode):
                                         "the job finishes."),
                 io.Combo.Input("run", options=list(RUN_MODES), default="background",
                                tooltip="background: return at once, train beside the queue (watch and control it in "
-                                       "the panel). wait: keep this node running until the gates are trained."),
+                                       "the panel) on a private copy of the model. wait: keep this node running until "
+                                       "the gates are trained, on the loaded weights (no second copy in memory)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
                              tooltip="Training resolution in pixels (512 for SD1.x, 1024 for SDXL)."),
                 io.Int.Input("batch_size", default=2, min=1, max=64,

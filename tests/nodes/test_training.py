@@ -128,6 +128,26 @@ def test_private_copy_is_normal_independent_and_hook_free(mole, tiny):
     assert not any(m._forward_hooks for m in copy_.modules()) and copy_.current_patcher is None
 
 
+def test_a_weight_sharing_copy_uses_the_loaded_weights_until_it_gets_its_own(mole, tiny):
+    """``wait`` mode's copy: normal-mode parameters on the shared model's memory (no second copy of the weights),
+    usable for backward; :func:`own_weights` then gives it its own, equal ones (a stopped job kept to resume)."""
+    model = tiny[0]
+    with torch.inference_mode():
+        copy_ = mole.comfy_backend.private_copy(model, 0, share_weights=True)
+    shared = dict(model.model.named_parameters())
+    for name, p in copy_.named_parameters():
+        assert shared[name].is_inference() and not p.is_inference() and not p.requires_grad, name
+        assert p.data_ptr() == shared[name].data_ptr(), name
+    assert not any(m._forward_hooks for m in copy_.modules()) and copy_.current_patcher is None
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    cond = torch.randn(1, 7, 32)
+    copy_.diffusion_model(x, torch.tensor([10.0]), context=cond).sum().backward()  # weights saved for backward
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert mole.comfy_backend.own_weights(copy_, torch.device("cpu"))
+    for name, p in copy_.named_parameters():
+        assert p.data_ptr() != shared[name].data_ptr() and torch.equal(p, shared[name]) and not p.is_inference(), name
+
+
 @pytest.mark.parametrize("gate_input", ["input", "prompt"])
 def test_training_lowers_the_denoise_loss(mole, tiny, vae, experts, images, gate_input):
     model, clip = tiny
@@ -219,6 +239,9 @@ def test_comfy_cancel_in_wait_mode_stops_within_a_step_and_keeps_the_checkpoint(
     assert state.step == job.history[-1]["step"] < 400
     assert not (comfy_dirs["mole_gates"] / "wait" / "cancelled.safetensors").exists()
     assert jobs_spec(mole, job).model is not None  # parked for a resume
+    shared = {p.data_ptr() for p in tiny[0].model.parameters()}  # wait mode trained on the loaded weights; parked,
+    assert not jobs_spec(mole, job).shares_weights  # the copy has its own: other prompts may patch the shared ones
+    assert not shared & {p.data_ptr() for p in jobs_spec(mole, job).model.parameters()}
 
 
 def test_cancel_during_save_leaves_no_file_and_resume_finishes(mole, tiny, vae, experts, images, comfy_dirs,
