@@ -38,11 +38,12 @@ from .sampling import attach_mixture, image_grid, save_png
 DEMO_CONCEPTS = ["purple", "striped", "star"]
 DEMO_STEPS = 150
 # the recipe of bench/composition.py's best row: sigmoid gates, each LoRA switched on by the word its file is
-# named after (gate_input 'trigger', the threshold trained by the naming term), every block scaling each LoRA,
-# trained on sampled compositions (objective 'compose', toy CLIP guide) with twin and base prompts as prior
+# named after (gate_input 'trigger', the threshold trained by the naming term) at its own strength in every
+# block (the magnitudes are not trained: the guide moves them the wrong way), trained on sampled compositions
+# (objective 'compose', toy CLIP guide) with twin and base prompts as prior
 RECIPE = dict(objective="compose", gate_family="sigmoid", granularity="block", gate_input="trigger",
               route_weight=1.0, train_text_gates=True, center_features=True, alpha=0.0, prior_weight=0.5,
-              local_weight=1.0, base_share=0.25)
+              local_weight=1.0, base_share=0.25, train_magnitudes=False)
 TRAIN_PROMPTS, BASE_PROMPTS = 16, 24
 PROMPTS, IMAGES, SAMPLE_STEPS, CFG, BASE_EVAL = 4, 4, 20, 5.0, 16
 METHODS = ("mole", "nla", "stack")  # learned gates, every LoRA at 1/N, every LoRA at 1
