@@ -27,7 +27,7 @@ def _peak_gib() -> float:
 
 def test_one_real_size_sdxl_training_step_fits_in_memory(mole, vae, images, comfy_dirs):  # noqa: F811
     from tests.nodes import _loras
-    from tests.nodes.testing_pack.tiny_comfy import real_sdxl_clip, real_sdxl_model
+    from tests.nodes.testing_pack.real_size import real_sdxl_clip, real_sdxl_model
 
     with torch.inference_mode():
         model, clip = real_sdxl_model(0), real_sdxl_clip(1)

@@ -172,28 +172,3 @@ def tiny_sd2_clip(seed: int = 1) -> comfy.sd.CLIP:
     fill_(clip.cond_stage_model, seed)
     return clip
 
-
-# ----- real-size SDXL (random weights): for the memory check of one training step only -----
-SDXL_REAL_UNET_CONFIG = {**SDXL_UNET_CONFIG, "adm_in_channels": 2816, "model_channels": 320,
-                         "transformer_depth": [0, 0, 2, 2, 10, 10],
-                         "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "channel_mult": [1, 2, 4],
-                         "transformer_depth_middle": 10, "context_dim": 2048, "num_heads": -1,
-                         "num_head_channels": 64}
-
-
-def real_sdxl_model(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """SDXL base's UNet at its real size (2.6 B parameters, 10.3 GB in fp32) with random weights."""
-    cfg = comfy.supported_models.SDXL({**SDXL_REAL_UNET_CONFIG, "dtype": torch.float32})
-    model = comfy.model_base.SDXL(cfg, device=torch.device("cpu"))
-    return _patcher(model, seed)
-
-
-def real_sdxl_clip(seed: int = 1) -> comfy.sd.CLIP:
-    """ComfyUI's ``SDXLClipModel`` at its real size (CLIP-L and OpenCLIP bigG, 0.8 B parameters) with random
-    weights."""
-    import comfy.sdxl_clip
-
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
-    fill_(clip.cond_stage_model, seed)
-    return clip
