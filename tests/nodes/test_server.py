@@ -148,23 +148,28 @@ def test_dotdot_gate_file_name_is_rejected_at_validation(server):
     assert torch.tensor(entry["outputs"]["8"]["mole_gates"][0]["values"]).eq(0.5).all()
 
 
-def sdxl_graph(width: int, height: int, mask: str = "", gates_file: str | None = None) -> dict:
-    """Tiny SDXL → Load Experts (two SDXL LoRAs) → gated Apply → CLIPTextEncodeSDXL (size and crop
-    conditioning) → KSampler with CFG at ``width``×``height`` → Visualize Gates."""
-    text = {"clip": ["3", 1], "width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
-            "target_height": height}
+def sized_graph(family: str, loras: tuple[str, str], width: int, height: int, mask: str = "",
+                gates_file: str | None = None) -> dict:
+    """Tiny SDXL or SD2.x-v → Load Experts (two LoRAs) → gated Apply → text encoding (SDXL: ``CLIPTextEncodeSDXL``
+    with size and crop conditioning) → KSampler with CFG at ``width``×``height`` → Visualize Gates."""
+    if family == "sdxl":
+        size = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
+                "target_height": height}
+        text = {k: {"class_type": "CLIPTextEncodeSDXL", "inputs": {"clip": ["3", 1], **size, "text_g": t, "text_l": t}}
+                for k, t in (("4", "a photo of a cat"), ("5", ""))}
+    else:
+        text = {k: {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 1], "text": t}}
+                for k, t in (("4", "a photo of a cat"), ("5", ""))}
     g = {
-        "1": {"class_type": "MoLETestTinySDXL", "inputs": {"seed": 0}},
+        "1": {"class_type": {"sdxl": "MoLETestTinySDXL", "sd2": "MoLETestTinySD2"}[family], "inputs": {"seed": 0}},
         "2": {"class_type": "MoLE_LoadExperts", "inputs": {
             "model": ["1", 0], "clip": ["1", 1],
-            **{k: v for i, name in enumerate(["xl_a.safetensors", "xl_b.safetensors", "None", "None"], 1)
+            **{k: v for i, name in enumerate([*loras, "None", "None"], 1)
                for k, v in ((f"lora_{i}", name), (f"strength_{i}", 1.0), (f"on_{i}", True))}}},
         "3": {"class_type": "MoLE_Apply", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": "gated", "strength": 1.0,
             "weights": "", "mask": mask, "timestep_buckets": 2}},
-        "4": {"class_type": "CLIPTextEncodeSDXL", "inputs": {**text, "text_g": "a photo of a cat",
-                                                              "text_l": "a photo of a cat"}},
-        "5": {"class_type": "CLIPTextEncodeSDXL", "inputs": {**text, "text_g": "", "text_l": ""}},
+        **text,
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
         "7": {"class_type": "KSampler", "inputs": {
             "model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "seed": 0,
@@ -176,6 +181,10 @@ def sdxl_graph(width: int, height: int, mask: str = "", gates_file: str | None =
         g["10"] = {"class_type": "MoLE_LoadGates", "inputs": {"gate_file": gates_file}}
         g["3"]["inputs"]["gates"] = ["10", 0]
     return g
+
+
+def sdxl_graph(width: int, height: int, mask: str = "", gates_file: str | None = None) -> dict:
+    return sized_graph("sdxl", ("xl_a.safetensors", "xl_b.safetensors"), width, height, mask, gates_file)
 
 
 def test_sdxl_gated_with_cfg_and_size_conditioning_at_three_sizes_with_one_gate_file(server, mole, comfy_dirs):
@@ -201,3 +210,28 @@ def test_sdxl_gated_with_cfg_and_size_conditioning_at_three_sizes_with_one_gate_
         entry = srv.run(sdxl_graph(width, height, mask, gates_file="xl.safetensors"))
         assert entry["status"]["status_str"] == "success", (width, height, mask, entry["status"])
         assert entry["outputs"]["8"]["mole_gates"][0]["experts"] == ["xl_a.safetensors", "xl_b.safetensors"]
+
+
+def test_sd2_v_gated_with_cfg_at_three_sizes_with_one_gate_file(server, mole, comfy_dirs):
+    """SD2.x 768-v on the server (OpenCLIP-H, v-prediction, LoRAs with text-encoder parts): one gate file serves
+    64², 128² and a non-square 96×64 with CFG; masking runs; Visualize Gates labels its blocks."""
+    import mole_core
+    from tests.nodes.testing_pack.tiny_comfy import tiny_sd2_clip, tiny_sd2_model
+
+    srv, base = server
+    with torch.inference_mode():
+        model, clip = tiny_sd2_model(0), tiny_sd2_clip(1)  # the server builds the same weights from the same seeds
+    names = ("sd2_srv_a.safetensors", "sd2_srv_b.safetensors")
+    for i, name in enumerate(names):
+        lora = _loras.random_lora(model, clip, seed=50 + i, rank=4, alpha=2.0)
+        for folder in (base / "models" / "loras", comfy_dirs["loras"]):  # the server's and this process's
+            _loras.write_kohya(lora, folder / name)
+    experts = load(mole, model, clip, *((n, 1.0, True) for n in names))
+    _, _, fresh = apply(mole, model, experts, "gated", clip=clip)
+    mole_core.write_gate_file(fresh.gate_file, base / "models" / "mole_gates" / "sd2.safetensors")
+    for width, height, mask in ((64, 64, ""), (128, 128, ""), (96, 64, ""), (96, 64, "1, 0")):
+        entry = srv.run(sized_graph("sd2", names, width, height, mask, gates_file="sd2.safetensors"))
+        assert entry["status"]["status_str"] == "success", (width, height, mask, entry["status"])
+        payload = entry["outputs"]["8"]["mole_gates"][0]
+        assert payload["experts"] == list(names) and "mid.attn0" in payload["labels"], payload["labels"]
+        assert entry["outputs"]["8"]["images"]

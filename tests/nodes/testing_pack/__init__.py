@@ -1,12 +1,22 @@
-"""Test-only ComfyUI node pack: tiny SD1.5- and SDXL-topology MODEL/CLIP/VAE, a random CONDITIONING and reference
-images.
+"""Test-only ComfyUI node pack: tiny SD1.5-, SDXL- and SD2.x-v-topology MODEL/CLIP/VAE, a random CONDITIONING and
+reference images.
 
 Placed in ``custom_nodes`` by ``tests/nodes/test_server.py`` next to the MoLE package; never shipped.
 """
 
 from __future__ import annotations
 
-from .tiny_comfy import blob_images, tiny_clip, tiny_cond, tiny_model, tiny_sdxl_clip, tiny_sdxl_model, tiny_vae
+from .tiny_comfy import (
+    blob_images,
+    tiny_clip,
+    tiny_cond,
+    tiny_model,
+    tiny_sd2_clip,
+    tiny_sd2_model,
+    tiny_sdxl_clip,
+    tiny_sdxl_model,
+    tiny_vae,
+)
 
 
 class MoLETestTinyModel:
@@ -25,6 +35,11 @@ class MoLETestTinyModel:
 class MoLETestTinySDXL(MoLETestTinyModel):
     def load(self, seed):
         return tiny_sdxl_model(seed), tiny_sdxl_clip(seed + 1), tiny_vae(seed + 2)
+
+
+class MoLETestTinySD2(MoLETestTinyModel):
+    def load(self, seed):
+        return tiny_sd2_model(seed), tiny_sd2_clip(seed + 1), tiny_vae(seed + 2)
 
 
 class MoLETestTinyCond:
@@ -57,4 +72,5 @@ class MoLETestBlobs:
 
 
 NODE_CLASS_MAPPINGS = {"MoLETestTinyModel": MoLETestTinyModel, "MoLETestTinySDXL": MoLETestTinySDXL,
+                       "MoLETestTinySD2": MoLETestTinySD2,
                        "MoLETestTinyCond": MoLETestTinyCond, "MoLETestBlobs": MoLETestBlobs}
