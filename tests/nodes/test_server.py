@@ -235,3 +235,79 @@ def test_sd2_v_gated_with_cfg_at_three_sizes_with_one_gate_file(server, mole, co
         payload = entry["outputs"]["8"]["mole_gates"][0]
         assert payload["experts"] == list(names) and "mid.attn0" in payload["labels"], payload["labels"]
         assert entry["outputs"]["8"]["images"]
+
+
+def _text_nodes(family: str, clip: list, first: int, width: int, height: int) -> dict:
+    """Positive (id ``first``) and empty negative (``first + 1``) conditioning from ``clip``."""
+    if family == "sdxl":
+        size = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
+                "target_height": height}
+        return {str(first + i): {"class_type": "CLIPTextEncodeSDXL",
+                                 "inputs": {"clip": clip, **size, "text_g": t, "text_l": t}}
+                for i, t in enumerate(("a photo of a cat", ""))}
+    return {str(first + i): {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": t}}
+            for i, t in enumerate(("a photo of a cat", ""))}
+
+
+def _branch(family: str, model: list, clip: list, first: int, prefix: str, size: int = 64) -> dict:
+    """Text encoding → KSampler (CFG 5, 3 steps, seed 0) → VAEDecode → SaveImage, ids from ``first``."""
+    ids = [str(first + i) for i in range(6)]
+    return {
+        **_text_nodes(family, clip, first, size, size),
+        ids[2]: {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        ids[3]: {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": [ids[0], 0], "negative": [ids[1], 0], "latent_image": [ids[2], 0],
+            "seed": 0, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        ids[4]: {"class_type": "VAEDecode", "inputs": {"samples": [ids[3], 0], "vae": ["1", 2]}},
+        ids[5]: {"class_type": "SaveImage", "inputs": {"images": [ids[4], 0], "filename_prefix": prefix}},
+    }
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_static_and_nla_equal_chained_lora_loaders_on_the_server(server, comfy_dirs, family):
+    """In one graph on the server: MoLE Apply (static 0.7 / 0.4, then NLA) and two chained core ``LoraLoader``s at
+    the same strengths (UNet and text-encoder parts) give the same decoded image within 2/255; the LoRAs change it
+    well beyond that."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.nodes.testing_pack.tiny_comfy import tiny_sd2_clip, tiny_sd2_model, tiny_sdxl_clip, tiny_sdxl_model
+
+    srv, base = server
+    with torch.inference_mode():
+        model, clip = (tiny_sdxl_model(0), tiny_sdxl_clip(1)) if family == "sdxl" else \
+            (tiny_sd2_model(0), tiny_sd2_clip(1))
+    names = (f"{family}_eq_a.safetensors", f"{family}_eq_b.safetensors")
+    for i, name in enumerate(names):
+        lora = _loras.random_lora(model, clip, seed=70 + i, rank=4, alpha=2.0, scale=2.0)
+        _loras.write_kohya(lora, base / "models" / "loras" / name)
+    for mode, weights, strengths in (("static weights", "0.7, 0.4", (0.7, 0.4)), ("uniform (NLA)", "", (0.5, 0.5))):
+        tag = f"{family}_{'static' if mode.startswith('static') else 'nla'}"
+        g = {
+            "1": {"class_type": {"sdxl": "MoLETestTinySDXL", "sd2": "MoLETestTinySD2"}[family], "inputs": {"seed": 0}},
+            "2": {"class_type": "MoLE_LoadExperts", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1],
+                **{k: v for i, name in enumerate([*names, "None", "None"], 1)
+                   for k, v in ((f"lora_{i}", name), (f"strength_{i}", 1.0), (f"on_{i}", True))}}},
+            "3": {"class_type": "MoLE_Apply", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": mode, "strength": 1.0,
+                "weights": weights, "mask": "", "timestep_buckets": 2}},
+            "20": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                          "lora_name": names[0], "strength_model": strengths[0],
+                                                          "strength_clip": strengths[0]}},
+            "21": {"class_type": "LoraLoader", "inputs": {"model": ["20", 0], "clip": ["20", 1],
+                                                          "lora_name": names[1], "strength_model": strengths[1],
+                                                          "strength_clip": strengths[1]}},
+            **_branch(family, ["3", 0], ["3", 1], 30, f"eq/{tag}_mole"),
+            **_branch(family, ["21", 0], ["21", 1], 40, f"eq/{tag}_loraloader"),
+            **_branch(family, ["1", 0], ["1", 1], 50, f"eq/{tag}_base"),
+        }
+        entry = srv.run(g)
+        assert entry["status"]["status_str"] == "success", (family, mode, entry["status"])
+        images = {}
+        for node, label in (("35", "mole"), ("45", "loraloader"), ("55", "base")):
+            saved = entry["outputs"][node]["images"][0]
+            path = base / "output" / saved["subfolder"] / saved["filename"]
+            images[label] = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+        assert np.abs(images["mole"] - images["loraloader"]).max() <= 2 / 255, (family, mode)
+        assert np.abs(images["mole"] - images["base"]).max() > 20 / 255, (family, mode)  # the LoRAs act
