@@ -185,12 +185,14 @@ def scaled_delta(kind: str, roles: dict[str, torch.Tensor], weight: torch.Tensor
         return d * _rank_scale(roles, int(roles["up"].shape[1]))
     if kind in ("OFT", "BOFT"):
         return (oft_delta if kind == "OFT" else boft_delta)(roles, weight)
-    delta, scale = {"LoHa": loha_delta, "LoKr": lokr_delta}[kind](roles) if kind != "GLoRA" else \
-        glora_delta(roles, weight)
+    if kind == "GLoRA":
+        delta, scale = glora_delta(roles, weight)
+    else:
+        delta, scale = (loha_delta if kind == "LoHa" else lokr_delta)(roles)
     return delta * scale
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors inside: compared by identity
 class WeightDependent:
     """A module whose delta depends on the layer's base weight (GLoRA, OFT, BOFT, anything with DoRA):
     its tensors, kept until the expert is attached (see :meth:`delta`)."""

@@ -78,7 +78,7 @@ class TrainingSpec:
     node: str | None = None
     mode: str = "background"
     resume_from: str | None = None  # a checkpoint of an earlier server run this job continues
-    shares_weights: bool = False  # the model copy uses the shared model's weights (wait mode): never kept to resume
+    shares_weights: bool = False  # the model copy uses the shared model's weights (wait mode) until it is parked
     result: TrainResult | None = None
     finish_early: bool = False
     expert_names: list[str] = field(init=False)
