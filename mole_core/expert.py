@@ -26,7 +26,8 @@ class LoraFactor:
     scale_override: float | None = None
     dense: bool = False  # a full-rank exact factorisation of a non-LoRA delta (LoHa, LoKr, diff)
     # a module whose delta depends on the layer's weight (GLoRA, OFT, BOFT, DoRA): resolved into a dense factor
-    # when attached; until then ``down``/``up`` are its LoRA part (DoRA on a LoRA) or empty (rank 0)
+    # when attached; until then ``down``/``up`` are its delta without the weight (DoRA on LoRA / LoHa / LoKr) or,
+    # for GLoRA, OFT and BOFT, which have none, empty (rank 0)
     pending: WeightDependent | None = None
 
     @property

@@ -202,6 +202,18 @@ def _fold_tucker(roles: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.einsum("rsij,sc->rcij", roles["mid"].float(), down.float().flatten(1))
 
 
+def _dense_factor(name: str, prefix: str, kind: str, roles: dict[str, torch.Tensor]) -> LoraFactor:
+    """A LoHa / LoKr / diff module as the exact full-rank factors of its strength-1 delta."""
+    try:
+        delta = scaled_delta(kind, roles, None)
+    except (RuntimeError, IndexError, ValueError) as exc:  # mismatched parts
+        raise MoleError(f"expert {name!r}: malformed {kind} module {prefix} (has {sorted(roles)}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if delta.dim() not in (2, 4) or not torch.isfinite(delta).all():
+        raise MoleError(f"expert {name!r}: {kind} module {prefix} gives a {delta.dim()}-D or non-finite delta")
+    return factor_from_delta(delta)
+
+
 def _lora_factor(roles: dict[str, torch.Tensor], canon: str, cfg: _PeftConfig | None) -> LoraFactor:
     """A plain LoRA module (kohya ``alpha``, else the PEFT config's scale for ``canon``, else 1)."""
     alpha_t = roles.get("alpha")
@@ -241,24 +253,20 @@ def factors_from_state_dict(sd: dict[str, torch.Tensor], name: str, *, peft_conf
             skipped.extend(f"{prefix}.{r}" for r in roles)
             continue
         _check_parts(name, prefix, kind, roles)
-        if kind == "LoRA" and "dora_scale" not in roles:
+        if kind == "LoRA":
             f = _lora_factor(roles, canon, _peft_cfg_for(canon, peft_config, adapter_metadata))
-        elif kind in WEIGHT_KINDS or "dora_scale" in roles:  # resolved against the layer's weight when attached
-            f = LoraFactor(down=_fold_tucker(roles) if kind == "LoRA" else torch.zeros(0, 0),
-                           up=roles["up"] if kind == "LoRA" else torch.zeros(0, 0), scale_override=1.0, dense=True,
+            if "dora_scale" in roles:  # its LoRA part stays as read; the delta is redone against the weight
+                f.pending = WeightDependent(kind, roles)
+                dense_kinds.add(f.pending.label)
+        elif kind in WEIGHT_KINDS:  # resolved against the layer's weight when attached; no factors until then
+            f = LoraFactor(down=torch.zeros(0, 0), up=torch.zeros(0, 0), scale_override=1.0, dense=True,
                            pending=WeightDependent(kind, roles))
             dense_kinds.add(f.pending.label)
-        else:  # LoHa, LoKr, diff: the exact dense delta now
-            dense_kinds.add(kind)
-            try:
-                delta = scaled_delta(kind, roles, None)
-            except (RuntimeError, IndexError, ValueError) as exc:  # mismatched parts
-                raise MoleError(f"expert {name!r}: malformed {kind} module {prefix} (has {sorted(roles)}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-            if delta.dim() not in (2, 4) or not torch.isfinite(delta).all():
-                raise MoleError(f"expert {name!r}: {kind} module {prefix} gives a {delta.dim()}-D or non-finite "
-                                "delta")
-            f = factor_from_delta(delta)
+        else:  # LoHa, LoKr, diff: the exact dense delta now (DoRA on LoRA, LoHa, LoKr: redone against the weight)
+            f = _dense_factor(name, prefix, kind, roles)
+            if "dora_scale" in roles:
+                f.pending = WeightDependent(kind, roles)
+            dense_kinds.add(f.pending.label if f.pending else kind)
         if canon in factors:
             raise MoleError(f"expert {name!r}: two keys map to the same target {canon} (e.g. {prefix})")
         factors[canon] = f

@@ -15,7 +15,7 @@ import comfy.supported_models
 import comfy.supported_models_base
 import torch
 
-from .tiny_comfy import SDXL_UNET_CONFIG, UNET_CONFIG, _patcher, fill_
+from .tiny_comfy import SDXL_UNET_CONFIG, UNET_CONFIG, as_patcher, fill_
 
 SDXL_REAL_UNET_CONFIG = {**SDXL_UNET_CONFIG, "adm_in_channels": 2816, "model_channels": 320,
                          "transformer_depth": [0, 0, 2, 2, 10, 10],
@@ -34,7 +34,7 @@ def real_sdxl_model(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     """SDXL base's UNet at its real size (2.6 B parameters, 10.3 GB in fp32) with random weights."""
     cfg = comfy.supported_models.SDXL({**SDXL_REAL_UNET_CONFIG, "dtype": torch.float32})
     model = comfy.model_base.SDXL(cfg, device=torch.device("cpu"))
-    return _patcher(model, seed)
+    return as_patcher(model, seed)
 
 
 def real_sdxl_clip(seed: int = 1) -> comfy.sd.CLIP:
@@ -80,7 +80,7 @@ def write_checkpoint(path: str | Path, family: str, seed: int = 0) -> Path:
         raise ValueError(family)
     with torch.inference_mode(False):
         model = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
-        patcher = _patcher(model, seed)
+        patcher = as_patcher(model, seed)
         if family == "sd2v":
             with torch.no_grad():
                 bias = model.diffusion_model.state_dict()[V_PRED_NORM]

@@ -56,7 +56,7 @@ def fill_(module: torch.nn.Module, seed: int) -> None:
                     p.copy_(0.05 * noise)
 
 
-def _patcher(model: comfy.model_base.BaseModel, seed: int) -> comfy.model_patcher.ModelPatcher:
+def as_patcher(model: comfy.model_base.BaseModel, seed: int) -> comfy.model_patcher.ModelPatcher:
     """``model`` with deterministic weights in a ``ModelPatcher`` on ComfyUI's devices."""
     fill_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
@@ -70,7 +70,7 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32,
     cfg = comfy.supported_models.SD15({**UNET_CONFIG, "dtype": dtype})
     cfg.unet_config["num_heads"] = 2  # SD15.unet_extra_config forces 8
     model = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
-    return _patcher(model, seed)
+    return as_patcher(model, seed)
 
 
 def tiny_clip(seed: int = 1) -> comfy.sd.CLIP:
@@ -132,7 +132,7 @@ def tiny_sdxl_model(seed: int = 0, model_type: comfy.model_base.ModelType = comf
     cfg = comfy.supported_models.SDXL({**SDXL_UNET_CONFIG, "dtype": torch.float32})
     cfg.unet_config.update(num_heads=2, num_head_channels=-1)  # SDXL's extra config asks 64-channel heads
     model = comfy.model_base.SDXL(cfg, model_type=model_type, device=torch.device("cpu"))
-    return _patcher(model, seed)
+    return as_patcher(model, seed)
 
 
 def tiny_sdxl_clip(seed: int = 1) -> comfy.sd.CLIP:
@@ -159,7 +159,7 @@ def tiny_sd2_model(seed: int = 0, model_type: comfy.model_base.ModelType = comfy
     cfg = comfy.supported_models.SD20({**SD2_UNET_CONFIG, "dtype": torch.float32})
     cfg.unet_config.update(num_heads=2, num_head_channels=-1)  # SD20's extra config asks 64-channel heads
     model = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
-    return _patcher(model, seed)
+    return as_patcher(model, seed)
 
 
 def tiny_sd2_clip(seed: int = 1) -> comfy.sd.CLIP:
