@@ -29,6 +29,12 @@ async function openPage() {
   return { context, page, log, profile };
 }
 
+/** Close chromium and remove its temporary profile (nothing is left in the temp folder). */
+async function closePage(context, profile) {
+  await context.close();
+  fs.rmSync(profile, { recursive: true, force: true });
+}
+
 async function ready(page) {
   await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types?.MoLE_TrainGates
     && document.querySelector("#mole-training-panel-css") && document.querySelector("#mole-heatmap-css"), null, LONG);
@@ -39,7 +45,7 @@ const ours = (log) => log.filter((l) => /mole/i.test(l) && !/^warning/.test(l));
 
 async function exportWorkflows() {
   const graphs = JSON.parse(fs.readFileSync(input, "utf8"));
-  const { context, page, log } = await openPage();
+  const { context, page, log, profile } = await openPage();
   for (const [name, { api, note }] of Object.entries(graphs)) {
     const workflow = await page.evaluate(async ({ api, name, note }) => {
       await window.app.loadApiJson(api, name);
@@ -67,7 +73,7 @@ async function exportWorkflows() {
     }, { api, name, note });
     fs.writeFileSync(path.join(outDir, `${name}.json`), `${JSON.stringify(workflow, null, 2)}\n`);
   }
-  await context.close();
+  await closePage(context, profile);
   if (ours(log).length) throw new Error(ours(log).join("\n"));
 }
 
@@ -153,7 +159,7 @@ async function setWidgets(page, values) {
 async function check() {
   const spec = JSON.parse(fs.readFileSync(input, "utf8"));
   const results = { workflows: {} };
-  const { context, page, log } = await openPage();
+  const { context, page, log, profile } = await openPage();
   for (const [name, workflow] of Object.entries(spec.workflows)) {
     const before = log.length;
     results.workflows[name] = { ...(await loadWorkflow(page, workflow, name)), errors: ours(log.slice(before)) };
@@ -234,7 +240,7 @@ async function check() {
   await page.locator(".mole-panel").first().screenshot({ path: path.join(outDir, "panel_finished.png") });
   results.errors = ours(log);
   fs.writeFileSync(path.join(outDir, "results.json"), JSON.stringify(results, null, 2));
-  await context.close();
+  await closePage(context, profile);
 }
 
 if (command === "export") await exportWorkflows();
