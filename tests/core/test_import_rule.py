@@ -30,7 +30,7 @@ def test_mole_core_imports_without_comfy_or_diffusers():
 def test_no_absolute_import_of_the_top_level_name_nodes():
     """ComfyUI owns the module name ``nodes``: our ``nodes/`` package is imported relatively, and ComfyUI's
     ``nodes.py`` is reached through ``tests.nodes._helpers.comfyui_nodes`` — never by an absolute import, and
-    not through a ComfyUI module that makes one (``comfy_extras.*`` node modules ``import nodes``)."""
+    not through a ComfyUI module that makes one (``comfy_extras.*`` node modules load the top-level ``nodes``)."""
     from tests.fixtures.comfy_check import find_comfyui_root
 
     comfy = find_comfyui_root()
