@@ -27,16 +27,8 @@ def execution_error(entry: dict) -> dict:
 def graph(loras=("a.safetensors", "b.safetensors"), mode="gated", weights="", gates_file=None,
           save_as="e2e/run1", sample=True) -> dict:
     """The acceptance graph in API format."""
-    picks = list(loras) + ["None"] * (4 - len(loras))
     g = {
-        "1": {"class_type": "MoLETestTinyModel", "inputs": {"seed": 0}},
-        "2": {"class_type": "MoLE_LoadExperts", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1],
-            **{k: v for i, name in enumerate(picks, 1)
-               for k, v in ((f"lora_{i}", name), (f"strength_{i}", 1.0), (f"on_{i}", True))}}},
-        "3": {"class_type": "MoLE_Apply", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": mode, "strength": 1.0,
-            "weights": weights, "mask": "", "timestep_buckets": 2}},
+        **_head("sd15", tuple(loras), mode, weights),
         "8": {"class_type": "MoLE_VisualizeGates", "inputs": {"gates": ["3", 2], "by_timestep": True, "scale": 1}},
     }
     if gates_file is not None:
@@ -148,28 +140,43 @@ def test_dotdot_gate_file_name_is_rejected_at_validation(server):
     assert torch.tensor(entry["outputs"]["8"]["mole_gates"][0]["values"]).eq(0.5).all()
 
 
-def sized_graph(family: str, loras: tuple[str, str], width: int, height: int, mask: str = "",
-                gates_file: str | None = None) -> dict:
-    """Tiny SDXL or SD2.x-v → Load Experts (two LoRAs) → gated Apply → text encoding (SDXL: ``CLIPTextEncodeSDXL``
-    with size and crop conditioning) → KSampler with CFG at ``width``×``height`` → Visualize Gates."""
+MODEL_NODES = {"sd15": "MoLETestTinyModel", "sdxl": "MoLETestTinySDXL", "sd2": "MoLETestTinySD2"}
+
+
+def _head(family: str, loras: tuple[str, ...], mode: str = "gated", weights: str = "", mask: str = "") -> dict:
+    """Nodes 1–3: the test pack's tiny ``family`` model → MoLE Load Experts (``loras``, strength 1) → MoLE Apply."""
+    return {
+        "1": {"class_type": MODEL_NODES[family], "inputs": {"seed": 0}},
+        "2": {"class_type": "MoLE_LoadExperts", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1],
+            **{k: v for i, name in enumerate([*loras, *["None"] * (4 - len(loras))], 1)
+               for k, v in ((f"lora_{i}", name), (f"strength_{i}", 1.0), (f"on_{i}", True))}}},
+        "3": {"class_type": "MoLE_Apply", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": mode, "strength": 1.0,
+            "weights": weights, "mask": mask, "timestep_buckets": 2}},
+    }
+
+
+def _text_nodes(family: str, clip: list, first: int, width: int, height: int) -> dict:
+    """Positive (id ``first``) and empty negative (``first + 1``) conditioning from ``clip`` (SDXL:
+    ``CLIPTextEncodeSDXL`` with size and crop conditioning)."""
     if family == "sdxl":
         size = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
                 "target_height": height}
-        text = {k: {"class_type": "CLIPTextEncodeSDXL", "inputs": {"clip": ["3", 1], **size, "text_g": t, "text_l": t}}
-                for k, t in (("4", "a photo of a cat"), ("5", ""))}
-    else:
-        text = {k: {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 1], "text": t}}
-                for k, t in (("4", "a photo of a cat"), ("5", ""))}
+        return {str(first + i): {"class_type": "CLIPTextEncodeSDXL",
+                                 "inputs": {"clip": clip, **size, "text_g": t, "text_l": t}}
+                for i, t in enumerate(("a photo of a cat", ""))}
+    return {str(first + i): {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": t}}
+            for i, t in enumerate(("a photo of a cat", ""))}
+
+
+def sized_graph(family: str, loras: tuple[str, str], width: int, height: int, mask: str = "",
+                gates_file: str | None = None) -> dict:
+    """Tiny SDXL or SD2.x-v → Load Experts (two LoRAs) → gated Apply → text encoding → KSampler with CFG at
+    ``width``×``height`` → Visualize Gates."""
     g = {
-        "1": {"class_type": {"sdxl": "MoLETestTinySDXL", "sd2": "MoLETestTinySD2"}[family], "inputs": {"seed": 0}},
-        "2": {"class_type": "MoLE_LoadExperts", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1],
-            **{k: v for i, name in enumerate([*loras, "None", "None"], 1)
-               for k, v in ((f"lora_{i}", name), (f"strength_{i}", 1.0), (f"on_{i}", True))}}},
-        "3": {"class_type": "MoLE_Apply", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": "gated", "strength": 1.0,
-            "weights": "", "mask": mask, "timestep_buckets": 2}},
-        **text,
+        **_head(family, loras, mask=mask),
+        **_text_nodes(family, ["3", 1], 4, width, height),
         "6": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
         "7": {"class_type": "KSampler", "inputs": {
             "model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "seed": 0,
@@ -237,18 +244,6 @@ def test_sd2_v_gated_with_cfg_at_three_sizes_with_one_gate_file(server, mole, co
         assert entry["outputs"]["8"]["images"]
 
 
-def _text_nodes(family: str, clip: list, first: int, width: int, height: int) -> dict:
-    """Positive (id ``first``) and empty negative (``first + 1``) conditioning from ``clip``."""
-    if family == "sdxl":
-        size = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
-                "target_height": height}
-        return {str(first + i): {"class_type": "CLIPTextEncodeSDXL",
-                                 "inputs": {"clip": clip, **size, "text_g": t, "text_l": t}}
-                for i, t in enumerate(("a photo of a cat", ""))}
-    return {str(first + i): {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": t}}
-            for i, t in enumerate(("a photo of a cat", ""))}
-
-
 def _branch(family: str, model: list, clip: list, first: int, prefix: str, size: int = 64) -> dict:
     """Text encoding → KSampler (CFG 5, 3 steps, seed 0) → VAEDecode → SaveImage, ids from ``first``."""
     ids = [str(first + i) for i in range(6)]
@@ -284,14 +279,7 @@ def test_static_and_nla_equal_chained_lora_loaders_on_the_server(server, comfy_d
     for mode, weights, strengths in (("static weights", "0.7, 0.4", (0.7, 0.4)), ("uniform (NLA)", "", (0.5, 0.5))):
         tag = f"{family}_{'static' if mode.startswith('static') else 'nla'}"
         g = {
-            "1": {"class_type": {"sdxl": "MoLETestTinySDXL", "sd2": "MoLETestTinySD2"}[family], "inputs": {"seed": 0}},
-            "2": {"class_type": "MoLE_LoadExperts", "inputs": {
-                "model": ["1", 0], "clip": ["1", 1],
-                **{k: v for i, name in enumerate([*names, "None", "None"], 1)
-                   for k, v in ((f"lora_{i}", name), (f"strength_{i}", 1.0), (f"on_{i}", True))}}},
-            "3": {"class_type": "MoLE_Apply", "inputs": {
-                "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": mode, "strength": 1.0,
-                "weights": weights, "mask": "", "timestep_buckets": 2}},
+            **_head(family, names, mode, weights),
             "20": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
                                                           "lora_name": names[0], "strength_model": strengths[0],
                                                           "strength_clip": strengths[0]}},
