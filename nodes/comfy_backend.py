@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -88,6 +89,21 @@ def training_memory(patcher: Any, resolution: int, batch_size: int, copy_weights
 
 
 # ----- the private copy -----
+def _replace_tensors(module: nn.Module, make: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+    """Replace each parameter and buffer ``t`` of ``module`` by ``make(t)`` (None: keep ``t``), outside inference
+    mode; parameters stay frozen parameters."""
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub.named_parameters(recurse=False)):
+                new = make(p)
+                if new is not None:
+                    setattr(sub, name, nn.Parameter(new, requires_grad=False))
+            for name, b in list(sub.named_buffers(recurse=False)):
+                new = make(b) if b is not None else None
+                if new is not None:
+                    sub._buffers[name] = new
+
+
 def normalize_copy_(module: nn.Module) -> nn.Module:
     """Make a deep copy usable for autograd and free of foreign hooks, in place.
 
@@ -95,17 +111,11 @@ def normalize_copy_(module: nn.Module) -> nn.Module:
     inference mode, and inference tensors cannot be saved for backward) and drops forward hooks the copy
     inherited from the original (e.g. another extension's injections): they belong to the original.
     """
-    with torch.inference_mode(False):
-        for sub in module.modules():
-            for name, p in list(sub.named_parameters(recurse=False)):
-                if p.is_inference():
-                    setattr(sub, name, nn.Parameter(p.detach().clone(), requires_grad=False))
-            for name, b in list(sub.named_buffers(recurse=False)):
-                if b is not None and b.is_inference():
-                    sub._buffers[name] = b.detach().clone()
-            for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._forward_hooks_with_kwargs,
-                          sub._forward_pre_hooks_with_kwargs, sub._forward_hooks_always_called):
-                hooks.clear()
+    _replace_tensors(module, lambda t: t.detach().clone() if t.is_inference() else None)
+    for sub in module.modules():
+        for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._forward_hooks_with_kwargs,
+                      sub._forward_pre_hooks_with_kwargs, sub._forward_hooks_always_called):
+            hooks.clear()
     return module
 
 
@@ -150,13 +160,7 @@ def own_weights(module: nn.Module, device: torch.device) -> bool:
     tensors = [*module.parameters(), *module.buffers()]
     if mm.get_free_memory(device) < 1.1 * sum(t.numel() * t.element_size() for t in tensors):
         return False
-    with torch.inference_mode(False):
-        for sub in module.modules():
-            for name, p in list(sub.named_parameters(recurse=False)):
-                setattr(sub, name, nn.Parameter(p.detach().to(device, copy=True), requires_grad=False))
-            for name, b in list(sub.named_buffers(recurse=False)):
-                if b is not None:
-                    sub._buffers[name] = b.detach().to(device, copy=True)
+    _replace_tensors(module, lambda t: t.detach().to(device, copy=True))
     return True
 
 
