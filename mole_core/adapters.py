@@ -50,6 +50,15 @@ def module_kind(roles: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def lora_down(roles: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A LoRA module's ``down``; the LoCon Tucker form (1×1 ``down`` then k×k ``mid``) as the one k×k conv of
+    rank r it equals."""
+    down = roles["down"]
+    if "mid" not in roles:
+        return down
+    return torch.einsum("rshw,sc->rchw", roles["mid"].float(), down.float().flatten(1))
+
+
 def _alpha(roles: dict[str, torch.Tensor]) -> float | None:
     a = roles.get("alpha")
     return None if a is None else float(a.float().reshape(()))
@@ -178,9 +187,7 @@ def scaled_delta(kind: str, roles: dict[str, torch.Tensor], weight: torch.Tensor
     if kind == "diff":
         return roles["diff"].float()
     if kind == "LoRA":
-        down, up = roles["down"].float(), roles["up"].float()
-        if "mid" in roles:  # LoCon Tucker: 1×1 down then the k×k mid
-            down = torch.einsum("rshw,sc->rchw", roles["mid"].float(), down.flatten(1))
+        down, up = lora_down(roles).float(), roles["up"].float()
         d = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
         return d * _rank_scale(roles, int(roles["up"].shape[1]))
     if kind in ("OFT", "BOFT"):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .adapters import WEIGHT_KINDS, WeightDependent, module_kind, scaled_delta
+from .adapters import WEIGHT_KINDS, WeightDependent, lora_down, module_kind, scaled_delta
 from .checks import check_number
 from .errors import MoleError, MoleWarning
 from .expert import Expert, LoraFactor, factor_from_delta
@@ -193,15 +193,6 @@ def _check_parts(name: str, prefix: str, kind: str | None, roles: dict[str, torc
             raise MoleError(f"{where}: a BOFT module needs its alpha (the rotation's norm constraint)")
 
 
-def _fold_tucker(roles: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A LoRA's ``down``; the LoCon Tucker form (1×1 ``down`` then k×k ``mid``) as the one k×k conv of rank r it
-    equals."""
-    down = roles["down"]
-    if "mid" not in roles:
-        return down
-    return torch.einsum("rsij,sc->rcij", roles["mid"].float(), down.float().flatten(1))
-
-
 def _dense_factor(name: str, prefix: str, kind: str, roles: dict[str, torch.Tensor]) -> LoraFactor:
     """A LoHa / LoKr / diff module as the exact full-rank factors of its strength-1 delta."""
     try:
@@ -218,7 +209,7 @@ def _lora_factor(roles: dict[str, torch.Tensor], canon: str, cfg: _PeftConfig | 
     """A plain LoRA module (kohya ``alpha``, else the PEFT config's scale for ``canon``, else 1)."""
     alpha_t = roles.get("alpha")
     alpha = float(alpha_t.float().item()) if alpha_t is not None else None
-    f = LoraFactor(down=_fold_tucker(roles), up=roles["up"], alpha=alpha)
+    f = LoraFactor(down=lora_down(roles), up=roles["up"], alpha=alpha)
     if alpha is None and cfg is not None:
         f.scale_override = cfg.scale(canon.split(":", 1)[1], f.rank)
     return f
