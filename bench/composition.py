@@ -82,6 +82,10 @@ RECIPES = [
     Recipe("mole_sigmoid_compose_trigger_fixed", dict(COMPOSE_COMMON, gate_input="trigger", granularity="block",
                                                       gate_family="sigmoid", alpha=0.0, route_weight=1.0,
                                                       train_magnitudes=False)),
+    # and then each LoRA switched off in the UNet stages where the guide scores its compositions higher without it
+    Recipe("mole_sigmoid_compose_trigger_search", dict(COMPOSE_COMMON, gate_input="trigger", granularity="block",
+                                                       gate_family="sigmoid", alpha=0.0, route_weight=1.0,
+                                                       train_magnitudes=False, block_search=True)),
 ]
 ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to unseen templates
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

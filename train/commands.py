@@ -167,6 +167,9 @@ def _progress_bar(total: int):  # noqa: ANN202
 def _on_event(bar, kind: str, payload: dict) -> None:  # noqa: ANN001
     if bar is None or kind != "progress":
         return
+    if payload.get("phase") == "block_search":  # after the last step: the bar counts the search's candidates
+        bar.set_description(f"block search {payload['candidate']}/{payload['candidates']}", refresh=True)
+        return
     bar.n = payload["step"]
     bar.set_postfix(loss=f"{payload['loss']:.4f}", H=f"{payload['gate_entropy']:.3f}", refresh=False)
     bar.refresh()

@@ -208,6 +208,27 @@ class ComposeObjective:
                           if n > n_comp else out.sum() * 0.0)
         return terms
 
+    @torch.no_grad()
+    def guidance(self, prompts: list[str], seed: int, steps: int) -> torch.Tensor:
+        """Per composition prompt, the guidance this objective maximises (``global_weight`` · cos to the prompt +
+        ``local_weight`` · mean cos to the named concepts' references) of the image a ``steps``-step DDIM rollout
+        samples from noise seeded by ``seed``: the same prompts and seed give the same noise, whatever the gates."""
+        device, kind = self.backend.device, self.backend.prediction_type
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn((len(prompts), *self.latent_shape), generator=gen).to(device)
+        alphas = self.backend.alphas_cumprod.to(device)
+        cond, uncond = self._encode(prompts)
+        timesteps = rollout_timesteps(len(alphas), steps)
+        for t, t_next in zip(timesteps, [*timesteps[1:], None]):
+            x0, eps = x0_and_eps(kind, alphas, x, self._guided(x, t, cond, uncond), t)
+            if t_next is not None:
+                x = alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps
+        emb = self.guide.embed_images(self.backend.decode(x0))
+        text = torch.stack([self.text_emb[p] for p in prompts]).to(emb.device)
+        local = torch.stack([torch.stack([row @ self.ref_emb[c].to(row.device) for c in self.named[p]]).mean()
+                             for row, p in zip(emb, prompts)])
+        return self.cfg.global_weight * (emb * text).sum(-1) + self.cfg.local_weight * local
+
     def _naming(self, prompts: list[str]) -> torch.Tensor:
         """Mean binary cross-entropy of the router logits of ``prompts`` against "the prompt names the LoRA's
         concept", over the LoRAs that have a concept."""

@@ -81,6 +81,11 @@ class TrainConfig:
                             "only in the trigger words, which is what the gates must learn to read")
     word_dropout: float = _opt(0.0, "compose: drop each word of a composition prompt that names no concept with "
                                "this probability (the routers must then read the trigger words)")
+    block_search: bool = _opt(False, "compose with gate_input trigger: after training, switch each LoRA off in the "
+                              "UNet stages (down_blocks.i, mid_block, up_blocks.i) where the guide scores the "
+                              "compositions that name it higher without it (greedy, one pass; see README)")
+    search_prompts: int = _opt(16, "block search: composition prompts scored per set of named concepts")
+    search_steps: int = _opt(12, "block search: DDIM steps of each scored image")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -149,6 +154,12 @@ class TrainConfig:
         if routed and not self.train_text_gates:
             raise MoleError(f"`gate_input` {self.gate_input} needs `train_text_gates` (the router reads the text "
                             "encoder's first layer and trains with the text-encoder gates)")
+        if self.block_search and (self.gate_input != "trigger" or "compose" not in self.objectives):
+            raise MoleError(f"`block_search` needs objective compose and gate_input trigger, got objective "
+                            f"{self.objective!r} with {self.gate_input!r}")
+        if self.search_prompts < 1 or self.search_steps < 1:
+            raise MoleError(f"`search_prompts` and `search_steps` must be ≥ 1, got {self.search_prompts}, "
+                            f"{self.search_steps}")
         if not self.train_magnitudes and self.gate_family != "sigmoid":
             raise MoleError("`train_magnitudes` off needs gate_family sigmoid (softmax gates have no magnitude)")
         self.gate_config()  # family, m_max, init_gate, text_pool, tau: one-line errors now

@@ -25,6 +25,7 @@ from mole_core.gate_file import GateFile
 from mole_core.gates import share_entropy
 
 from .backend import Backend, add_noise
+from .block_search import SearchResult, search_blocks
 from .checkpoint import read_checkpoint, restore, save_checkpoint
 from .compose import ComposeObjective, ComposePrompts, ImageTextGuide, latent_shape, reference_embeddings, twin_prompt
 from .config import TrainConfig
@@ -304,15 +305,31 @@ def _run(run: _Run, io: _Io) -> TrainResult:
     else:
         step = cfg.steps
     steps_done = step if cancelled else cfg.steps
-    if io.checkpoint_path and run.rank == 0:
+    if io.checkpoint_path and run.rank == 0:  # before the block search: a resumed run searches again
         save_checkpoint(io.checkpoint_path, [mix], opt, gen, steps_done, {**identity, "history": history})
+    search = None
+    if cfg.block_search and not cancelled and run.compose is not None:
+        search = _block_search(run, io)
+        cancelled = not search.complete  # stopped during the search: partial gates, --resume searches again
     metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
-    gf = mole.snapshot(mix, training={**cfg.to_dict(), "steps_done": steps_done, "world_size": run.world},
-                       metrics=metrics)
+    training = {**cfg.to_dict(), "steps_done": steps_done, "world_size": run.world,
+                **({"block_search_result": search.to_dict()} if search is not None else {})}
+    gf = mole.snapshot(mix, training=training, metrics=metrics)
     path = (partial_path(io.out_path) if cancelled else io.out_path) if io.out_path else None
     if path and run.rank == 0:
         mole.write_gate_file(gf, path)
     return TrainResult(gf, history, steps_done, cancelled, metrics, path)
+
+
+def _block_search(run: _Run, io: _Io) -> SearchResult:
+    """The block search after training (``block_search``), its progress reported as ``phase`` records."""
+    def progress(i: int, n: int) -> None:
+        if io.progress is not None and run.rank == 0:
+            io.progress({"phase": "block_search", "candidate": i + 1, "candidates": n})
+
+    cfg = run.cfg
+    return search_blocks(run.compose, run.mix, per_set=cfg.search_prompts, steps=cfg.search_steps,
+                         seed=cfg.seed + 1, progress=progress, should_stop=io.should_stop)
 
 
 def _resume(run: _Run, resume_from: str | None, opt: torch.optim.Optimizer, gen: torch.Generator
@@ -441,8 +458,6 @@ def evaluate_denoise(backend: Backend, cache: CachedSet, *, draws: int = 8, seed
     return {c: sum(v) / len(v) for c, v in sums.items()}
 
 
-
-@torch.no_grad()
 @torch.no_grad()
 def gate_statistics(backend: Backend, experts: list[mole.Expert], gates: GateFile, cache: CachedSet, *,
                     fractions: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3, 0.1), seed: int = 0) -> dict:

@@ -80,7 +80,8 @@ class JobContext:
         self.job.progress = info
         keep = {k: v for k, v in info.items() if k in ("step", "loss", "terms", "gate_entropy", "mean_gates",
                                                        "mean_gate_entropy", "lr")}
-        self.job.history.append(keep)
+        if "step" in info:  # phase records (the block search) are progress, not training history
+            self.job.history.append(keep)
         self._worker.emit("progress", {"job": self.job.id, "name": self.job.name, "revision": self.job.touch(), **info})
 
 

@@ -9,7 +9,6 @@ model loads.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import subprocess
 import sys
 import warnings
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 import mole_core as mole
-from tests.train._toy import load_toy
+from tests.train._toy import load_compose_toy
 from train.backend import predicted_x0
 from train.compose import (
     ComposeObjective,
@@ -31,7 +30,7 @@ from train.compose import (
     x0_and_eps,
 )
 from train.config import TrainConfig
-from train.data import Reference, load_image, to_tensor
+from train.data import load_image, to_tensor
 from train.engine import gate_statistics, reference_cache, train
 
 CONCEPTS = ["purple", "striped", "star"]
@@ -42,15 +41,7 @@ RECIPE = dict(resolution=32, batch_size=4, seed=0, checkpoint_every=0, objective
 
 @pytest.fixture(scope="module")
 def toy():  # noqa: ANN201
-    from mole_toy.guide import load_toy_guide
-
-    world, pipe, backend, experts = load_toy(CONCEPTS)
-    refs = [Reference(None, cap, name, img) for name, items in world.reference_images(CONCEPTS, 4, 0).items()
-            for img, cap in items]
-    comps = [c.prompt for k in (2, 3) for sub in itertools.combinations(CONCEPTS, k)
-             for c in world.composition_prompts(k, per_set=2, seed=5, concepts=list(sub))]
-    base = ["a red circle on grey", "a blue dotted square on white", "a green triangle on black"]
-    return world, pipe, backend, experts, refs, ComposePrompts(comps, base), load_toy_guide(world.clip_path)
+    return load_compose_toy(CONCEPTS, (2, 3), 4)
 
 
 def test_named_concepts_and_rollout_timesteps():

@@ -1,0 +1,135 @@
+"""Block search (``block_search``): each LoRA switched off in the UNet stages where the guide scores the
+compositions naming it higher without it.
+
+Oracles: the greedy pass against a hand-computed score table, the switch against the gates' own magnitudes
+(exactly ~0 in the stage's scopes, untouched elsewhere, undone bit for bit), and an end-to-end run on the toy world
+whose gate file carries exactly the switches its training record reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mole_core as mole
+from tests.train._toy import load_compose_toy
+from train.block_search import OFF_LOGIT, greedy_search, stage_of, switch_off, unet_stages
+from train.config import TrainConfig
+from train.engine import attach_for_training, train
+
+CONCEPTS = ["purple", "striped", "star"]
+RECIPE = dict(resolution=32, batch_size=4, seed=0, checkpoint_every=0, objective="compose", gate_family="sigmoid",
+              gate_input="trigger", granularity="block", text_pool="max", train_text_gates=True, rollout_steps=2,
+              lr=3e-2, route_weight=1.0, train_magnitudes=False, alpha=0.0)
+
+
+def test_stage_of_groups_unet_scopes_by_resolution_stage():
+    assert stage_of("unet:down_blocks.1.attentions.0") == "unet:down_blocks.1"
+    assert stage_of("unet:up_blocks.3.resnets.2") == "unet:up_blocks.3"
+    assert stage_of("unet:mid_block.attentions.0") == "unet:mid_block"
+    assert stage_of("unet:conv_in") == "unet:conv_in"
+    assert stage_of("te1:text_model.encoder.layers.0") is None
+
+
+def test_greedy_search_follows_the_score_table():
+    """Switching expert 0 off in ``b`` helps the sets naming it by 1 each, in ``c`` hurts; expert 1 off in ``a``
+    helps only the pair (+0.5) but costs its single 0.2: kept (+0.3). Expert 1 off in ``b`` gains 0: not kept."""
+    gains = {(0, "b"): {frozenset({0}): 1.0, frozenset({0, 1}): 1.0}, (0, "c"): {frozenset({0}): -2.0},
+             (1, "a"): {frozenset({0, 1}): 0.5, frozenset({1}): -0.2}}
+    calls = []
+
+    def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+        calls.append((named, off))
+        return sum(gains.get((e, st), {}).get(named, 0.0) for e in named for st in off[e])
+
+    sets = [frozenset({0}), frozenset({1}), frozenset({0, 1})]
+    off, start, total, complete = greedy_search([0, 1], ["a", "b", "c"], sets, score)
+    assert off == {0: frozenset({"b"}), 1: frozenset({"a"})}
+    assert start == 0.0 and total == pytest.approx(2.3) and complete
+    assert len(calls) == len(set(map(repr, calls)))  # every (set, switches) scored once
+
+    def everywhere(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+        return float(sum(len(v) for v in off.values()))  # every switch helps
+
+    off, _, _, _ = greedy_search([0], ["a", "b", "c"], [frozenset({0})], everywhere)
+    assert off == {0: frozenset({"a", "b"})}  # never off in every stage
+    asked = iter([False, True])  # stopped before the second candidate: the first switch kept
+    off, _, total, complete = greedy_search([0], ["a", "b", "c"], [frozenset({0})], everywhere,
+                                            should_stop=lambda: next(asked))
+    assert off == {0: frozenset({"a"})} and total == 1.0 and not complete
+
+
+@pytest.fixture(scope="module")
+def toy():  # noqa: ANN201
+    _, _, backend, experts, refs, prompts, guide = load_compose_toy(CONCEPTS, (1, 2), 2)
+    return backend, experts, refs, prompts, guide
+
+
+def test_switch_off_zeroes_one_experts_magnitude_in_one_stage_and_undoes_exactly(toy):
+    backend, experts, _, _, _ = toy
+    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE))
+    try:
+        stages = unet_stages(gated)
+        assert "unet:mid_block" in stages and len(stages) >= 5
+        before = {s: gated.scope_gate(s).magnitude.detach().clone() for s in gated.scopes}
+        undo = switch_off(gated, stages, {1: frozenset({"unet:mid_block"})})
+        for s in gated.scopes:
+            m = gated.scope_gate(s).magnitude.detach()
+            if s in stages["unet:mid_block"]:
+                assert m[1] < 1e-15 and torch.equal(m[[0, 2]], before[s][[0, 2]]), s
+            else:
+                assert torch.equal(m, before[s]), s
+        undo()
+        assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
+    finally:
+        for m in (gated, static):
+            if m is not None:
+                m.detach()
+
+
+def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path):
+    backend, experts, refs, prompts, guide = toy
+    cfg = TrainConfig(**RECIPE, steps=2, block_search=True, search_prompts=2, search_steps=2)
+    seen = []
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
+                   out_path=str(tmp_path / "g.safetensors"))
+    record = result.gates.info["training"]["block_search_result"]
+    stages = {stage_of(s) for s in result.gates.scopes} - {None}
+    assert record["candidates"] == len(experts) * len(stages)
+    assert [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, len(experts) *
+                                                                                            len(stages) + 1))
+    assert record["score"] >= record["start_score"]
+    loaded = mole.read_gate_file(tmp_path / "g.safetensors")
+    names = [e.name for e in experts]
+    for scope in loaded.scopes:
+        logit = loaded.tensors[f"gates.{scope}.magnitude_logit"]
+        for e, name in enumerate(names):
+            off = stage_of(scope) is not None and stage_of(scope).removeprefix("unet:") in record["off"].get(name, [])
+            assert float(logit[e]) == (OFF_LOGIT if off else 0.0), (scope, name)  # 0: magnitude 1, never trained
+
+
+def test_block_search_needs_trigger_gates_and_the_compose_objective():
+    with pytest.raises(mole.MoleError, match="`block_search` needs objective compose and gate_input trigger"):
+        TrainConfig(**{**RECIPE, "gate_input": "prompt", "route_weight": 0.0}, block_search=True)
+    with pytest.raises(mole.MoleError, match="`search_prompts` and `search_steps` must be ≥ 1"):
+        TrainConfig(**RECIPE, block_search=True, search_steps=0)
+
+
+def test_a_stop_during_the_block_search_keeps_the_gates_partial_and_the_checkpoint_before_it(toy, tmp_path):
+    """Ctrl-C (``should_stop``) during the search: the run counts as cancelled, its gates go to the partial file
+    (never over ``out_path``) with the switches made so far, and the checkpoint holds the trained gates of the last
+    step (no switch in them), so ``--resume`` searches again."""
+    from train.checkpoint import read_checkpoint
+    from train.engine import partial_path
+
+    backend, experts, refs, prompts, guide = toy
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_prompts=1, search_steps=1)
+    seen = []
+    out, ckpt = tmp_path / "g.safetensors", tmp_path / "g.state.safetensors"
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
+                   should_stop=lambda: sum(r.get("phase") == "block_search" for r in seen) >= 3,
+                   out_path=str(out), checkpoint_path=str(ckpt))
+    assert result.cancelled and result.steps_done == 1 and not out.exists()
+    assert result.path == partial_path(str(out))
+    assert result.gates.info["training"]["block_search_result"]["complete"] is False
+    state = read_checkpoint(str(ckpt))
+    assert state.step == 1 and all(bool((p > OFF_LOGIT).all()) for p in state.params)
