@@ -16,6 +16,10 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+# the smallest valid prompt (a prompt needs an output node): Server.free waits on it
+FLUSH = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 16, "height": 16, "batch_size": 1}},
+         "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "flush/latent"}}}
+
 
 def install_loras(base: Path, files: dict, names: tuple[str, ...] = ("a", "b")) -> Path:
     """Copy the fixture LoRAs ``names`` into the server's ``models/loras`` as ``<name>.safetensors``."""
@@ -80,6 +84,20 @@ class Server:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
+
+    def free(self) -> None:
+        """Drop the cached node outputs and unload the models (``POST /free``); returns once that is done.
+
+        The prompt worker acts on the request at the end of the loop turn it is in, so it has by the time a second
+        trivial prompt has run. Stopped while still freeing a real-size model, the server aborted on exit
+        (``terminate called without an active exception``).
+        """
+        data = json.dumps({"unload_models": True, "free_memory": True}).encode()
+        req = urllib.request.Request(self.url + "/free", data=data, headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).close()
+        for _ in range(2):
+            entry = self.run(FLUSH)
+            assert entry["status"]["status_str"] == "success", entry["status"]
 
     def run(self, prompt: dict, timeout: float = 120.0) -> dict:
         """Queue a prompt and wait for its /history entry."""

@@ -9,6 +9,7 @@ import urllib.error
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.nodes import _loras
 from tests.nodes._nodes import apply, load
@@ -151,10 +152,23 @@ def _head(family: str, loras: tuple[str, ...], mode: str = "gated", weights: str
             "model": ["1", 0], "clip": ["1", 1],
             **{k: v for i, name in enumerate([*loras, *["None"] * (4 - len(loras))], 1)
                for k, v in ((f"lora_{i}", name), (f"strength_{i}", 1.0), (f"on_{i}", True))}}},
-        "3": {"class_type": "MoLE_Apply", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": mode, "strength": 1.0,
-            "weights": weights, "mask": mask, "timestep_buckets": 2}},
+        "3": _apply(mode, weights, mask),
     }
+
+
+def _apply(mode: str, weights: str = "", mask: str = "") -> dict:
+    """MoLE Apply on node 1's MODEL and CLIP with node 2's experts."""
+    return {"class_type": "MoLE_Apply", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "experts": ["2", 0], "mode": mode, "strength": 1.0, "weights": weights,
+        "mask": mask, "timestep_buckets": 2}}
+
+
+def _lora_loaders(names: tuple[str, str], strengths: tuple[float, float], first: int) -> dict:
+    """Two chained core ``LoraLoader``s (ids ``first``, ``first + 1``) on node 1's MODEL and CLIP, ``names[i]`` at
+    ``strengths[i]`` on both."""
+    return {str(first + i): {"class_type": "LoraLoader", "inputs": {
+        "model": [src, 0], "clip": [src, 1], "lora_name": name, "strength_model": strength, "strength_clip": strength}}
+        for i, (src, name, strength) in enumerate(zip(("1", str(first)), names, strengths))}
 
 
 def _text_nodes(family: str, clip: list, first: int, width: int, height: int) -> dict:
@@ -244,17 +258,22 @@ def test_sd2_v_gated_with_cfg_at_three_sizes_with_one_gate_file(server, mole, co
         assert entry["outputs"]["8"]["images"]
 
 
-def _branch(family: str, model: list, clip: list, first: int, prefix: str, size: int = 64) -> dict:
-    """Text encoding → KSampler (CFG 5, 3 steps, seed 0) → VAEDecode → SaveImage, ids from ``first``."""
+def _branch(family: str, model: list, clip: list, first: int, prefix: str, size: int = 64, steps: int = 3,
+            latent: bool = False) -> dict:
+    """Text encoding → KSampler (CFG 5, seed 0) → VAEDecode → SaveImage, ids from ``first``; ``latent``: SaveLatent
+    (id ``first + 4``) instead of decoding."""
     ids = [str(first + i) for i in range(6)]
+    save = {ids[4]: {"class_type": "SaveLatent", "inputs": {"samples": [ids[3], 0], "filename_prefix": prefix}}} \
+        if latent else {
+            ids[4]: {"class_type": "VAEDecode", "inputs": {"samples": [ids[3], 0], "vae": ["1", 2]}},
+            ids[5]: {"class_type": "SaveImage", "inputs": {"images": [ids[4], 0], "filename_prefix": prefix}}}
     return {
         **_text_nodes(family, clip, first, size, size),
         ids[2]: {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         ids[3]: {"class_type": "KSampler", "inputs": {
             "model": model, "positive": [ids[0], 0], "negative": [ids[1], 0], "latent_image": [ids[2], 0],
-            "seed": 0, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        ids[4]: {"class_type": "VAEDecode", "inputs": {"samples": [ids[3], 0], "vae": ["1", 2]}},
-        ids[5]: {"class_type": "SaveImage", "inputs": {"images": [ids[4], 0], "filename_prefix": prefix}},
+            "seed": 0, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        **save,
     }
 
 
@@ -280,12 +299,7 @@ def test_static_and_nla_equal_chained_lora_loaders_on_the_server(server, comfy_d
         tag = f"{family}_{'static' if mode.startswith('static') else 'nla'}"
         g = {
             **_head(family, names, mode, weights),
-            "20": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                          "lora_name": names[0], "strength_model": strengths[0],
-                                                          "strength_clip": strengths[0]}},
-            "21": {"class_type": "LoraLoader", "inputs": {"model": ["20", 0], "clip": ["20", 1],
-                                                          "lora_name": names[1], "strength_model": strengths[1],
-                                                          "strength_clip": strengths[1]}},
+            **_lora_loaders(names, strengths, 20),
             **_branch(family, ["3", 0], ["3", 1], 30, f"eq/{tag}_mole"),
             **_branch(family, ["21", 0], ["21", 1], 40, f"eq/{tag}_loraloader"),
             **_branch(family, ["1", 0], ["1", 1], 50, f"eq/{tag}_base"),
@@ -299,3 +313,56 @@ def test_static_and_nla_equal_chained_lora_loaders_on_the_server(server, comfy_d
             images[label] = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
         assert np.abs(images["mole"] - images["loraloader"]).max() <= 2 / 255, (family, mode)
         assert np.abs(images["mole"] - images["base"]).max() > 20 / 255, (family, mode)  # the LoRAs act
+
+
+def test_single_file_checkpoint_mixes_equal_chained_lora_loaders_on_the_server(server):
+    """A real-size SD1.5 single file (random weights, written by ComfyUI's checkpoint saver) in the server's
+    ``models/checkpoints``: /object_info lists it, and in one graph CheckpointLoaderSimple → MoLE Apply (static 0.7 /
+    0.4, NLA, gated) and two chained core ``LoraLoader``s at the same strengths, with kohya LoRAs that have UNet and
+    text-encoder parts. Static and NLA equal the LoraLoaders within 2/255 on the sampled latents (the LoRAs change
+    them by more than 20/255); gated starts at NLA. Slow: the file is 4 GB, deleted at the end."""
+    from tests.nodes.testing_pack.real_size import weightless, write_checkpoint
+
+    srv, base = server
+    ckpt = base / "models" / "checkpoints" / "single_sd15.safetensors"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    names = ("single_srv_a.safetensors", "single_srv_b.safetensors")
+    try:
+        write_checkpoint(ckpt, "sd15")
+        # the server's file list is cached until the folder's mtime changes, which writing the file does
+        info = srv.get("/object_info/CheckpointLoaderSimple")["CheckpointLoaderSimple"]
+        assert ckpt.name in info["input"]["required"]["ckpt_name"][0]
+        model, clip = weightless("sd15")  # names and shapes are enough for the LoRAs: the 4 GB load only on the server
+        for i, name in enumerate(names):
+            lora = _loras.random_lora(model, clip, seed=60 + i, rank=4, alpha=2.0, scale=0.5)
+            assert lora.components() == {"unet", "te"}
+            _loras.write_kohya(lora, base / "models" / "loras" / name)
+        g = {
+            **_head("sd15", names, "static weights", "0.7, 0.4"),
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt.name}},  # not the tiny model
+            "4": _apply("uniform (NLA)"), "5": _apply("gated"),
+            **_lora_loaders(names, (0.7, 0.4), 10), **_lora_loaders(names, (0.5, 0.5), 12),
+        }
+        sources = {"static": "3", "nla": "4", "gated": "5", "static_ref": "11", "nla_ref": "13", "base": "1"}
+        for i, (label, node) in enumerate(sources.items()):
+            g.update(_branch("sd15", [node, 0], [node, 1], 20 + 10 * i, f"single/{label}", steps=2, latent=True))
+        entry = srv.run(g, timeout=600)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+    finally:
+        ckpt.unlink(missing_ok=True)
+        srv.free()  # the server would hold the loaded checkpoint (7 GB resident) until its next graph
+    latents = {}
+    for i, label in enumerate(sources):
+        saved = entry["outputs"][str(24 + 10 * i)]["latents"][0]
+        latents[label] = load_file(base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
+    for mix in ("static", "nla"):
+        diff = float((latents[mix] - latents[f"{mix}_ref"]).abs().max())
+        effect = float((latents[mix] - latents["base"]).abs().max())
+        print(f"\nsingle-file SD1.5 on the server, {mix}: MoLE vs LoraLoaders {diff:.2e}, LoRAs' effect {effect:.1f}")
+        assert diff <= 2 / 255, mix
+        assert effect > 20 / 255, mix  # the mix acts well beyond the tolerance
+    # gated (hooks) vs NLA (merged weights): equal up to rounding, measured against the experts' effect as in
+    # test_single_file.py (random real-size weights amplify it)
+    drift = float((latents["gated"] - latents["nla"]).norm() / (latents["nla"] - latents["base"]).norm())
+    print(f"single-file SD1.5 on the server: gated start vs NLA, {drift:.2e} of the experts' effect")
+    assert drift <= 0.01

@@ -48,14 +48,30 @@ def real_sdxl_clip(seed: int = 1) -> comfy.sd.CLIP:
     return clip
 
 
-def _clip(family: str, seed: int) -> comfy.sd.CLIP:
+def _base_model(family: str, device: torch.device) -> comfy.model_base.BaseModel:
+    """The UNet of ``family``: ``sd15`` (ε) or ``sd2v`` (SD2.x 768-v), fp32, weights left as allocated."""
+    if family == "sd15":
+        cfg = comfy.supported_models.SD15({**SD15_UNET_CONFIG, "dtype": torch.float32})
+        model_type = comfy.model_base.ModelType.EPS
+    elif family == "sd2v":
+        cfg = comfy.supported_models.SD20({**SD2_UNET_CONFIG, "dtype": torch.float32})
+        model_type = comfy.model_base.ModelType.V_PREDICTION
+    else:
+        raise ValueError(family)
+    return comfy.model_base.BaseModel(cfg, model_type=model_type, device=device)
+
+
+def _clip(family: str, seed: int | None, device: torch.device | None = None) -> comfy.sd.CLIP:
+    """CLIP-L (``sd15``) or OpenCLIP-H (``sd2v``), filled from ``seed`` unless it is None."""
     import comfy.sd1_clip
     import comfy.text_encoders.sd2_clip as sd2_clip
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel) \
         if family == "sd15" else comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
-    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
-    fill_(clip.cond_stage_model, seed)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32,
+                                                **({"initial_device": device} if device is not None else {})})
+    if seed is not None:
+        fill_(clip.cond_stage_model, seed)
     return clip
 
 
@@ -70,16 +86,8 @@ def _vae(seed: int) -> comfy.sd.VAE:
 def write_checkpoint(path: str | Path, family: str, seed: int = 0) -> Path:
     """A single-file checkpoint (UNet, text encoder and VAE in the original LDM layout, fp32) of ``family``
     ``sd15`` (CLIP-L) or ``sd2v`` (SD2.x 768-v: OpenCLIP-H, v-prediction), saved by ``comfy.sd.save_checkpoint``."""
-    if family == "sd15":
-        cfg = comfy.supported_models.SD15({**SD15_UNET_CONFIG, "dtype": torch.float32})
-        model_type = comfy.model_base.ModelType.EPS
-    elif family == "sd2v":
-        cfg = comfy.supported_models.SD20({**SD2_UNET_CONFIG, "dtype": torch.float32})
-        model_type = comfy.model_base.ModelType.V_PREDICTION
-    else:
-        raise ValueError(family)
     with torch.inference_mode(False):
-        model = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
+        model = _base_model(family, torch.device("cpu"))
         patcher = as_patcher(model, seed)
         if family == "sd2v":
             with torch.no_grad():
@@ -87,3 +95,12 @@ def write_checkpoint(path: str | Path, family: str, seed: int = 0) -> Path:
                 bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed)) * 0.2)
         comfy.sd.save_checkpoint(str(path), patcher, _clip(family, seed + 1), _vae(seed + 2))
     return Path(path)
+
+
+def weightless(family: str) -> tuple[comfy.model_patcher.ModelPatcher, comfy.sd.CLIP]:
+    """The UNet and text encoder of :func:`write_checkpoint`'s ``family`` file on the meta device: the layer names
+    and shapes ``CheckpointLoaderSimple`` gives, without the 4 GB of weights (enough to build LoRAs for the file
+    in a process that does not load it)."""
+    meta = torch.device("meta")
+    model = comfy.model_patcher.ModelPatcher(_base_model(family, meta), load_device=meta, offload_device=meta)
+    return model, _clip(family, None, meta)
