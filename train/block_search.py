@@ -126,12 +126,12 @@ def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozen
     return undo
 
 
-def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int,
+def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
     switched off in ``mix``. ``per_set``: composition prompts scored per set of named concepts, each sampled
-    with a ``steps``-step rollout."""
+    with a ``steps``-step rollout from the same ``seed``-ed noise for every candidate, ``batch`` prompts at a time."""
     if mix.config.gate_input != "trigger":
         raise MoleError("block search needs gate_input trigger (one magnitude per LoRA and scope)")
     stages = unet_stages(mix)
@@ -151,7 +151,10 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         try:
             mix.clear_live_gates()
             mix.routes.clear()
-            return float(compose.guidance(by_set[named], seed, steps).mean())
+            prompts = by_set[named]
+            noise = torch.randn((len(prompts), *compose.latent_shape), generator=torch.Generator().manual_seed(seed))
+            return float(torch.cat([compose.guidance(prompts[i:i + batch], noise[i:i + batch], steps)
+                                    for i in range(0, len(prompts), batch)]).mean())
         finally:
             undo()
 

@@ -209,13 +209,12 @@ class ComposeObjective:
         return terms
 
     @torch.no_grad()
-    def guidance(self, prompts: list[str], seed: int, steps: int) -> torch.Tensor:
+    def guidance(self, prompts: list[str], noise: torch.Tensor, steps: int) -> torch.Tensor:
         """Per composition prompt, the guidance this objective maximises (``global_weight`` · cos to the prompt +
         ``local_weight`` · mean cos to the named concepts' references) of the image a ``steps``-step DDIM rollout
-        samples from noise seeded by ``seed``: the same prompts and seed give the same noise, whatever the gates."""
+        samples from ``noise`` (one latent per prompt)."""
         device, kind = self.backend.device, self.backend.prediction_type
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn((len(prompts), *self.latent_shape), generator=gen).to(device)
+        x = noise.to(device)
         alphas = self.backend.alphas_cumprod.to(device)
         cond, uncond = self._encode(prompts)
         timesteps = rollout_timesteps(len(alphas), steps)

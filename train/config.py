@@ -86,6 +86,8 @@ class TrainConfig:
                               "compositions that name it higher without it (greedy, one pass; see README)")
     search_prompts: int = _opt(16, "block search: composition prompts scored per set of named concepts")
     search_steps: int = _opt(12, "block search: DDIM steps of each scored image")
+    search_batch: int = _opt(16, "block search: images sampled at once (lower it when memory is short; the noise "
+                             "stays the same)")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -157,9 +159,9 @@ class TrainConfig:
         if self.block_search and (self.gate_input != "trigger" or "compose" not in self.objectives):
             raise MoleError(f"`block_search` needs objective compose and gate_input trigger, got objective "
                             f"{self.objective!r} with {self.gate_input!r}")
-        if self.search_prompts < 1 or self.search_steps < 1:
-            raise MoleError(f"`search_prompts` and `search_steps` must be ≥ 1, got {self.search_prompts}, "
-                            f"{self.search_steps}")
+        if min(self.search_prompts, self.search_steps, self.search_batch) < 1:
+            raise MoleError(f"`search_prompts`, `search_steps` and `search_batch` must be ≥ 1, got "
+                            f"{self.search_prompts}, {self.search_steps}, {self.search_batch}")
         if not self.train_magnitudes and self.gate_family != "sigmoid":
             raise MoleError("`train_magnitudes` off needs gate_family sigmoid (softmax gates have no magnitude)")
         self.gate_config()  # family, m_max, init_gate, text_pool, tau: one-line errors now

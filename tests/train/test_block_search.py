@@ -110,7 +110,7 @@ def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path
 def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match="`block_search` needs objective compose and gate_input trigger"):
         TrainConfig(**{**RECIPE, "gate_input": "prompt", "route_weight": 0.0}, block_search=True)
-    with pytest.raises(mole.MoleError, match="`search_prompts` and `search_steps` must be ≥ 1"):
+    with pytest.raises(mole.MoleError, match="`search_prompts`, `search_steps` and `search_batch` must be ≥ 1"):
         TrainConfig(**RECIPE, block_search=True, search_steps=0)
 
 
@@ -133,3 +133,28 @@ def test_a_stop_during_the_block_search_keeps_the_gates_partial_and_the_checkpoi
     assert result.gates.info["training"]["block_search_result"]["complete"] is False
     state = read_checkpoint(str(ckpt))
     assert state.step == 1 and all(bool((p > OFF_LOGIT).all()) for p in state.params)
+
+
+def test_guidance_scores_the_same_images_in_any_batch_split(toy):
+    """``search_batch`` only bounds memory: scoring two prompts together or one at a time from the same noise gives
+    the same guidance; other noise gives another."""
+    from train.compose import ComposeObjective, latent_shape, reference_embeddings
+    from train.data import load_image, to_tensor
+
+    backend, experts, refs, prompts, guide = toy
+    cfg = TrainConfig(**RECIPE)
+    gated, static = attach_for_training(backend, experts, cfg)
+    try:
+        emb = reference_embeddings(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
+        shape = latent_shape(backend, 32)
+        objective = ComposeObjective(cfg, backend, [gated, static], guide, prompts, emb, shape)
+        pair = prompts.compositions[:2]
+        noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(3))
+        whole = objective.guidance(pair, noise, 3)
+        split = torch.cat([objective.guidance(pair[i:i + 1], noise[i:i + 1], 3) for i in range(2)])
+        torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
+        assert (objective.guidance(pair, torch.randn_like(noise), 3) - whole).abs().max() > 1e-3
+    finally:
+        for m in (gated, static):
+            if m is not None:
+                m.detach()
