@@ -2,8 +2,9 @@
 stages it runs in, by what the image-text guide sees.
 
 Two LoRAs that each draw their concept well at full strength can spoil each other when both run everywhere (on
-the toy world a striped LoRA in the down blocks turns a star's stripes into dots). The gradient of the guidance
-terms does not find the cure: trained per-block magnitudes lower composition. A discrete search does better:
+the toy world, with the star LoRA in every block, most striped stars come out as dotted stars or crosses). The
+gradient of the guidance terms does not find the cure: trained per-block magnitudes lower composition. A discrete
+search does better:
 
 - the UNet's scopes are grouped into stages (``down_blocks.i``, ``mid_block``, ``up_blocks.i``);
 - for each LoRA and stage in turn (one pass, greedy, first improvement), the LoRA is switched off in that stage
