@@ -165,6 +165,14 @@ class ComposeObjective:
         out_u, out_c = self.backend.predict(torch.cat([x_t, x_t]), tt, _cat_cond(uncond, cond)).chunk(2)
         return out_u + self.cfg.rollout_cfg * (out_c - out_u)
 
+    def _ddim(self, x: torch.Tensor, timesteps: list[int], cond: dict, uncond: dict) -> torch.Tensor:
+        """Guided DDIM (η = 0) steps taking ``x`` from ``timesteps[0]`` to ``timesteps[-1]``."""
+        alphas = self.backend.alphas_cumprod.to(x.device)
+        for t, t_next in zip(timesteps, timesteps[1:]):
+            x0, eps = x0_and_eps(self.backend.prediction_type, alphas, x, self._guided(x, t, cond, uncond), t)
+            x = alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps
+        return x
+
     def __call__(self, gen: torch.Generator, n: int) -> dict[str, torch.Tensor]:
         prompts, n_comp, n_twin = self.draw(gen, n)
         device, kind = self.backend.device, self.backend.prediction_type
@@ -177,9 +185,7 @@ class ComposeObjective:
             k = int(torch.randint(len(self.timesteps), (1,), generator=gen))
         with torch.no_grad():
             cond, uncond = self._encode(prompts)
-            for t, t_next in zip(self.timesteps[:k], self.timesteps[1:k + 1]):
-                x0, eps = x0_and_eps(kind, alphas, x, self._guided(x, t, cond, uncond), t)
-                x = alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps
+            x = self._ddim(x, self.timesteps[:k + 1], cond, uncond)
         t_last = self.timesteps[k]
         exclude = self.cfg.exclude_weight > 0
         first = 0 if exclude else n_comp  # rows that need the base model's prediction
@@ -218,10 +224,8 @@ class ComposeObjective:
         alphas = self.backend.alphas_cumprod.to(device)
         cond, uncond = self._encode(prompts)
         timesteps = rollout_timesteps(len(alphas), steps)
-        for t, t_next in zip(timesteps, [*timesteps[1:], None]):
-            x0, eps = x0_and_eps(kind, alphas, x, self._guided(x, t, cond, uncond), t)
-            if t_next is not None:
-                x = alphas[t_next].sqrt() * x0 + (1 - alphas[t_next]).sqrt() * eps
+        x = self._ddim(x, timesteps, cond, uncond)
+        x0, _ = x0_and_eps(kind, alphas, x, self._guided(x, timesteps[-1], cond, uncond), timesteps[-1])
         emb = self.guide.embed_images(self.backend.decode(x0))
         text = torch.stack([self.text_emb[p] for p in prompts]).to(emb.device)
         local = torch.stack([torch.stack([row @ self.ref_emb[c].to(row.device) for c in self.named[p]]).mean()
