@@ -129,7 +129,8 @@ def references(world, seed: int, n: int) -> list[Reference]:  # noqa: ANN001
 
 
 def composition_accuracy(world, pipe, sets: dict, seed: int, s: argparse.Namespace) -> dict[str, float]:  # noqa: ANN001
-    """Share of images showing every requested concept, per set name (``pairs``/``triple`` × templates)."""
+    """Share of images showing every requested concept, per set name (``2_train``, ``3_held_out``, …) and per set
+    name and composition (``2_train:striped+star``): which composition a set's mean loses."""
     out = {}
     for name, items in sets.items():
         prompts = [p for p, _, _ in items]
@@ -137,6 +138,8 @@ def composition_accuracy(world, pipe, sets: dict, seed: int, s: argparse.Namespa
         ok = [all(world.probe.score(im, attrs)[W.concept(c).attribute] for c in cs)
               for im, (_, attrs, cs) in zip(images, items)]
         out[name] = float(np.mean(ok))
+        for sub in dict.fromkeys(cs for _, _, cs in items):
+            out[f"{name}:{'+'.join(sub)}"] = float(np.mean([o for o, (_, _, cs) in zip(ok, items) if cs == sub]))
     return out
 
 
@@ -266,6 +269,12 @@ def table(agg: dict) -> str:
         if "routing" in e:
             lines.append(f"| {m} | " + " | ".join(f"{e['routing'][c]['named']:.2f} / {e['routing'][c]['others']:.2f}"
                                                    f" / {e['routing'][c]['none']:.2f}" for c in CONCEPTS) + " |")
+    pairs = [f"2_train:{'+'.join(sub)}" for sub in itertools.combinations(CONCEPTS, 2)]
+    rows = [(m, e) for m, e in agg.items() if all(k in e for k in pairs) and (m == "static_best" or not m.startswith("static_"))]
+    if rows:  # results saved before the per-composition keys existed have none
+        lines += ["", "2 concepts on the training templates, per composition", "",
+                  "| method | " + " | ".join(k.split(":")[1] for k in pairs) + " |", "|---|" + "---|" * len(pairs)]
+        lines += [f"| {m} | " + " | ".join(f"{e[k][0]:.2f}" for k in pairs) + " |" for m, e in rows]
     return "\n".join(lines)
 
 

@@ -67,3 +67,33 @@ def test_merge_needs_saved_results_and_recipes(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         C.main(["--quick", "--merge"])
     assert info.value.code == 2 and "--merge needs --recipes" in capsys.readouterr().err
+
+
+def test_the_table_lists_the_pairs_per_composition_when_the_results_have_them():
+    per = {f"2_train:{a}+{b}": (v, 0.0) for (a, b), v in zip([("purple", "striped"), ("purple", "star"),
+                                                                ("striped", "star")], (1.0, 0.75, 0.25))}
+    md = C.table({"stack": ROW, "mole_x": {**ROW, **per}, "static_2": {**ROW, **per}})
+    assert "| method | purple+striped | purple+star | striped+star |" in md
+    assert "| mole_x | 1.00 | 0.75 | 0.25 |" in md
+    assert "| stack | 0.50 ± 0.10" in md and "| stack | 1.00" not in md  # saved before the breakdown: no row
+    assert "| static_2 |" not in md  # a sweep point, not the sweep's best
+
+
+@pytest.mark.slow
+def test_composition_accuracy_per_composition_averages_to_the_sets_mean():
+    import argparse
+    import itertools
+
+    from mole_toy import load_world
+
+    world = load_world(None)
+    pipe = world.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    sets = {"2_train": [(p, a, sub) for sub in itertools.combinations(C.CONCEPTS, 2)
+                        for p, a in C.prompts_for(sub, C.TRAIN_TEMPLATES, 2, 7002) for _ in range(2)]}
+    s = argparse.Namespace(sample_steps=4, guidance=5.0)
+    out = C.composition_accuracy(world, pipe, sets, 0, s)
+    combos = [f"2_train:{a}+{b}" for a, b in itertools.combinations(C.CONCEPTS, 2)]
+    assert sorted(out) == sorted(["2_train", *combos])
+    assert all(out[k] in (0.0, 0.25, 0.5, 0.75, 1.0) for k in combos)  # 4 images each
+    assert out["2_train"] == pytest.approx(sum(out[k] for k in combos) / 3)
