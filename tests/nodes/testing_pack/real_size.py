@@ -1,5 +1,5 @@
 """Real-size models with random weights, built with ComfyUI's own classes (issue #16): SDXL base's UNet and text
-encoders for the memory check of one training step, and single-file SD1.5 and SD2.x 768-v checkpoints written by
+encoders for the memory check of one training step, and single-file SD1.5, SD2.x 768-v and SDXL checkpoints written by
 ComfyUI's own checkpoint saver, in the layout users download, for ``CheckpointLoaderSimple``. ComfyUI recognises a
 model by its exact widths, so a tiny model cannot go through that loader. Slow and large: tests that use them are
 marked ``slow`` and run one at a time."""
@@ -32,24 +32,21 @@ V_PRED_NORM = "output_blocks.11.1.transformer_blocks.0.norm1.bias"  # ComfyUI te
 
 def real_sdxl_model(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     """SDXL base's UNet at its real size (2.6 B parameters, 10.3 GB in fp32) with random weights."""
-    cfg = comfy.supported_models.SDXL({**SDXL_REAL_UNET_CONFIG, "dtype": torch.float32})
-    model = comfy.model_base.SDXL(cfg, device=torch.device("cpu"))
-    return as_patcher(model, seed)
+    return as_patcher(_base_model("sdxl", torch.device("cpu")), seed)
 
 
 def real_sdxl_clip(seed: int = 1) -> comfy.sd.CLIP:
     """ComfyUI's ``SDXLClipModel`` at its real size (CLIP-L and OpenCLIP bigG, 0.8 B parameters) with random
     weights."""
-    import comfy.sdxl_clip
-
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
-    fill_(clip.cond_stage_model, seed)
-    return clip
+    return _clip("sdxl", seed)
 
 
 def _base_model(family: str, device: torch.device) -> comfy.model_base.BaseModel:
-    """The UNet of ``family``: ``sd15`` (ε) or ``sd2v`` (SD2.x 768-v), fp32, weights left as allocated."""
+    """The UNet of ``family``: ``sd15`` (ε), ``sd2v`` (SD2.x 768-v) or ``sdxl`` (SDXL base: ADM size and crop
+    conditioning), fp32, weights left as allocated."""
+    if family == "sdxl":
+        return comfy.model_base.SDXL(comfy.supported_models.SDXL({**SDXL_REAL_UNET_CONFIG, "dtype": torch.float32}),
+                                     device=device)
     if family == "sd15":
         cfg = comfy.supported_models.SD15({**SD15_UNET_CONFIG, "dtype": torch.float32})
         model_type = comfy.model_base.ModelType.EPS
@@ -62,12 +59,16 @@ def _base_model(family: str, device: torch.device) -> comfy.model_base.BaseModel
 
 
 def _clip(family: str, seed: int | None, device: torch.device | None = None) -> comfy.sd.CLIP:
-    """CLIP-L (``sd15``) or OpenCLIP-H (``sd2v``), filled from ``seed`` unless it is None."""
+    """CLIP-L (``sd15``), OpenCLIP-H (``sd2v``) or CLIP-L + OpenCLIP bigG (``sdxl``), filled from ``seed`` unless it
+    is None."""
     import comfy.sd1_clip
+    import comfy.sdxl_clip
     import comfy.text_encoders.sd2_clip as sd2_clip
 
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel) \
-        if family == "sd15" else comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
+    tokenizer, model = {"sd15": (comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+                        "sd2v": (sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel),
+                        "sdxl": (comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)}[family]
+    target = comfy.supported_models_base.ClipTarget(tokenizer, model)
     clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32,
                                                 **({"initial_device": device} if device is not None else {})})
     if seed is not None:
@@ -84,8 +85,9 @@ def _vae(seed: int) -> comfy.sd.VAE:
 
 
 def write_checkpoint(path: str | Path, family: str, seed: int = 0) -> Path:
-    """A single-file checkpoint (UNet, text encoder and VAE in the original LDM layout, fp32) of ``family``
-    ``sd15`` (CLIP-L) or ``sd2v`` (SD2.x 768-v: OpenCLIP-H, v-prediction), saved by ``comfy.sd.save_checkpoint``."""
+    """A single-file checkpoint (UNet, text encoders and VAE in the original LDM layout, fp32) of ``family``
+    ``sd15`` (CLIP-L, 4 GB), ``sd2v`` (SD2.x 768-v: OpenCLIP-H, v-prediction, 5 GB) or ``sdxl`` (SDXL base: CLIP-L
+    and OpenCLIP bigG, ADM conditioning, 14 GB, building it peaks at 14 GB), saved by ``comfy.sd.save_checkpoint``."""
     with torch.inference_mode(False):
         model = _base_model(family, torch.device("cpu"))
         patcher = as_patcher(model, seed)
