@@ -316,14 +316,15 @@ def test_static_and_nla_equal_chained_lora_loaders_on_the_server(server, comfy_d
         assert np.abs(images["mole"] - images["base"]).max() > 20 / 255, (family, mode)  # the LoRAs act
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sd2v", "sdxl"])
 def test_single_file_checkpoint_mixes_equal_chained_lora_loaders_on_the_server(server, family):
-    """A real-size SD1.5 or SDXL single file (random weights, written by ComfyUI's checkpoint saver) in the server's
-    ``models/checkpoints``: /object_info lists it, and in one graph CheckpointLoaderSimple → MoLE Apply (static 0.7 /
+    """A real-size SD1.5, SD2.x 768-v or SDXL single file (random weights, written by ComfyUI's checkpoint saver) in
+    the server's ``models/checkpoints``: /object_info lists it, and in one graph CheckpointLoaderSimple → MoLE Apply
+    (static 0.7 /
     0.4, NLA, gated) and two chained core ``LoraLoader``s at the same strengths, with kohya LoRAs that have UNet and
     text-encoder parts (SDXL: ``lora_te1_`` and ``lora_te2_``, sampled with SDXL's size conditioning). Static and
     NLA equal the LoraLoaders within 2/255 on the sampled latents (the LoRAs change them by more than 20/255); gated
-    starts at NLA. Slow: the file is 4 GB (SDXL 14 GB: building it peaks at 14 GB in this process, loading it at 12 GB
+    starts at NLA. Slow: the file is 4–5 GB (SDXL 14 GB: building it peaks at 14 GB in this process, loading it at 12 GB
     in the server's), deleted at the end."""
     from tests.nodes.testing_pack.real_size import weightless, write_checkpoint
 
@@ -346,7 +347,7 @@ def test_single_file_checkpoint_mixes_equal_chained_lora_loaders_on_the_server(s
             assert lora.components() == ({"unet", "te", "te2"} if family == "sdxl" else {"unet", "te"})
             _loras.write_kohya(lora, base / "models" / "loras" / name)
         g = {
-            **_head(family, names, "static weights", "0.7, 0.4"),
+            **_head("sd2" if family == "sd2v" else family, names, "static weights", "0.7, 0.4"),
             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt.name}},  # not the tiny model
             "4": _apply("uniform (NLA)"), "5": _apply("gated"),
             **_lora_loaders(names, (0.7, 0.4), 10), **_lora_loaders(names, (0.5, 0.5), 12),
