@@ -1,7 +1,7 @@
 """MoLE Train Gates on SDXL (issue #16): ComfyUI's own ``model_base.SDXL`` and ``SDXLClipModel`` (CLIP-L + CLIP-G,
 ADM conditioning from the pooled CLIP-G output and SDXL's size/crop embeddings) at tiny width, SDXL's block
-layout. The gates train (the denoise loss falls), the node writes a gate file, MoLE Load Gates reads it and
-MoLE Apply samples with it at a square and a non-square size."""
+layout. The gates train (the denoise loss falls), the node writes a gate file in ``wait`` and ``background`` mode,
+MoLE Load Gates reads it and MoLE Apply samples with it at a square and a non-square size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from tests.nodes._helpers import sample_text
 from tests.nodes._nodes import apply, load, load_gates, train_and_measure
-from tests.nodes.test_training import images, last_job, train_node, vae  # noqa: F401 (fixtures)
+from tests.nodes.test_training import images, last_job, train_node, vae, wait_done  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
@@ -47,12 +47,17 @@ def test_sdxl_gates_train_and_lower_the_denoise_loss(mole, sdxl, vae, sdxl_exper
     assert after < before
 
 
+@pytest.mark.parametrize("run", ["wait", "background"])
 def test_sdxl_train_node_writes_gates_that_load_and_sample_at_two_sizes(mole, sdxl, vae, sdxl_experts,  # noqa: F811
-                                                                        images):  # noqa: F811
-    train_node(mole, sdxl, vae, sdxl_experts, images, "sdxl/run", run="wait", steps=4)
+                                                                        images, run):  # noqa: F811
+    train_node(mole, sdxl, vae, sdxl_experts, images, f"sdxl/{run}", run=run, steps=4)
     job = last_job(mole)
-    assert job.status == "done" and [h["step"] for h in job.history] == [1, 2, 3, 4]
-    saved = load_gates(mole, "sdxl/run.safetensors")
+    if run == "background":
+        job = wait_done(mole, job)
+    assert job.status == "done", job.error
+    assert [h["step"] for h in job.history] == [1, 2, 3, 4]
+    saved = load_gates(mole, f"sdxl/{run}.safetensors")
+    assert saved.gate_file.info["training"]["steps_done"] == 4
     scopes = set(saved.gate_file.scopes)
     assert any(s.startswith("unet:down_blocks.1.attentions") for s in scopes)  # SDXL's input_blocks 4–5
     assert any(s.startswith("unet:mid_block.attentions") for s in scopes)
