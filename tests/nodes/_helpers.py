@@ -80,3 +80,32 @@ def sample_text(model, clip, width: int = 64, height: int = 64, steps: int = 3, 
     noise = comfy.sample.prepare_noise(latent, 0)
     return comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", cond("a photo of a cat"), cond(""),
                                latent, disable_pbar=True, seed=0)
+
+
+def diffusers_twin(model):  # noqa: ANN001, ANN201 - a ComfyUI ModelPatcher → a diffusers UNet2DConditionModel
+    """A diffusers ``UNet2DConditionModel`` with the topology of ``model``'s tiny UNet (SD1.5, SD2.x or SDXL with
+    its ``text_time`` added conditioning) and, through ``comfy.utils.unet_to_diffusers``, its very weights: what the
+    CLI's engine runs a diffusers pipeline folder on."""
+    import diffusers
+
+    cfg = model.model.model_config.unet_config
+    per_level = cfg["num_res_blocks"][0]
+    depth = [cfg["transformer_depth"][i * per_level] for i in range(len(cfg["channel_mult"]))]
+    layers = tuple(max(d, 1) for d in depth)
+    assert cfg["transformer_depth_middle"] == layers[-1], "diffusers' mid block takes the last level's depth"
+    adm = cfg.get("adm_in_channels")
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"], layers_per_block=per_level,
+        block_out_channels=tuple(cfg["model_channels"] * m for m in cfg["channel_mult"]),
+        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth),
+        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)),
+        transformer_layers_per_block=layers, cross_attention_dim=cfg["context_dim"],
+        attention_head_dim=cfg["num_heads"], use_linear_projection=cfg["use_linear_in_transformer"], norm_num_groups=32,
+        **(dict(addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=adm) if adm else {}),
+    ).eval().requires_grad_(False)
+    mapping = comfy.utils.unet_to_diffusers(cfg)
+    comfy.model_management.unload_all_models()  # a loaded LoRA clone keeps its patches merged in place
+    comfy_sd = model.model.diffusion_model.state_dict()
+    unet.load_state_dict({k: comfy_sd[mapping[k]].reshape(v.shape).clone() for k, v in unet.state_dict().items()})
+    return unet

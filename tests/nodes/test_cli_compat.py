@@ -11,6 +11,7 @@ import comfy.utils
 import pytest
 import torch
 
+from tests.nodes._helpers import diffusers_twin
 from tests.nodes._nodes import apply, load, load_gates, random_gates, rel
 
 pytestmark = pytest.mark.comfy
@@ -18,18 +19,8 @@ pytestmark = pytest.mark.comfy
 
 @pytest.fixture(scope="module")
 def diffusers_unet(tiny):
-    diffusers = pytest.importorskip("diffusers")
-    model, _ = tiny
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64, 64), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=2,
-        norm_num_groups=32, use_linear_projection=False).eval().requires_grad_(False)
-    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    comfy.model_management.unload_all_models()  # a loaded LoRA clone keeps its patches merged in place
-    comfy_sd = model.model.diffusion_model.state_dict()
-    unet.load_state_dict({k: comfy_sd[mapping[k]].reshape(v.shape).clone() for k, v in unet.state_dict().items()})
-    return unet
+    pytest.importorskip("diffusers")
+    return diffusers_twin(tiny[0])
 
 
 @pytest.fixture(scope="module")

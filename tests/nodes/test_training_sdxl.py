@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.nodes._helpers import sample_text
+from tests.nodes._helpers import diffusers_twin, sample_text
 from tests.nodes._nodes import apply, load, load_gates, train_and_measure
 from tests.nodes.test_training import images, last_job, train_node, vae, wait_done  # noqa: F401 (fixtures)
 
@@ -130,3 +130,64 @@ def test_sdxl_loras_with_both_text_encoders_equal_chained_lora_loaders(mole, sdx
     assert torch.allclose(cond, cond_ref, atol=1e-5) and torch.allclose(pooled, pooled_ref, atol=1e-5)
     assert (cond[..., 32:] - cond_base[..., 32:]).abs().max() > 1e-3  # CLIP-G's half of the context moves too
     assert (ours - oracle).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def diffusers_sdxl_unet(sdxl):
+    pytest.importorskip("diffusers")
+    return diffusers_twin(sdxl[0])
+
+
+def _sdxl_inputs(cfg: dict) -> dict:
+    """Latents, timesteps, context, the pooled CLIP-G output and SDXL's size/crop ids (64² and 96×64)."""
+    gen = torch.Generator().manual_seed(31)
+    pooled = torch.randn(2, cfg["adm_in_channels"] - 6 * 256, generator=gen)
+    return {"x": torch.randn(2, 4, 8, 12, generator=gen), "t": torch.tensor([700.0, 300.0]),
+            "ctx": torch.randn(2, 7, cfg["context_dim"], generator=gen), "pooled": pooled,
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64], [64, 96, 0, 0, 64, 96]])}
+
+
+def _comfy_sdxl_forward(m, inp: dict) -> torch.Tensor:
+    """The UNet call as ComfyUI's SDXL makes it: ``y`` = pooled output + a 256-wide embedding of each size id."""
+    import comfy.model_management
+    from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+    y = torch.cat([inp["pooled"], timestep_embedding(inp["time_ids"].flatten(), 256).reshape(2, -1)], dim=1)
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        comfy.model_management.load_models_gpu([m])
+        try:
+            return m.model.diffusion_model(inp["x"], timesteps=inp["t"], context=inp["ctx"], y=y)
+        finally:
+            comfy.model_management.unload_all_models()
+
+
+def _diffusers_sdxl_forward(unet, inp: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(inp["x"], inp["t"], encoder_hidden_states=inp["ctx"],
+                    added_cond_kwargs={"text_embeds": inp["pooled"], "time_ids": inp["time_ids"]}).sample
+
+
+def test_sdxl_gate_file_from_the_train_node_runs_the_same_in_the_cli(mole, sdxl, vae, sdxl_experts, images,  # noqa: F811
+                                                                     comfy_dirs, diffusers_sdxl_unet):
+    """A gate file MoLE Train Gates wrote on SDXL loads in the CLI's engine on a diffusers SDXL UNet with the same
+    weights, and both mixtures give the same output (ADM conditioning included), ≤ 1e-4."""
+    import mole_core
+    from tests.nodes._nodes import rel
+
+    model, _ = sdxl
+    inp = _sdxl_inputs(model.model.model_config.unet_config)
+    bare = _diffusers_sdxl_forward(diffusers_sdxl_unet, inp)
+    assert rel(_comfy_sdxl_forward(model, inp), bare) <= 1e-4  # the two UNets are one model
+    train_node(mole, sdxl, vae, sdxl_experts, images, "sdxl/for_cli", run="wait", steps=2)
+    assert last_job(mole).status == "done"
+    m, _, _ = apply(mole, model, sdxl_experts, "gated", gates=load_gates(mole, "sdxl/for_cli.safetensors"))
+    ours = _comfy_sdxl_forward(m, inp)
+    cli_experts = mole_core.load_experts([comfy_dirs["loras"] / f"xl_{k}.safetensors" for k in "ab"])
+    gate_file = comfy_dirs["mole_gates"] / "sdxl" / "for_cli.safetensors"
+    with mole_core.attach(diffusers_sdxl_unet, cli_experts, gates=gate_file):
+        reference = _diffusers_sdxl_forward(diffusers_sdxl_unet, inp)
+    print(f"\nSDXL gate file, node vs CLI engine: {rel(ours, reference):.2e}; experts' effect "
+          f"{rel(reference, bare):.2e}")
+    assert rel(ours, reference) <= 1e-4
+    assert rel(reference, bare) > 1e-3  # the gated experts act
