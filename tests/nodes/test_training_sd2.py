@@ -1,7 +1,8 @@
 """SD2.x 768-v (issue #16): ComfyUI's own ``SD20`` model config (linear ``proj_in``, v-prediction) and
 ``SD2ClipModel`` (OpenCLIP-H layout, penultimate layer) at tiny width. Static and NLA mixes equal chained
 ``LoraLoader``s (UNet and the ``lora_te_`` CLIP-H part); MoLE Train Gates trains it in ``wait`` and ``background``
-mode (the v-prediction denoise loss falls) and its gate file loads and samples."""
+mode (the v-prediction denoise loss falls) and its gate file loads and samples, in the nodes and in the CLI's engine
+on a diffusers UNet with the same weights."""
 
 from __future__ import annotations
 

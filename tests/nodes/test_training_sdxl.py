@@ -1,7 +1,8 @@
 """MoLE Train Gates on SDXL (issue #16): ComfyUI's own ``model_base.SDXL`` and ``SDXLClipModel`` (CLIP-L + CLIP-G,
 ADM conditioning from the pooled CLIP-G output and SDXL's size/crop embeddings) at tiny width, SDXL's block
 layout. The gates train (the denoise loss falls), the node writes a gate file in ``wait`` and ``background`` mode,
-MoLE Load Gates reads it and MoLE Apply samples with it at a square and a non-square size."""
+MoLE Load Gates reads it and MoLE Apply samples with it at a square and a non-square size; the CLI's engine on a
+diffusers SDXL UNet with the same weights gives the same output with that gate file."""
 
 from __future__ import annotations
 
