@@ -270,7 +270,8 @@ def table(agg: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(f"{e['routing'][c]['named']:.2f} / {e['routing'][c]['others']:.2f}"
                                                    f" / {e['routing'][c]['none']:.2f}" for c in CONCEPTS) + " |")
     pairs = [f"2_train:{'+'.join(sub)}" for sub in itertools.combinations(CONCEPTS, 2)]
-    rows = [(m, e) for m, e in agg.items() if all(k in e for k in pairs) and (m == "static_best" or not m.startswith("static_"))]
+    shown = [m for m in agg if m == "static_best" or not m.startswith("static_")]  # the sweep by its best λ only
+    rows = [(m, agg[m]) for m in shown if all(k in agg[m] for k in pairs)]
     if rows:  # results saved before the per-composition keys existed have none
         lines += ["", "2 concepts on the training templates, per composition", "",
                   "| method | " + " | ".join(k.split(":")[1] for k in pairs) + " |", "|---|" + "---|" * len(pairs)]
