@@ -41,21 +41,33 @@ class Server:
     """``python main.py --cpu --base-directory <base>`` on a free port; :meth:`stop` sends SIGINT."""
 
     def __init__(self, comfyui: Path, base: Path, log: Path):
+        self.comfyui, self.base, self.log = comfyui, base, log
+        self._log_file = open(log, "wb")  # noqa: SIM115 (closed in stop())
+        self.client_id = str(uuid.uuid4())
+        self._start()
+
+    def _start(self) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--base-directory", str(base), "--disable-api-nodes",
+               "--disable-auto-launch", "--base-directory", str(self.base), "--disable-api-nodes",
                "--database-url", "sqlite:///:memory:"]
         if importlib.util.find_spec("comfyui_frontend_package") is None:
-            (base / "frontend").mkdir(exist_ok=True)
-            cmd += ["--front-end-root", str(base / "frontend")]
-        self.log = log
-        self._log_file = open(log, "wb")  # noqa: SIM115 (closed in stop())
+            (self.base / "frontend").mkdir(exist_ok=True)
+            cmd += ["--front-end-root", str(self.base / "frontend")]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-        self.proc = subprocess.Popen(cmd, cwd=comfyui, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
-        self.client_id = str(uuid.uuid4())
+        self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+
+    def restart(self) -> None:
+        """A fresh server on the same folders (and a new port), ready: the one way to get back the memory a real-size
+        model leaves in the server's heap. ``/free`` unloads it, but the process keeps most pages (an SDXL: 12 GB,
+        which the next real-size test in the test process would need)."""
+        self.free()  # stopped while still holding a real-size model, the server aborted on exit
+        self._stop_process()
+        self._start()
+        self.wait_ready()
 
     def wait_ready(self, timeout: float = 150.0) -> None:
         end = time.time() + timeout
@@ -113,6 +125,10 @@ class Server:
         raise TimeoutError(f"prompt {pid} did not finish:\n{self.tail()}")
 
     def stop(self) -> None:
+        self._stop_process()
+        self._log_file.close()
+
+    def _stop_process(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -120,4 +136,3 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        self._log_file.close()
