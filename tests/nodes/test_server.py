@@ -322,12 +322,11 @@ def test_static_and_nla_equal_chained_lora_loaders_on_the_server(server, comfy_d
 def test_single_file_checkpoint_mixes_equal_chained_lora_loaders_on_the_server(server, family):
     """A real-size SD1.5, SD2.x 768-v or SDXL single file (random weights, written by ComfyUI's checkpoint saver) in
     the server's ``models/checkpoints``: /object_info lists it, and in one graph CheckpointLoaderSimple → MoLE Apply
-    (static 0.7 /
-    0.4, NLA, gated) and two chained core ``LoraLoader``s at the same strengths, with kohya LoRAs that have UNet and
-    text-encoder parts (SDXL: ``lora_te1_`` and ``lora_te2_``, sampled with SDXL's size conditioning). Static and
-    NLA equal the LoraLoaders within 2/255 on the sampled latents (the LoRAs change them by more than 20/255); gated
-    starts at NLA. Slow: the file is 4–5 GB (SDXL 14 GB: building it peaks at 14 GB in a process of its own, loading it
-    at 12 GB in the server's), deleted at the end."""
+    (static 0.7 / 0.4, NLA, gated) and two chained core ``LoraLoader``s at the same strengths, with kohya LoRAs that
+    have UNet and text-encoder parts (SDXL: ``lora_te1_`` and ``lora_te2_``, sampled with SDXL's size conditioning).
+    Static and NLA equal the LoraLoaders within 2/255 on the sampled latents (the LoRAs change them by more than
+    20/255); gated starts at NLA. Slow: the file is 4–5 GB (SDXL 14 GB: building it peaks at 14 GB in a process of
+    its own, loading it at 12 GB in the server's), deleted at the end."""
     from tests.nodes.conftest import COMFYUI
     from tests.nodes.testing_pack import write_checkpoint
     from tests.nodes.testing_pack.real_size import weightless
