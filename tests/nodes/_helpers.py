@@ -109,3 +109,15 @@ def diffusers_twin(model):  # noqa: ANN001, ANN201 - a ComfyUI ModelPatcher → 
     comfy_sd = model.model.diffusion_model.state_dict()
     unet.load_state_dict({k: comfy_sd[mapping[k]].reshape(v.shape).clone() for k, v in unet.state_dict().items()})
     return unet
+
+
+def comfy_unet(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **extra) -> torch.Tensor:  # noqa: ANN001
+    """One call of ``model``'s UNet as ComfyUI's ``BaseModel`` makes it (``context=``; SDXL: ``y=``), loaded the way
+    sampling loads it (patches and MoLE hooks on) and unloaded after."""
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        comfy.model_management.load_models_gpu([model])
+        try:
+            return model.model.diffusion_model(x, timesteps=t, context=context, **extra)
+        finally:
+            comfy.model_management.unload_all_models()

@@ -105,10 +105,8 @@ def test_sd2_gate_file_from_the_train_node_runs_the_same_in_the_cli(mole, sd2, v
     """A gate file MoLE Train Gates wrote on SD2.x loads in the CLI's engine on a diffusers UNet with the same weights
     (linear projections), and both mixtures give the same output, ≤ 1e-4."""
     pytest.importorskip("diffusers")
-    import comfy.model_management
-
     import mole_core
-    from tests.nodes._helpers import diffusers_twin
+    from tests.nodes._helpers import comfy_unet, diffusers_twin
     from tests.nodes._nodes import rel
 
     model, _ = sd2
@@ -117,25 +115,16 @@ def test_sd2_gate_file_from_the_train_node_runs_the_same_in_the_cli(mole, sd2, v
     x, ctx = torch.randn(2, 4, 8, 12, generator=gen), torch.randn(2, 7, 32, generator=gen)
     t = torch.tensor([700.0, 300.0])
 
-    def comfy_forward(m):  # noqa: ANN001, ANN202
-        with torch.inference_mode():
-            comfy.model_management.unload_all_models()
-            comfy.model_management.load_models_gpu([m])
-            try:
-                return m.model.diffusion_model(x, timesteps=t, context=ctx)
-            finally:
-                comfy.model_management.unload_all_models()
-
     def cli_forward():  # noqa: ANN202
         with torch.no_grad():
             return unet(x, t, encoder_hidden_states=ctx).sample
 
     bare = cli_forward()
-    assert rel(comfy_forward(model), bare) <= 1e-4  # the two UNets are one model
+    assert rel(comfy_unet(model, x, t, ctx), bare) <= 1e-4  # the two UNets are one model
     train_node(mole, sd2, vae, sd2_experts, images, "sd2/for_cli", run="wait", steps=2)
     assert last_job(mole).status == "done"
     m, _, _ = apply(mole, model, sd2_experts, "gated", gates=load_gates(mole, "sd2/for_cli.safetensors"))
-    ours = comfy_forward(m)
+    ours = comfy_unet(m, x, t, ctx)
     cli_experts = mole_core.load_experts([comfy_dirs["loras"] / f"sd2_{k}.safetensors" for k in "ab"])
     with mole_core.attach(unet, cli_experts, gates=comfy_dirs["mole_gates"] / "sd2" / "for_cli.safetensors"):
         reference = cli_forward()

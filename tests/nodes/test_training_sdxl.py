@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.nodes._helpers import diffusers_twin, sample_text
+from tests.nodes._helpers import comfy_unet, diffusers_twin, sample_text
 from tests.nodes._nodes import apply, load, load_gates, train_and_measure
 from tests.nodes.test_training import images, last_job, train_node, vae, wait_done  # noqa: F401 (fixtures)
 
@@ -150,17 +150,10 @@ def _sdxl_inputs(cfg: dict) -> dict:
 
 def _comfy_sdxl_forward(m, inp: dict) -> torch.Tensor:
     """The UNet call as ComfyUI's SDXL makes it: ``y`` = pooled output + a 256-wide embedding of each size id."""
-    import comfy.model_management
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
     y = torch.cat([inp["pooled"], timestep_embedding(inp["time_ids"].flatten(), 256).reshape(2, -1)], dim=1)
-    with torch.inference_mode():
-        comfy.model_management.unload_all_models()
-        comfy.model_management.load_models_gpu([m])
-        try:
-            return m.model.diffusion_model(inp["x"], timesteps=inp["t"], context=inp["ctx"], y=y)
-        finally:
-            comfy.model_management.unload_all_models()
+    return comfy_unet(m, inp["x"], inp["t"], inp["ctx"], y=y)
 
 
 def _diffusers_sdxl_forward(unet, inp: dict) -> torch.Tensor:
