@@ -16,11 +16,17 @@ search does better:
 
 Only compositions that name a LoRA are resampled when that LoRA is switched; scores are cached per composition
 and per switch state of the LoRAs it names. The result is an ordinary gate file: those magnitudes are ~0.
+
+With ``text_strengths`` (e.g. 1.5, 2, 2.5) a second pass follows: for each LoRA in turn, its magnitude in every
+text-encoder scope is set to each of those values, and the one that raises the summed score of the compositions
+naming it most is kept (none: it stays as trained). On the toy world, an oracle router with the striped LoRA's
+text part at 2–2.5 composes the pairs at 0.85–0.88 where every on/off choice of UNet stages stays at ≤ 0.85.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -54,10 +60,11 @@ class SearchResult:
     score: float = 0.0
     candidates: int = 0
     complete: bool = True  # False: stopped before every candidate was tried
+    text: dict[str, float] = field(default_factory=dict)  # expert name → its text-encoder magnitude, when changed
 
     def to_dict(self) -> dict:
-        return {"off": self.off, "start_score": round(self.start_score, 5), "score": round(self.score, 5),
-                "candidates": self.candidates, "complete": self.complete}
+        return {"off": self.off, "text": self.text, "start_score": round(self.start_score, 5),
+                "score": round(self.score, 5), "candidates": self.candidates, "complete": self.complete}
 
 
 Score = Callable[[frozenset[int], dict[int, frozenset[str]]], float]
@@ -99,6 +106,44 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
     return off, start, total, True
 
 
+Strengths = dict[int, float]
+
+
+def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequence[frozenset[int]],
+                     score: Callable[[frozenset[int], Strengths], float],
+                     progress: Callable[[int, int], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> tuple[Strengths, float, float, bool]:
+    """One greedy pass over the experts: each takes the level of ``levels`` that raises the summed score of the
+    sets containing it most, or keeps 1 (as trained) when none raises it. ``score(named, strengths)`` scores one
+    set given its experts' levels. Returns the levels (1.0: unchanged), the start and final total score, and
+    whether every candidate was tried (``should_stop`` ends the pass early, keeping the levels chosen so far)."""
+    chosen: Strengths = {e: 1.0 for e in experts}
+    cache: dict[tuple, float] = {}
+
+    def one(named: frozenset[int], state: Strengths) -> float:
+        key = (named, tuple(sorted((e, state[e]) for e in named)))
+        if key not in cache:
+            cache[key] = score(named, {e: state[e] for e in named})
+        return cache[key]
+
+    total = start = sum(one(s, chosen) for s in sets)
+    todo = [(e, lv) for e in experts for lv in levels]
+    best: tuple[float, float] | None = None  # (gain, level) of the current expert
+    for i, (e, lv) in enumerate(todo):
+        if should_stop is not None and should_stop():
+            return chosen, start, total, False
+        if progress is not None:
+            progress(i, len(todo))
+        gain = sum(one(s, {**chosen, e: lv}) - one(s, chosen) for s in sets if e in s)
+        if gain > 0 and (best is None or gain > best[0]):
+            best = (gain, lv)
+        if i + 1 == len(todo) or todo[i + 1][0] != e:  # the expert's last level: keep its best
+            if best is not None:
+                chosen, total = {**chosen, e: best[1]}, total + best[0]
+            best = None
+    return chosen, start, total, True
+
+
 def unet_stages(mix: Mixture) -> dict[str, list[str]]:
     """The gated UNet scopes of ``mix`` grouped by stage, in execution order."""
     out: dict[str, list[str]] = {}
@@ -127,12 +172,40 @@ def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozen
     return undo
 
 
+def text_scopes(mix: Mixture) -> list[str]:
+    """The gated text-encoder scopes of ``mix`` (every scope outside the UNet)."""
+    return [scope for scope in mix.scopes if not scope.startswith("unet:")]
+
+
+def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) -> Callable[[], None]:
+    """Set each expert's magnitude to its level in every scope of ``scopes`` (levels of 1.0 leave it as it is);
+    returns the undo."""
+    saved: list[tuple[torch.Tensor, int, float]] = []
+    with torch.no_grad():
+        for e, level in strengths.items():
+            if level == 1.0:
+                continue
+            for scope in scopes:
+                gate = mix.scope_gate(scope)
+                if not 0 < level < gate.m_max:
+                    raise MoleError(f"text strength {level} must be in (0, m_max {gate.m_max})")
+                saved.append((gate.magnitude_logit, e, float(gate.magnitude_logit[e])))
+                gate.magnitude_logit[e] = math.log(level / (gate.m_max - level))  # m_max · σ(ρ) = level
+
+    def undo() -> None:
+        with torch.no_grad():
+            for logit, e, value in reversed(saved):
+                logit[e] = value
+    return undo
+
+
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
-                  progress: Callable[[int, int], None] | None = None,
+                  text_strengths: Sequence[float] = (), progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
     switched off in ``mix``. ``per_set``: composition prompts scored per set of named concepts, each sampled
-    with a ``steps``-step rollout from the same ``seed``-ed noise for every candidate, ``batch`` prompts at a time."""
+    with a ``steps``-step rollout from the same ``seed``-ed noise for every candidate, ``batch`` prompts at a time.
+    ``text_strengths``: then the text-encoder magnitude pass (module docstring) over these levels."""
     if mix.config.gate_input != "trigger":
         raise MoleError("block search needs gate_input trigger (one magnitude per LoRA and scope)")
     stages = unet_stages(mix)
@@ -159,10 +232,37 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         finally:
             undo()
 
-    off, start, total, complete = greedy_search(experts, list(stages), list(by_set), score, progress, should_stop)
+    n_stage, n_text = len(experts) * len(stages), len(experts) * len(text_strengths)
+
+    def stage_progress(i: int, n: int) -> None:
+        if progress is not None:
+            progress(i, n_stage + n_text)
+
+    off, start, total, complete = greedy_search(experts, list(stages), list(by_set), score, stage_progress,
+                                                should_stop)
     switch_off(mix, stages, off)
+    chosen: Strengths = {}
+    if text_strengths and complete:
+        te = text_scopes(mix)
+
+        def text_score(named: frozenset[int], levels: Strengths) -> float:
+            undo = set_text_strengths(mix, te, levels)
+            try:
+                return score(named, {e: off[e] for e in named})
+            finally:
+                undo()
+
+        def text_progress(i: int, n: int) -> None:
+            if progress is not None:
+                progress(n_stage + i, n_stage + n_text)
+
+        chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), list(by_set), text_score,
+                                                      text_progress, should_stop)
+        set_text_strengths(mix, te, chosen)
     names = [e.name for e in mix.experts]
     result = SearchResult({names[e]: sorted(st.removeprefix("unet:") for st in sts) for e, sts in off.items() if sts},
-                          start, total, len(experts) * len(stages), complete)
-    log.info("block search: %s (guide score %.4f → %.4f)", result.off or "every LoRA in every stage", start, total)
+                          start, total, n_stage + n_text, complete,
+                          {names[e]: lv for e, lv in chosen.items() if lv != 1.0})
+    log.info("block search: %s%s (guide score %.4f → %.4f)", result.off or "every LoRA in every stage",
+             f", text-encoder magnitudes {result.text}" if result.text else "", start, total)
     return result

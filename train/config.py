@@ -88,6 +88,9 @@ class TrainConfig:
     search_steps: int = _opt(12, "block search: DDIM steps of each scored image")
     search_batch: int = _opt(16, "block search: images sampled at once (lower it when memory is short; the noise "
                              "stays the same)")
+    search_text_strengths: str = _opt("", "block search, then: comma-separated text-encoder magnitudes to try per "
+                                      "LoRA (e.g. 1.5,2,2.5; each below m_max); each LoRA keeps the one that raises "
+                                      "the guide's score of the compositions naming it most, or its own (empty: off)")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -162,9 +165,24 @@ class TrainConfig:
         if min(self.search_prompts, self.search_steps, self.search_batch) < 1:
             raise MoleError(f"`search_prompts`, `search_steps` and `search_batch` must be ≥ 1, got "
                             f"{self.search_prompts}, {self.search_steps}, {self.search_batch}")
+        if self.search_text_strengths and not self.block_search:
+            raise MoleError("`search_text_strengths` needs `block_search` (it is the search's second pass)")
+        for level in self.text_strengths:
+            if not 0 < level < self.m_max:
+                raise MoleError(f"`search_text_strengths` values must be in (0, m_max {self.m_max}), got {level}")
         if not self.train_magnitudes and self.gate_family != "sigmoid":
             raise MoleError("`train_magnitudes` off needs gate_family sigmoid (softmax gates have no magnitude)")
         self.gate_config()  # family, m_max, init_gate, text_pool, tau: one-line errors now
+
+    @property
+    def text_strengths(self) -> tuple[float, ...]:
+        """``search_text_strengths`` as numbers (one-line error on anything else)."""
+        parts = [p.strip() for p in self.search_text_strengths.split(",")] if self.search_text_strengths else []
+        try:
+            return tuple(float(p) for p in parts)
+        except ValueError:
+            raise MoleError(f"`search_text_strengths` must be comma-separated numbers, e.g. 1.5,2,2.5, got "
+                            f"{self.search_text_strengths!r}") from None
 
     def gate_config(self) -> GateConfig:
         """The gates' shape for this run."""

@@ -12,7 +12,16 @@ import torch
 
 import mole_core as mole
 from tests.train._toy import load_compose_toy
-from train.block_search import OFF_LOGIT, greedy_search, stage_of, switch_off, unet_stages
+from train.block_search import (
+    OFF_LOGIT,
+    greedy_search,
+    greedy_strengths,
+    set_text_strengths,
+    stage_of,
+    switch_off,
+    text_scopes,
+    unet_stages,
+)
 from train.config import TrainConfig
 from train.engine import attach_for_training, train
 
@@ -58,6 +67,32 @@ def test_greedy_search_follows_the_score_table():
     assert off == {0: frozenset({"a"})} and total == 1.0 and not complete
 
 
+def test_greedy_strengths_keeps_each_experts_best_rising_level():
+    """Expert 0: level 2 adds 0.3 to each set naming it, level 3 adds 0.5 to the single but costs 0.4 on the pair
+    (+0.1): 2 kept (+0.6). Expert 1: every level lowers the sets naming it: stays at 1. Expert 2 then sees expert
+    0 at 2 (the pass is greedy in order)."""
+    gains = {(0, 2.0): {frozenset({0}): 0.3, frozenset({0, 1}): 0.3}, (0, 3.0): {frozenset({0}): 0.5,
+             frozenset({0, 1}): -0.4}, (1, 2.0): {frozenset({1}): -0.1}, (1, 3.0): {frozenset({0, 1}): -0.2},
+             (2, 3.0): {frozenset({0, 2}): 0.2}}
+    seen_by_2 = []
+
+    def score(named: frozenset[int], levels: dict[int, float]) -> float:
+        if 2 in named and 0 in named:
+            seen_by_2.append(levels[0])
+        return sum(gains.get((e, lv), {}).get(named, 0.0) for e, lv in levels.items())
+
+    sets = [frozenset({0}), frozenset({1}), frozenset({0, 1}), frozenset({0, 2})]
+    steps = []
+    levels, start, total, complete = greedy_strengths([0, 1, 2], [2.0, 3.0], sets, score,
+                                                      progress=lambda i, n: steps.append((i, n)))
+    assert levels == {0: 2.0, 1: 1.0, 2: 3.0} and complete
+    assert start == 0.0 and total == pytest.approx(0.6 + 0.2)  # 0.3 on two sets naming 0, then +0.2
+    assert steps == [(i, 6) for i in range(6)] and seen_by_2[-1] == 2.0
+    asked = iter([False, False, True])  # stopped at expert 1's first level: expert 0's choice kept
+    levels, _, total, complete = greedy_strengths([0, 1, 2], [2.0, 3.0], sets, score, should_stop=lambda: next(asked))
+    assert levels == {0: 2.0, 1: 1.0, 2: 1.0} and total == pytest.approx(0.6) and not complete
+
+
 @pytest.fixture(scope="module")
 def toy():  # noqa: ANN201
     _, _, backend, experts, refs, prompts, guide = load_compose_toy(CONCEPTS, (1, 2), 2)
@@ -86,6 +121,30 @@ def test_switch_off_zeroes_one_experts_magnitude_in_one_stage_and_undoes_exactly
                 m.detach()
 
 
+def test_set_text_strengths_sets_text_encoder_magnitudes_exactly_and_undoes(toy):
+    backend, experts, _, _, _ = toy
+    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE, m_max=3.0))
+    try:
+        te = text_scopes(gated)
+        assert te and all(not s.startswith("unet:") for s in te)
+        before = {s: gated.scope_gate(s).magnitude.detach().clone() for s in gated.scopes}
+        undo = set_text_strengths(gated, te, {0: 2.5, 2: 1.0})
+        for s in gated.scopes:
+            m = gated.scope_gate(s).magnitude.detach()
+            if s in te:
+                assert float(m[0]) == pytest.approx(2.5, abs=1e-6) and torch.equal(m[1:], before[s][1:]), s
+            else:
+                assert torch.equal(m, before[s]), s
+        undo()
+        assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
+        with pytest.raises(mole.MoleError, match=r"text strength 3.0 must be in \(0, m_max 3.0\)"):
+            set_text_strengths(gated, te, {1: 3.0})
+    finally:
+        for m in (gated, static):
+            if m is not None:
+                m.detach()
+
+
 def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path):
     backend, experts, refs, prompts, guide = toy
     cfg = TrainConfig(**RECIPE, steps=2, block_search=True, search_prompts=2, search_steps=2)
@@ -107,11 +166,45 @@ def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path
             assert float(logit[e]) == (OFF_LOGIT if off else 0.0), (scope, name)  # 0: magnitude 1, never trained
 
 
+def test_training_with_the_text_pass_writes_the_magnitudes_it_reports(toy, tmp_path):
+    """``search_text_strengths``: after the stage pass each LoRA tries the levels; the gate file's text-encoder
+    magnitudes equal what the record reports (the level, or 1 where none raised the score), the UNet's are the
+    stage pass's (1 or ~0), and the progress counts both passes."""
+    backend, experts, refs, prompts, guide = toy
+    cfg = TrainConfig(**RECIPE, m_max=3.0, steps=1, block_search=True, search_prompts=2, search_steps=2,
+                      search_text_strengths="0.5,2.5")
+    seen = []
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
+                   out_path=str(tmp_path / "g.safetensors"))
+    record = result.gates.info["training"]["block_search_result"]
+    stages = {stage_of(s) for s in result.gates.scopes} - {None}
+    n = len(experts) * (len(stages) + 2)
+    assert record["candidates"] == n and record["complete"]
+    assert [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, n + 1))
+    assert set(record["text"].values()) <= {0.5, 2.5}
+    loaded = mole.read_gate_file(tmp_path / "g.safetensors")
+    names = [e.name for e in experts]
+    for scope in loaded.scopes:
+        m = 3.0 * torch.sigmoid(loaded.tensors[f"gates.{scope}.magnitude_logit"])
+        for e, name in enumerate(names):
+            if stage_of(scope) is None:
+                assert float(m[e]) == pytest.approx(record["text"].get(name, 1.0), abs=1e-6), (scope, name)
+            else:
+                off = stage_of(scope).removeprefix("unet:") in record["off"].get(name, [])
+                assert float(m[e]) == pytest.approx(0.0 if off else 1.0, abs=1e-6), (scope, name)
+
+
 def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match="`block_search` needs objective compose and gate_input trigger"):
         TrainConfig(**{**RECIPE, "gate_input": "prompt", "route_weight": 0.0}, block_search=True)
     with pytest.raises(mole.MoleError, match="`search_prompts`, `search_steps` and `search_batch` must be ≥ 1"):
         TrainConfig(**RECIPE, block_search=True, search_steps=0)
+    with pytest.raises(mole.MoleError, match="`search_text_strengths` needs `block_search`"):
+        TrainConfig(**RECIPE, search_text_strengths="2")
+    with pytest.raises(mole.MoleError, match=r"values must be in \(0, m_max 2.0\), got 2.5"):
+        TrainConfig(**RECIPE, block_search=True, search_text_strengths="1.5, 2.5")
+    with pytest.raises(mole.MoleError, match="must be comma-separated numbers, e.g. 1.5,2,2.5, got '2;3'"):
+        TrainConfig(**RECIPE, block_search=True, search_text_strengths="2;3")
 
 
 def test_a_stop_during_the_block_search_keeps_the_gates_partial_and_the_checkpoint_before_it(toy, tmp_path):
