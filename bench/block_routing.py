@@ -5,7 +5,8 @@ The composition benchmark's learned gates stay below stacking on the training te
 
 1. **Ceiling.** An oracle router: the LoRAs a prompt names at weight 1 (UNet and text encoder), the others off.
    Each named LoRA then runs either in every UNet block or only in the blocks an *assignment* lists (its text-
-   encoder part always on). Which accuracy does each assignment reach, per composition?
+   encoder part always on, at 1 or at the strength ``TEXT_STRENGTHS`` gives). Which accuracy does each
+   assignment reach, per composition?
 2. **Signal.** For every image, the toy CLIP guide's *global* similarity (image ↔ composed prompt) and *local*
    similarity (image ↔ each named concept's reference images) — the two terms objective ``compose`` follows.
    If the guide scores the better assignment no higher, gate training cannot learn it from the guide.
@@ -47,6 +48,12 @@ ASSIGNMENTS: dict[str, dict[str, tuple[str, ...]]] = {  # concept → UNet block
     "star in mid, up0, up1": {"star": STAR_MID_UP01},
     "striped in up": {"striped": ("up_blocks.",)},
     "striped in up, star in mid, up0, up1": {"striped": ("up_blocks.",), "star": STAR_MID_UP01},
+    "star in mid, up0, up1; striped's text part ×2": {"star": STAR_MID_UP01},
+    "star in mid, up0, up1; striped's text part ×2.5": {"star": STAR_MID_UP01},
+}
+TEXT_STRENGTHS: dict[str, dict[str, float]] = {  # assignment → concept → strength of its text-encoder part (else 1)
+    "star in mid, up0, up1; striped's text part ×2": {"striped": 2.0},
+    "star in mid, up0, up1; striped's text part ×2.5": {"striped": 2.5},
 }
 
 
@@ -57,6 +64,15 @@ def restrict(expert: mole.Expert, prefixes: tuple[str, ...] | None) -> mole.Expe
     keep = {k: f for k, f in expert.factors.items()
             if not k.startswith("unet:") or k.split(":", 1)[1].startswith(prefixes)}
     return dataclasses.replace(expert, factors=keep)
+
+
+def strengthen_text(expert: mole.Expert, strength: float) -> mole.Expert:
+    """``expert`` with its text-encoder factors scaled by ``strength`` (its UNet factors unchanged)."""
+    if strength == 1.0:
+        return expert
+    scaled = {k: dataclasses.replace(f, scale_override=f.scale * strength) if k.startswith("te:") else f
+              for k, f in expert.factors.items()}
+    return dataclasses.replace(expert, factors=scaled)
 
 
 def to_guide_input(images: np.ndarray) -> torch.Tensor:
@@ -98,10 +114,12 @@ def run_seed(seed: int, s: argparse.Namespace, log) -> list[dict]:  # noqa: ANN0
                 text = guide.embed_texts([p for p, _ in items])
             done: dict[tuple, dict] = {}  # the same restriction of these LoRAs is sampled once
             for name, assignment in ASSIGNMENTS.items():
-                effective = tuple(sorted((c, v) for c, v in assignment.items() if c in sub))
+                strengths = TEXT_STRENGTHS.get(name, {})
+                effective = tuple((c, assignment.get(c), strengths.get(c, 1.0)) for c in sub)
                 if effective not in done:
-                    done[effective] = _score(world, pipe, guide, text, ref_emb, items, sub,
-                                             [restrict(experts[c], assignment.get(c)) for c in sub], seed, s)
+                    named = [strengthen_text(restrict(experts[c], assignment.get(c)), strengths.get(c, 1.0))
+                             for c in sub]
+                    done[effective] = _score(world, pipe, guide, text, ref_emb, items, sub, named, seed, s)
                 row = dict(seed=seed, templates=tname, composition="+".join(sub), assignment=name, **done[effective])
                 rows.append(row)
                 log(f"seed {seed} {tname} {row['composition']:<20} {name:<36} acc {row['accuracy']:.2f}  "
@@ -126,17 +144,18 @@ def summarise(rows: list[dict]) -> dict:
         sel = [r for r in rows if (r["templates"], r["composition"], r["assignment"]) == key]
         cells[key] = {m: float(np.mean([r[m] for r in sel])) for m in ("accuracy", "guide_global", "guide_local")}
     out: dict = {"cells": [dict(templates=t, composition=c, assignment=a, **v) for (t, c, a), v in cells.items()]}
+    names = [a for a in ASSIGNMENTS if any(k[2] == a for k in keys)]  # the assignments scored, in table order
     for t in sorted({k[0] for k in keys}):
         comps = sorted({k[1] for k in keys if k[0] == t})
-        acc = {(c, a): cells[(t, c, a)]["accuracy"] for c in comps for a in ASSIGNMENTS}
+        acc = {(c, a): cells[(t, c, a)]["accuracy"] for c in comps for a in names}
         guide = {(c, a): cells[(t, c, a)]["guide_global"] + cells[(t, c, a)]["guide_local"]
-                 for c in comps for a in ASSIGNMENTS}
-        single = max(ASSIGNMENTS, key=lambda a: sum(_means(comps, lambda c: acc[(c, a)]).values()))  # noqa: B023
+                 for c in comps for a in names}
+        single = max(names, key=lambda a: sum(_means(comps, lambda c: acc[(c, a)]).values()))  # noqa: B023
         out[t] = {"every_block": _means(comps, lambda c: acc[(c, "every block")]),  # noqa: B023
                   "best_single": {"assignment": single, **_means(comps, lambda c: acc[(c, single)])},  # noqa: B023
-                  "best_per_composition": _means(comps, lambda c: max(acc[(c, a)] for a in ASSIGNMENTS)),  # noqa: B023
+                  "best_per_composition": _means(comps, lambda c: max(acc[(c, a)] for a in names)),  # noqa: B023
                   "guide_pick_per_composition": _means(
-                      comps, lambda c: acc[(c, max(ASSIGNMENTS, key=lambda a: guide[(c, a)]))])}  # noqa: B023
+                      comps, lambda c: acc[(c, max(names, key=lambda a: guide[(c, a)]))])}  # noqa: B023
     return out
 
 

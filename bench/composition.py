@@ -88,6 +88,11 @@ RECIPES = [
                                                        train_magnitudes=False, block_search=True)),
 ]
 ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to unseen templates
+    # the search recipe plus the text-encoder magnitude pass (each LoRA's text part at 1, 1.5, 2 or 2.5)
+    Recipe("mole_sigmoid_compose_trigger_search_text", dict(COMPOSE_COMMON, gate_input="trigger", granularity="block",
+                                                            gate_family="sigmoid", alpha=0.0, route_weight=1.0,
+                                                            train_magnitudes=False, block_search=True, m_max=3.0,
+                                                            search_text_strengths="1.5,2,2.5")),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
