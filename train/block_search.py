@@ -154,22 +154,25 @@ def unet_stages(mix: Mixture) -> dict[str, list[str]]:
     return out
 
 
-def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]]) -> Callable[[], None]:
-    """Set each expert's magnitude to ~0 in the scopes of its switched-off stages; returns the undo."""
-    saved: list[tuple[torch.Tensor, int, float]] = []
+def _set_logits(changes: list[tuple[torch.Tensor, int, float]]) -> Callable[[], None]:
+    """Write ``value`` into ``logit[e]`` for each ``(logit, e, value)``; returns the undo (bit for bit)."""
+    saved = []
     with torch.no_grad():
-        for e, sts in off.items():
-            for st in sts:
-                for scope in stages[st]:
-                    logit = mix.scope_gate(scope).magnitude_logit
-                    saved.append((logit, e, float(logit[e])))
-                    logit[e] = OFF_LOGIT
+        for logit, e, value in changes:
+            saved.append((logit, e, float(logit[e])))
+            logit[e] = value
 
     def undo() -> None:
         with torch.no_grad():
             for logit, e, value in reversed(saved):
                 logit[e] = value
     return undo
+
+
+def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]]) -> Callable[[], None]:
+    """Set each expert's magnitude to ~0 in the scopes of its switched-off stages; returns the undo."""
+    return _set_logits([(mix.scope_gate(scope).magnitude_logit, e, OFF_LOGIT)
+                        for e, sts in off.items() for st in sts for scope in stages[st]])
 
 
 def text_scopes(mix: Mixture) -> list[str]:
@@ -180,23 +183,16 @@ def text_scopes(mix: Mixture) -> list[str]:
 def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) -> Callable[[], None]:
     """Set each expert's magnitude to its level in every scope of ``scopes`` (levels of 1.0 leave it as it is);
     returns the undo."""
-    saved: list[tuple[torch.Tensor, int, float]] = []
-    with torch.no_grad():
-        for e, level in strengths.items():
-            if level == 1.0:
-                continue
-            for scope in scopes:
-                gate = mix.scope_gate(scope)
-                if not 0 < level < gate.m_max:
-                    raise MoleError(f"text strength {level} must be in (0, m_max {gate.m_max})")
-                saved.append((gate.magnitude_logit, e, float(gate.magnitude_logit[e])))
-                gate.magnitude_logit[e] = math.log(level / (gate.m_max - level))  # m_max · σ(ρ) = level
-
-    def undo() -> None:
-        with torch.no_grad():
-            for logit, e, value in reversed(saved):
-                logit[e] = value
-    return undo
+    changes = []
+    for e, level in strengths.items():
+        if level == 1.0:
+            continue
+        for scope in scopes:
+            gate = mix.scope_gate(scope)
+            if not 0 < level < gate.m_max:
+                raise MoleError(f"text strength {level} must be in (0, m_max {gate.m_max})")
+            changes.append((gate.magnitude_logit, e, math.log(level / (gate.m_max - level))))  # m_max·σ(ρ) = level
+    return _set_logits(changes)
 
 
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
