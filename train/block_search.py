@@ -73,6 +73,18 @@ Score = Callable[[frozenset[int], dict[int, frozenset[str]]], float]
 Switches = dict[int, frozenset[str]]
 
 
+def _cached(score: Callable[[frozenset[int], dict], float]) -> Callable[[frozenset[int], dict], float]:
+    """``score`` called once per set and state of the set's own experts (the others' state does not matter)."""
+    cache: dict[tuple, float] = {}
+
+    def one(named: frozenset[int], state: dict) -> float:
+        key = (named, tuple((e, state[e]) for e in sorted(named)))
+        if key not in cache:
+            cache[key] = score(named, {e: state[e] for e in named})
+        return cache[key]
+    return one
+
+
 def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[frozenset[int]], score: Score,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> tuple[Switches, float, float, bool]:
@@ -81,14 +93,7 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
     stages. Returns the switched-off stages per expert, the start and the final total score, and whether every
     candidate was tried (``should_stop`` ends the pass early, keeping the switches made so far)."""
     off: dict[int, frozenset[str]] = {e: frozenset() for e in experts}
-    cache: dict[tuple, float] = {}
-
-    def one(named: frozenset[int], state: dict[int, frozenset[str]]) -> float:
-        key = (named, tuple(sorted((e, tuple(sorted(state[e]))) for e in named)))
-        if key not in cache:
-            cache[key] = score(named, {e: state[e] for e in named})
-        return cache[key]
-
+    one = _cached(score)
     total = start = sum(one(s, off) for s in sets)
     todo = [(e, st) for e in experts for st in stages]
     for i, (e, st) in enumerate(todo):
@@ -118,14 +123,7 @@ def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequ
     set given its experts' levels. Returns the levels (1.0: unchanged), the start and final total score, and
     whether every candidate was tried (``should_stop`` ends the pass early, keeping the levels chosen so far)."""
     chosen: Strengths = {e: 1.0 for e in experts}
-    cache: dict[tuple, float] = {}
-
-    def one(named: frozenset[int], state: Strengths) -> float:
-        key = (named, tuple(sorted((e, state[e]) for e in named)))
-        if key not in cache:
-            cache[key] = score(named, {e: state[e] for e in named})
-        return cache[key]
-
+    one = _cached(score)
     total = start = sum(one(s, chosen) for s in sets)
     todo = [(e, lv) for e in experts for lv in levels]
     best: tuple[float, float] | None = None  # (gain, level) of the current expert
