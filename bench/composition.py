@@ -86,6 +86,12 @@ RECIPES = [
     Recipe("mole_sigmoid_compose_trigger_search", dict(COMPOSE_COMMON, gate_input="trigger", granularity="block",
                                                        gate_family="sigmoid", alpha=0.0, route_weight=1.0,
                                                        train_magnitudes=False, block_search=True)),
+    # the same with the negative prompt's UNet rows routed like their prompt's: the named LoRAs run in both CFG
+    # branches (as loaded LoRAs do) instead of in the prompt's only, where CFG scales their effect by its scale
+    Recipe("mole_sigmoid_compose_trigger_search_paired", dict(COMPOSE_COMMON, gate_input="trigger",
+                                                              granularity="block", gate_family="sigmoid", alpha=0.0,
+                                                              route_weight=1.0, train_magnitudes=False,
+                                                              block_search=True, negative_routing="positive")),
 ]
 ON_REQUEST = [  # --recipes NAME: hypotheses for the routers' generalisation to unseen templates
     # the search recipe plus the text-encoder magnitude pass (each LoRA's text part at 1, 1.5, 2 or 2.5)

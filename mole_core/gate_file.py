@@ -7,6 +7,8 @@ format version 2 — version-1 files are uncentred softmax gates and load unchan
 shared router on the first text-encoder layer (metadata ``router``: its lead target and ``feature_dim``).
 ``gate_input="trigger"`` (version 4): ``router.weight`` holds the unit trigger keys, ``router.scale (N,)`` and
 ``router.bias (N,)`` the thresholds, and every scope's ``magnitude_logit`` is ``(N,)``, one per expert.
+Version 5: a routed file whose gate config says ``negative_routing: positive`` (older readers would route the
+negative prompt's rows by themselves and sample something else); every other file keeps its version.
 Metadata key ``mole`` (JSON): format version, experts (name, sha256, ranks, order), gate
 config, scopes (lead target, feature size), base-model family, training config, metrics.
 Loading refuses a different expert set/order/hash with one line naming the difference.
@@ -32,7 +34,7 @@ from .lora_files import read_safetensors
 from .mixture import Mixture
 
 FORMAT = "mole-gates"
-VERSION = 4  # the newest format read; files say the oldest that reads them (2 unless they carry a router)
+VERSION = 5  # the newest format read; files say the oldest that reads them (2 unless they carry a router)
 
 
 def _parts(cfg: GateConfig) -> tuple[str, ...]:
@@ -105,6 +107,8 @@ def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None
             tensors[f"router.{part}"] = getattr(router, part).float()
         extra["router"] = {"lead": mix.router_lead, "feature_dim": int(router.weight.shape[1])}
     version = (4 if mix.config.gate_input == "trigger" else 3) if mix.routed else 2  # the oldest reader
+    if mix.config.negative_routing != "own":
+        version = 5
     info = {"format": FORMAT, "version": version, "experts": [dict(e.summary(), order=i)
                                                               for i, e in enumerate(mix.experts)],
             "gate_config": mix.config.to_dict(), "scopes": scopes, "family": mix.index.family,

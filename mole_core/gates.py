@@ -39,6 +39,7 @@ GATE_INPUTS = ("input", "experts", "prompt", "router", "trigger")
 ROUTED_INPUTS = ("router", "trigger")  # one router per prompt; the scopes read its logits
 FAMILIES = ("softmax", "sigmoid")
 TEXT_POOLS = ("mean", "max", "tokens")
+NEGATIVE_ROUTING = ("own", "positive")
 MODES = ("gated", "uniform", "static")
 
 
@@ -70,6 +71,13 @@ class GateConfig:
     token_routing: bool = field(default=False, metadata={"help": "prompt-reading gates (UNet 'prompt', text "
                                                          "encoders) score every token and keep each expert's "
                                                          "largest logit, instead of scoring pooled features"})
+    negative_routing: str = field(default="own", metadata={"help": "routed gates (router, trigger) under "
+                                                           "classifier-free guidance: own — the negative prompt's "
+                                                           "UNet rows route by the negative prompt (a LoRA the "
+                                                           "prompt names runs in one branch only, its effect "
+                                                           "scaled by the CFG scale); positive — they take the "
+                                                           "routes of their prompt's rows (the LoRAs the prompt "
+                                                           "names run in both branches, as loaded LoRAs do)"})
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -85,6 +93,8 @@ class GateConfig:
             raise MoleError("gate_input 'trigger' needs the sigmoid gate family (each LoRA on or off by its word)")
         if self.text_pool not in TEXT_POOLS:
             raise MoleError(f"`text_pool` must be one of {TEXT_POOLS}, got {self.text_pool!r}")
+        if self.negative_routing not in NEGATIVE_ROUTING:
+            raise MoleError(f"`negative_routing` must be one of {NEGATIVE_ROUTING}, got {self.negative_routing!r}")
         if not (0 < self.m_max < 1e3 and 0 < self.init_gate < self.m_max):
             raise MoleError(f"need 0 < init_gate < m_max (≤ 1000), got init_gate {self.init_gate}, "
                             f"m_max {self.m_max}")

@@ -35,7 +35,7 @@ from .gates import (
 )
 from .model_index import ModelIndex
 from .naming import execution_key, scope_of
-from .routes import RouteTable
+from .routes import RouteTable, follow_positive
 from .stats import GateStats
 
 
@@ -249,6 +249,11 @@ class Mixture:
             routed = self.routed and self._prompt is not None and self._mode == "gated"
             misses = self.routes.misses
             self._unet_route = self.routes.lookup(self._prompt, self.n) if routed else None
+            if self._unet_route is not None and self.config.negative_routing == "positive":
+                latents = args[0] if args else kwargs.get("sample", kwargs.get("x"))
+                kinds = (kwargs.get("transformer_options") or {}).get("cond_or_uncond")  # ComfyUI
+                if isinstance(latents, torch.Tensor):
+                    self._unet_route = follow_positive(self._unet_route, latents, kinds)
             if self.routes.misses > misses and not self._warned_miss:
                 self._warned_miss = True
                 warnings.warn("gate_input 'router': the UNet got conditioning of no prompt the text encoder "

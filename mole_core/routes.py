@@ -100,3 +100,27 @@ class RouteTable:
                 out = torch.where(better[:, None], routes.float(), out)
                 best = torch.where(better, top, best)
         return out, best >= MIN_COSINE
+
+
+NEGATIVES_FIRST = (1, 0)  # diffusers' CFG batch: the negative prompts' rows, then the prompts' (ComfyUI: 1 = uncond)
+
+
+def follow_positive(routes: torch.Tensor, latents: torch.Tensor, kinds: list[int] | tuple[int, ...] | None
+                    ) -> torch.Tensor:
+    """Routes ``(B, N)`` where each unconditional row takes the route of the conditional row it guides.
+
+    The batch is ``len(kinds)`` equal chunks, ``kinds[i]`` 0 for a conditional (prompt) chunk and 1 for an
+    unconditional (negative prompt) one — ComfyUI's ``cond_or_uncond``; ``None``: diffusers' layout
+    (:data:`NEGATIVES_FIRST`). A row of an unconditional chunk takes the route of the same row of the first
+    conditional chunk when both rows denoise the same latent (classifier-free guidance feeds both branches one
+    latent); any other batch (no guidance, a split that does not divide the batch) keeps its routes."""
+    kinds = tuple(NEGATIVES_FIRST if kinds is None else kinds)
+    batch = routes.shape[0]
+    if 0 not in kinds or 1 not in kinds or batch % len(kinds) or latents.shape[0] != batch:
+        return routes
+    size = batch // len(kinds)
+    r, x = routes.split(size), latents.split(size)
+    cond = kinds.index(0)
+    out = [torch.where((x[i] == x[cond]).flatten(1).all(1)[:, None], r[cond], r[i]) if k == 1 else r[i]
+           for i, k in enumerate(kinds)]
+    return torch.cat(out)

@@ -6,7 +6,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from mole_core import GateConfig, MoleError
 from mole_core.checks import check_number
-from mole_core.gates import FAMILIES, GATE_INPUTS, TEXT_POOLS
+from mole_core.gates import FAMILIES, GATE_INPUTS, NEGATIVE_ROUTING, TEXT_POOLS
 from mole_core.naming import GRANULARITIES
 
 OBJECTIVES = ("denoise", "clip", "compose")
@@ -56,6 +56,11 @@ class TrainConfig:
                           "trigger word's score does not depend on the words around it)", choices=TEXT_POOLS)
     token_routing: bool = _opt(False, "prompt-reading gates score every token and keep each expert's largest "
                                "logit (a trigger word anywhere in the prompt switches its LoRA)")
+    negative_routing: str = _opt("own", "gate_input router | trigger, under classifier-free guidance: own — the "
+                                 "negative prompt's UNet rows route by the negative prompt (a named LoRA runs in "
+                                 "the prompt's branch only, its effect scaled by the CFG scale); positive — they "
+                                 "take their prompt's routes (the named LoRAs run in both branches, like loaded "
+                                 "LoRAs)", choices=NEGATIVE_ROUTING)
     center_features: bool = _opt(False, "centre every gate's features on the training prompts' mean (one pass "
                                  "before training), so the router weights learn what differs between prompts")
     tau_init: float = _opt(1.0, "initial softmax temperature τ")
@@ -188,7 +193,8 @@ class TrainConfig:
         """The gates' shape for this run."""
         return GateConfig(granularity=self.granularity, gate_input=self.gate_input, tau_init=self.tau_init,
                           family=self.gate_family, m_max=self.m_max, init_gate=self.init_gate,
-                          text_pool=self.text_pool, token_routing=self.token_routing)
+                          text_pool=self.text_pool, token_routing=self.token_routing,
+                          negative_routing=self.negative_routing)
 
     @property
     def objectives(self) -> list[str]:

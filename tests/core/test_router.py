@@ -3,7 +3,7 @@
 Oracles: the router logit computed by hand from the q projection's input captured by our own hook
 (``log mean_t exp(W·rms(f_t − c))``), the sigmoid gate ``m σ((ℓ + b)/τ)`` by hand, and a real diffusers pipeline
 with classifier-free guidance (the UNet's cond rows must use the prompt's decision, the uncond rows the
-negative prompt's).
+negative prompt's — or, with ``negative_routing="positive"``, the prompt's too).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import mole_core as mole
 from mole_core.gates import rms_normalize
-from mole_core.routes import RouteTable
+from mole_core.routes import RouteTable, follow_positive
 from tests.core._files import reloads_exactly
 from tests.fixtures.tiny_models import sd15_pipeline
 
@@ -98,6 +98,60 @@ def test_guided_sampling_routes_cond_and_uncond_rows_by_their_own_prompt(pipe, l
         torch.testing.assert_close(rows, g.magnitude * torch.sigmoid((torch.cat([want_uncond, want_cond]) + g.bias)
                                                                     / g.tau))
     mix.detach()
+
+
+def test_positive_negative_routing_gives_the_uncond_rows_the_prompts_route(pipe, lora_set, tmp_path):
+    """``negative_routing="positive"``: in diffusers' CFG batch ``[uncond, cond]`` both rows run at the prompt's
+    gates; without guidance (two prompts, two latents) each row keeps its own prompt's; the gate file says so
+    (version 5) and reads back with the setting."""
+    cfg = mole.GateConfig(**{**CFG.to_dict(), "negative_routing": "positive"})
+    experts = mole.load_experts(lora_set.paths)
+    mix = mole.attach(pipe, experts, cfg)
+    _randomise(mix)
+    prompt, negative = "a purple star", "blurry"
+    with torch.no_grad():
+        pipe.text_encoder(_tokens(pipe, [prompt]))
+        want_cond = mix._route.clone()
+        pipe.text_encoder(_tokens(pipe, [negative]))
+        want_uncond = mix._route.clone()
+    assert (want_cond - want_uncond).abs().max() > 0.02
+    scope = next(s for s in mix.scopes if s.startswith("unet:"))
+    unet_gates = []
+    handle = pipe.unet.register_forward_hook(lambda m, a, o: unet_gates.append(mix.live_gates[scope]))
+    pipe(prompt, negative_prompt=negative, num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    g = mix.scope_gate(scope)
+    assert len(unet_gates) == 2 and mix.routes.misses == 0
+    for rows in unet_gates:
+        torch.testing.assert_close(rows, g.magnitude * torch.sigmoid((torch.cat([want_cond, want_cond]) + g.bias)
+                                                                    / g.tau))
+    unet_gates.clear()
+    pipe([prompt, negative], num_inference_steps=1, guidance_scale=1.0, height=64, width=64,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    torch.testing.assert_close(unet_gates[0], g.magnitude * torch.sigmoid((torch.cat([want_cond, want_uncond])
+                                                                           + g.bias) / g.tau))
+    path = mole.save_gates(mix, tmp_path / "positive.safetensors")
+    mix.detach()
+    gf = mole.read_gate_file(path)
+    assert gf.info["version"] == 5 and gf.config.negative_routing == "positive"
+    with pytest.raises(mole.MoleError, match="`negative_routing` must be one of"):
+        mole.GateConfig(**{**CFG.to_dict(), "negative_routing": "negative"})
+
+
+def test_follow_positive_by_hand():
+    """Only unconditional rows change, each to the route of the conditional row that shares its latent."""
+    routes = torch.arange(12.0).reshape(6, 2)
+    x = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    same = torch.cat([x, x])
+    torch.testing.assert_close(follow_positive(routes, same, None), torch.cat([routes[3:], routes[3:]]))
+    comfy = follow_positive(routes, same, [0, 1])  # ComfyUI's cond_or_uncond: the cond chunk first
+    torch.testing.assert_close(comfy, torch.cat([routes[:3], routes[:3]]))
+    other = torch.cat([x, x[[0, 2, 1]]])  # rows 1 and 2 denoise other latents than their cond rows
+    torch.testing.assert_close(follow_positive(routes, other, None), torch.cat([routes[[3]], routes[1:]]))
+    for kinds in ([0, 0], [1, 1], [1, 0, 0, 1]):  # no pair, or chunks that do not divide 6 rows
+        assert torch.equal(follow_positive(routes, same, kinds), routes)
+    assert torch.equal(follow_positive(routes[:5], same[:5], None), routes[:5])
 
 
 def test_the_unets_use_of_a_route_trains_the_router(pipe, lora_set):

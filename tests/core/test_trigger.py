@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import mole_core as mole
+from mole_core.gate_file import VERSION
 from tests.core._files import reloads_exactly
 from tests.fixtures.tiny_models import sd15_pipeline
 from train.config import TrainConfig
@@ -140,7 +141,7 @@ def test_trigger_gate_file_round_trip_and_schema(pipe, lora_set, tmp_path):
     assert "expected (3,)" in broken(lambda t: t.__setitem__("router.bias", torch.zeros(())))
     assert "expected (3,)" in broken(lambda t: t.__setitem__(f"gates.{scope}.magnitude_logit", torch.zeros(())))
     info = json.loads(meta["mole"])
-    info["version"] = 5
+    info["version"] = VERSION + 1  # a file from a newer MoLE
     out = tmp_path / "newer.safetensors"
     save_file(tensors, out, metadata={**meta, "mole": json.dumps(info)})
     with pytest.raises(mole.MoleError, match="newer than this MoLE"):

@@ -116,3 +116,37 @@ def test_trigger_gate_file_switches_each_lora_by_its_word_in_comfyuis_clip(mole,
         for r in (want_pos, want_neg):
             e = gate.magnitude * torch.sigmoid(r[0] / gate.tau)
             assert min(float((row - e).abs().max()) for row in rows) < 1e-5, s
+
+
+def test_positive_negative_routing_runs_the_prompts_loras_in_both_cfg_rows(mole, tiny, experts, comfy_dirs):
+    """``negative_routing="positive"`` in a trigger gate file: ComfyUI batches cond and uncond (its
+    ``cond_or_uncond`` says which is which); the uncond row runs at the prompt's gates, not the negative
+    prompt's, in every UNet scope."""
+    import mole_core
+
+    model, clip = tiny
+    index, _ = mole.comfy_index.build_index(model=model, clip=clip)
+    cfg = mole_core.GateConfig(gate_input="trigger", family="sigmoid", granularity="block",
+                               negative_routing="positive")
+    mix = mole_core.attach(index, experts.experts(), cfg, hooks=False)
+    mole_core.calibrate_triggers(mix, lambda ps: [_encode(clip, p) for p in ps],
+                                 ["a purple star on grey", "a red circle", "blurry"], ["purple", "star"])
+    mole_core.save_gates(mix, comfy_dirs["mole_gates"] / "trigger_positive.safetensors")
+    gates = load_gates(mole, "trigger_positive.safetensors")
+    m, c, g = apply(mole, model, experts, "gated", clip=clip, gates=gates)
+    unet_mix, te_mix = (next(h.mix for h in g.holders if h.component == comp) for comp in ("unet", "te"))
+    pos = _encode(c, "a purple circle on grey")
+    want_pos = te_mix._route.clone()
+    neg = _encode(c, "a star")
+    assert want_pos[0, 0] > 2 and te_mix._route[0, 1] > 2  # the prompt names purple, the negative star
+    seen: list[dict] = []
+    handle = m.model.diffusion_model.register_forward_hook(
+        lambda *_: seen.append({k: v.clone() for k, v in unet_mix.live_gates.items()}))
+    sample(m, pos, neg, steps=1)
+    handle.remove()
+    assert unet_mix.routes.misses == 0 and len(seen) == 1
+    for s in (s for s in unet_mix.scopes if s.startswith("unet:")):
+        gate = unet_mix.scope_gate(s).requires_grad_(False)
+        rows = seen[-1][s]
+        assert rows.shape[0] == 2, s
+        torch.testing.assert_close(rows, (gate.magnitude * torch.sigmoid(want_pos[0] / gate.tau)).expand(2, -1))
