@@ -5,7 +5,8 @@ With ``gate_input="router"`` the router runs once per prompt, in the text encode
 repeated to a longer token length, or concatenated with a second encoder's states), so the decision is found
 by the conditioning itself: the text encoder's output states are remembered with the prompt's routes, and
 each row of the UNet's context finds the remembered states it starts with, every token equal up to rounding. No host
-bookkeeping and no batch-order assumption.
+bookkeeping and no batch-order assumption. Only :func:`follow_positive` (``negative_routing="positive"``) needs
+to know which rows guide which: ComfyUI says so per call, diffusers always batches the negative prompts first.
 """
 
 from __future__ import annotations
