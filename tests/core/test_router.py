@@ -44,6 +44,17 @@ def _tokens(pipe, prompts: list[str]) -> torch.Tensor:
                           truncation=True, return_tensors="pt").input_ids
 
 
+def _routes(pipe, mix: mole.Mixture, *prompts: str) -> list[torch.Tensor]:
+    """The router logits ``(1, N)`` of each prompt, each encoded on its own (as diffusers encodes a prompt and
+    its negative)."""
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            pipe.text_encoder(_tokens(pipe, [p]))
+            out.append(mix._route.clone())
+    return out
+
+
 def test_every_scope_uses_the_hand_computed_route_of_its_prompt(pipe, lora_set):
     mix = mole.attach(pipe, mole.load_experts(lora_set.paths), CFG)
     _randomise(mix)
@@ -81,11 +92,7 @@ def test_guided_sampling_routes_cond_and_uncond_rows_by_their_own_prompt(pipe, l
     mix = mole.attach(pipe, mole.load_experts(lora_set.paths), CFG)
     _randomise(mix)
     prompt, negative = "a purple star", "blurry"
-    with torch.no_grad():
-        pipe.text_encoder(_tokens(pipe, [prompt]))
-        want_cond = mix._route.clone()
-        pipe.text_encoder(_tokens(pipe, [negative]))
-        want_uncond = mix._route.clone()
+    want_cond, want_uncond = _routes(pipe, mix, prompt, negative)
     unet_gates = []
     handle = pipe.unet.register_forward_hook(
         lambda m, a, o: unet_gates.append(mix.live_gates[next(s for s in mix.scopes if s.startswith("unet:"))]))
@@ -109,11 +116,7 @@ def test_positive_negative_routing_gives_the_uncond_rows_the_prompts_route(pipe,
     mix = mole.attach(pipe, experts, cfg)
     _randomise(mix)
     prompt, negative = "a purple star", "blurry"
-    with torch.no_grad():
-        pipe.text_encoder(_tokens(pipe, [prompt]))
-        want_cond = mix._route.clone()
-        pipe.text_encoder(_tokens(pipe, [negative]))
-        want_uncond = mix._route.clone()
+    want_cond, want_uncond = _routes(pipe, mix, prompt, negative)
     assert (want_cond - want_uncond).abs().max() > 0.02
     scope = next(s for s in mix.scopes if s.startswith("unet:"))
     unet_gates = []

@@ -38,6 +38,30 @@ def _encode(clip, text: str):
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
+def _trigger_gates(mole, tiny, experts, folder, name, **cfg):
+    """A trigger gate file calibrated on ComfyUI's own CLIP (purple and star keyed), loaded as MoLE Load Gates does."""
+    import mole_core
+
+    model, clip = tiny
+    index, _ = mole.comfy_index.build_index(model=model, clip=clip)
+    config = mole_core.GateConfig(gate_input="trigger", family="sigmoid", granularity="block", **cfg)
+    mix = mole_core.attach(index, experts.experts(), config, hooks=False)
+    mole_core.calibrate_triggers(mix, lambda ps: [_encode(clip, p) for p in ps],
+                                 ["a purple star on grey", "a red circle", "blurry"], ["purple", "star"])
+    mole_core.save_gates(mix, folder / name)
+    return load_gates(mole, name)
+
+
+def _unet_gates_while_sampling(m, unet_mix, pos, neg, steps: int = 1) -> list[dict]:
+    """Each UNet call's live gates during a ComfyUI sampling run (MoLE Apply ejects them after it)."""
+    seen: list[dict] = []
+    handle = m.model.diffusion_model.register_forward_hook(
+        lambda *_: seen.append({k: v.clone() for k, v in unet_mix.live_gates.items()}))
+    sample(m, pos, neg, steps=steps)
+    handle.remove()
+    return seen
+
+
 def test_router_gate_file_routes_cond_and_uncond_rows_by_their_prompt(mole, tiny, experts, comfy_dirs):
     import mole_core
 
@@ -85,16 +109,8 @@ def test_router_gate_file_needs_the_clip(mole, tiny, experts, comfy_dirs):
 def test_trigger_gate_file_switches_each_lora_by_its_word_in_comfyuis_clip(mole, tiny, experts, comfy_dirs):
     """``gate_input="trigger"``: keys calibrated on ComfyUI's own token embedding; the prompt that names a
     LoRA's word runs it, the prompt that does not switches it off, in the text encoder and the UNet."""
-    import mole_core
-
     model, clip = tiny
-    index, _ = mole.comfy_index.build_index(model=model, clip=clip)
-    cfg = mole_core.GateConfig(gate_input="trigger", family="sigmoid", granularity="block")
-    mix = mole_core.attach(index, experts.experts(), cfg, hooks=False)
-    mole_core.calibrate_triggers(mix, lambda ps: [_encode(clip, p) for p in ps],
-                                 ["a purple star on grey", "a red circle", "blurry"], ["purple", "star"])
-    mole_core.save_gates(mix, comfy_dirs["mole_gates"] / "trigger.safetensors")
-    gates = load_gates(mole, "trigger.safetensors")
+    gates = _trigger_gates(mole, tiny, experts, comfy_dirs["mole_gates"], "trigger.safetensors")
     m, c, g = apply(mole, model, experts, "gated", clip=clip, gates=gates)
     unet_mix, te_mix = (next(h.mix for h in g.holders if h.component == comp) for comp in ("unet", "te"))
     assert te_mix.router_lead == "te:token_embedding" and unet_mix.routes is te_mix.routes
@@ -104,11 +120,7 @@ def test_trigger_gate_file_switches_each_lora_by_its_word_in_comfyuis_clip(mole,
     want_neg = te_mix._route.clone()
     assert want_pos[0, 0] > 2 and want_pos[0, 1] < -2  # names purple, not star
     assert want_neg[0, 0] < -2 and want_neg[0, 1] > 2  # names star, not purple
-    seen: list[dict] = []
-    handle = m.model.diffusion_model.register_forward_hook(
-        lambda *_: seen.append({k: v.clone() for k, v in unet_mix.live_gates.items()}))
-    sample(m, pos, neg, steps=1)
-    handle.remove()
+    seen = _unet_gates_while_sampling(m, unet_mix, pos, neg)
     assert unet_mix.routes.misses == 0 and len(seen) == 1
     for s in (s for s in unet_mix.scopes if s.startswith("unet:")):
         gate = unet_mix.scope_gate(s).requires_grad_(False)
@@ -122,28 +134,16 @@ def test_positive_negative_routing_runs_the_prompts_loras_in_both_cfg_rows(mole,
     """``negative_routing="positive"`` in a trigger gate file: ComfyUI batches cond and uncond (its
     ``cond_or_uncond`` says which is which); the uncond row runs at the prompt's gates, not the negative
     prompt's, in every UNet scope."""
-    import mole_core
-
     model, clip = tiny
-    index, _ = mole.comfy_index.build_index(model=model, clip=clip)
-    cfg = mole_core.GateConfig(gate_input="trigger", family="sigmoid", granularity="block",
-                               negative_routing="positive")
-    mix = mole_core.attach(index, experts.experts(), cfg, hooks=False)
-    mole_core.calibrate_triggers(mix, lambda ps: [_encode(clip, p) for p in ps],
-                                 ["a purple star on grey", "a red circle", "blurry"], ["purple", "star"])
-    mole_core.save_gates(mix, comfy_dirs["mole_gates"] / "trigger_positive.safetensors")
-    gates = load_gates(mole, "trigger_positive.safetensors")
+    gates = _trigger_gates(mole, tiny, experts, comfy_dirs["mole_gates"], "trigger_positive.safetensors",
+                           negative_routing="positive")
     m, c, g = apply(mole, model, experts, "gated", clip=clip, gates=gates)
     unet_mix, te_mix = (next(h.mix for h in g.holders if h.component == comp) for comp in ("unet", "te"))
     pos = _encode(c, "a purple circle on grey")
     want_pos = te_mix._route.clone()
     neg = _encode(c, "a star")
     assert want_pos[0, 0] > 2 and te_mix._route[0, 1] > 2  # the prompt names purple, the negative star
-    seen: list[dict] = []
-    handle = m.model.diffusion_model.register_forward_hook(
-        lambda *_: seen.append({k: v.clone() for k, v in unet_mix.live_gates.items()}))
-    sample(m, pos, neg, steps=1)
-    handle.remove()
+    seen = _unet_gates_while_sampling(m, unet_mix, pos, neg)
     assert unet_mix.routes.misses == 0 and len(seen) == 1
     for s in (s for s in unet_mix.scopes if s.startswith("unet:")):
         gate = unet_mix.scope_gate(s).requires_grad_(False)
