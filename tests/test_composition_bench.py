@@ -8,10 +8,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import composition as C  # noqa: E402
+
+import mole_core as mole  # noqa: E402
+from mole_toy.evaluate import sample  # noqa: E402
 
 ROW = {"2_train": (0.5, 0.1), "3_train": (0.4, 0.1), "2_held_out": (1.0, 0.0), "3_held_out": (1.0, 0.0),
        "base": (0.6, 0.0), "sample_entropy": (0.7, 0.0)}
@@ -77,6 +81,19 @@ def test_the_table_lists_the_pairs_per_composition_when_the_results_have_them():
     assert "| mole_x | 1.00 | 0.75 | 0.25 |" in md
     assert "| stack | 0.50 ± 0.10" in md and "| stack | 1.00" not in md  # saved before the breakdown: no row
     assert "| static_2 |" not in md  # a sweep point, not the sweep's best
+    assert "Whole prompt" not in md  # saved before the whole-prompt keys: no such table
+
+
+def test_the_table_shows_the_whole_prompt_accuracy_of_rows_that_have_it():
+    whole = {f"{k}_whole": (v, 0.05) for k, v in (("2_train", 0.6), ("3_train", 0.9), ("2_held_out", 0.7),
+                                                     ("3_held_out", 1.0))}
+    per = {f"2_train_whole:{a}+{b}": (v, 0.0) for (a, b), v in zip([("purple", "striped"), ("purple", "star"),
+                                                                      ("striped", "star")], (1.0, 0.5, 0.25))}
+    md = C.table({"stack": ROW, "mole_x": {**ROW, **whole, **per}})
+    assert "| mole_x | 0.60 ± 0.05 | 0.90 ± 0.05 | 0.70 ± 0.05 | 1.00 ± 0.05 | 0.60 ± 0.00 |" in md
+    assert md.count("| stack |") == 1  # only in the concept table
+    assert "Whole prompt, 2 concepts on the training templates, per composition" in md
+    assert "| mole_x | 1.00 | 0.50 | 0.25 |" in md
 
 
 @pytest.mark.slow
@@ -94,6 +111,40 @@ def test_composition_accuracy_per_composition_averages_to_the_sets_mean():
     s = argparse.Namespace(sample_steps=4, guidance=5.0)
     out = C.composition_accuracy(world, pipe, sets, 0, s)
     combos = [f"2_train:{a}+{b}" for a, b in itertools.combinations(C.CONCEPTS, 2)]
-    assert sorted(out) == sorted(["2_train", *combos])
-    assert all(out[k] in (0.0, 0.25, 0.5, 0.75, 1.0) for k in combos)  # 4 images each
+    whole = [k.replace(":", "_whole:") for k in combos]
+    assert sorted(out) == sorted(["2_train", *combos, "2_train_whole", *whole])
+    assert all(out[k] in (0.0, 0.25, 0.5, 0.75, 1.0) for k in combos + whole)  # 4 images each
     assert out["2_train"] == pytest.approx(sum(out[k] for k in combos) / 3)
+    assert out["2_train_whole"] == pytest.approx(sum(out[k] for k in whole) / 3)
+    assert all(out[w] <= out[k] for k, w in zip(combos, whole))  # the whole prompt includes the named concepts
+
+
+@pytest.mark.slow
+def test_whole_prompt_accuracy_fails_a_leaked_concept_the_concept_accuracy_passes():
+    """Stacking all three LoRAs on "a red striped circle …" prompts: the star LoRA leaks into the shape. The
+    concept accuracy (striped only) does not see it; the whole-prompt accuracy does, image by image as the
+    probe reads the shape."""
+    import argparse
+
+    from mole_toy import load_world
+    from train.sampling import attach_mixture
+
+    world = load_world(None)
+    pipe = world.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    experts = mole.load_experts(world.expert_paths(C.CONCEPTS))
+    items = [(p, a, ("striped",)) for p, a in C.prompts_for(("striped",), C.TRAIN_TEMPLATES, 8, 7001)]
+    mixes = attach_mixture(pipe, experts, mode="static", weights=[0.0, 1.0, 1.0])
+    try:
+        out = C.composition_accuracy(world, pipe, {"s": items}, 0, argparse.Namespace(sample_steps=8, guidance=5.0))
+        images = sample(pipe, [p for p, _, _ in items], seed=1000, steps=8, guidance=5.0)
+    finally:
+        for m in mixes:
+            m.detach()
+    preds = [world.probe(im) for im in images]
+    assert out["s"] == pytest.approx(np.mean([p["texture"] == "striped" for p in preds]))
+    assert out["s_whole"] == pytest.approx(np.mean([all(p[k] == v for k, v in a.items())
+                                                    for p, (_, a, _) in zip(preds, items)]))
+    leaked = [p["texture"] == "striped" and p["shape"] == "star" for p in preds]  # striped, but a star
+    assert np.mean(leaked) >= 0.25
+    assert out["s_whole"] <= out["s"] - np.mean(leaked)  # each of them passes the concept, fails the whole
