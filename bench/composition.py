@@ -273,33 +273,34 @@ def summarise(runs: list[dict]) -> dict:
     return agg
 
 
+def _label(method: str, row: dict) -> str:
+    return f"static λ = {row['lambda']:g}" if method == "static_best" else method
+
+
+def _mean_rows(agg: dict, methods: list[str], cols: list[str]) -> list[str]:
+    """One markdown row per method: each column's mean ± spread over seeds (— where the row lacks it)."""
+    return [f"| {_label(m, agg[m])} | " + " | ".join(f"{agg[m][c][0]:.2f} ± {agg[m][c][1]:.2f}" if c in agg[m] else "—"
+                                                   for c in cols) + " |" for m in methods]
+
+
 def table(agg: dict) -> str:
-    cols = ["2_train", "3_train", "2_held_out", "3_held_out", "base", "sample_entropy"]
+    shown = [m for m in agg if m == "static_best" or not m.startswith("static_")]  # the sweep by its best λ only
     lines = ["| method | 2 concepts | 3 concepts | 2 held-out | 3 held-out | base | per-sample gate entropy |",
              "|---|---|---|---|---|---|---|"]
-    for m, e in agg.items():
-        if m.startswith("static_") and m != "static_best":
-            continue
-        label = f"static λ = {e['lambda']:g}" if m == "static_best" else m
-        lines.append(f"| {label} | " + " | ".join(f"{e[c][0]:.2f} ± {e[c][1]:.2f}" if c in e else "—"
-                                                   for c in cols) + " |")
-    whole = [m for m in agg if "2_train_whole" in agg[m] and (m == "static_best" or not m.startswith("static_"))]
+    lines += _mean_rows(agg, shown, ["2_train", "3_train", "2_held_out", "3_held_out", "base", "sample_entropy"])
+    whole = [m for m in shown if "2_train_whole" in agg[m]]
     if whole:  # results saved before the whole-prompt keys existed have none
-        cols = ["2_train_whole", "3_train_whole", "2_held_out_whole", "3_held_out_whole", "base"]
         lines += ["", "Whole prompt: share of images with every attribute of the prompt read back (the named concepts "
                   "and the template's colour, texture, shape, background; base: the same on prompts naming none)", "",
                   "| method | 2 concepts | 3 concepts | 2 held-out | 3 held-out | base |", "|---|---|---|---|---|---|"]
-        for m in whole:
-            e = agg[m]
-            label = f"static λ = {e['lambda']:g}" if m == "static_best" else m
-            lines.append(f"| {label} | " + " | ".join(f"{e[c][0]:.2f} ± {e[c][1]:.2f}" for c in cols) + " |")
+        lines += _mean_rows(agg, whole, ["2_train_whole", "3_train_whole", "2_held_out_whole", "3_held_out_whole",
+                                         "base"])
     lines += ["", "Routing: mean effective gate per expert on prompts that name it / name only others / name none",
               "", "| method | " + " | ".join(CONCEPTS) + " |", "|---|" + "---|" * len(CONCEPTS)]
     for m, e in agg.items():
         if "routing" in e:
             lines.append(f"| {m} | " + " | ".join(f"{e['routing'][c]['named']:.2f} / {e['routing'][c]['others']:.2f}"
                                                    f" / {e['routing'][c]['none']:.2f}" for c in CONCEPTS) + " |")
-    shown = [m for m in agg if m == "static_best" or not m.startswith("static_")]  # the sweep by its best λ only
     for key, title in (("2_train", "2 concepts on the training templates, per composition"),
                        ("2_train_whole", "Whole prompt, 2 concepts on the training templates, per composition")):
         pairs = [f"{key}:{'+'.join(sub)}" for sub in itertools.combinations(CONCEPTS, 2)]

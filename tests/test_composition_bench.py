@@ -121,8 +121,8 @@ def test_composition_accuracy_per_composition_averages_to_the_sets_mean():
 
 @pytest.mark.slow
 def test_whole_prompt_accuracy_fails_a_leaked_concept_the_concept_accuracy_passes():
-    """Stacking all three LoRAs on "a red striped circle …" prompts: the star LoRA leaks into the shape. The
-    concept accuracy (striped only) does not see it; the whole-prompt accuracy does, image by image as the
+    """The striped and star LoRAs stacked on "a red striped circle …" prompts: the star LoRA leaks into the shape.
+    The concept accuracy (striped only) does not see it; the whole-prompt accuracy does, image by image as the
     probe reads the shape."""
     import argparse
 
