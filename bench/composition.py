@@ -14,10 +14,12 @@ composition. Per seed and method:
   name only other concepts, and that name none — the text encoder's and the UNet's scopes averaged;
 - per-sample gate entropy (of each sample's gate shares, averaged), not the entropy of the mean gate.
 
-Rows: ``stack``, ``nla``, ``switch`` (LoRA Switch, every step), ``composite`` (LoRA Composite), the best
-``static λ`` of a sweep (every LoRA at λ/3 in UNet and text encoders,
-picked by 3-concept composition), ``mole_denoise`` (the default recipe of earlier releases), the paper's softmax
-gates with the compose objective and the best compose recipe; ``--recipes`` adds the others (``ON_REQUEST``).
+Rows: ``stack``, ``nla``, ``switch`` (LoRA Switch, every step), the best ``static λ`` of a sweep (every LoRA at
+λ/3 in UNet and text encoders, picked by 3-concept composition), ``mole_denoise`` (the default recipe of earlier
+releases), the paper's softmax gates with the compose objective and the best compose recipe; ``--recipes`` adds
+the others (``ON_REQUEST``), ``--baselines composite`` LoRA Composite (3 UNet passes per step), both joinable to
+a saved run with ``--merge``. Fixed-weight rows (stack, NLA, the sweep) sample with the LoRAs merged into the
+weights, as a LoRA loader applies them.
 Composition is judged twice: the requested concepts, and the whole prompt (every attribute it names).
 ``python bench/composition.py --quick --json`` prints one JSON object as its last line.
 """
@@ -48,7 +50,7 @@ from train.config import TrainConfig  # noqa: E402
 from train.data import Reference  # noqa: E402
 from train.diffusers_backend import DiffusersBackend, quiet_libraries  # noqa: E402
 from train.engine import train  # noqa: E402
-from train.sampling import attach_mixture, attach_training_free  # noqa: E402
+from train.sampling import attach_merged, attach_mixture, attach_training_free  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 CONCEPTS = ["purple", "striped", "star"]
@@ -57,6 +59,12 @@ TRAIN_TEMPLATES = {"colour": ("red", "green"), "texture": ("plain", "dotted"), "
 HELD_OUT_TEMPLATES = {"colour": ("blue", "yellow"), "texture": ("plain", "dotted"), "shape": ("triangle", "cross"),
                       "background": ("white",)}
 SWEEP = (1.5, 2.0, 2.5)  # static λ: every LoRA at λ/3
+BASELINES = {"stack": {"mode": "static", "weights": [1.0] * 3}, "nla": {"mode": "uniform"},
+             "switch": {"method": "switch"}, "composite": {"method": "composite"},
+             **{f"static_{lam:g}": {"mode": "uniform", "strength": lam} for lam in SWEEP}}
+# LoRA Composite runs every sampling step's UNet call once per LoRA (3× a row's cost, ~11 of a full run's minutes
+# on 2 cores): not one of the issue's rows, so on request (--baselines) and joined with --merge
+DEFAULT_BASELINES = [b for b in BASELINES if b != "composite"]
 
 
 @dataclass(frozen=True)
@@ -196,9 +204,11 @@ def evaluate(world, pipe, backend, experts, method: dict, sets: dict, base: list
              s: argparse.Namespace) -> dict:
     if "method" in method:  # LoRA Switch / Composite: hooks + mixtures
         mixes = attach_training_free(pipe, experts, method["method"], every=1)
-    else:
-        mixes = attach_mixture(pipe, experts, gates=method.get("gates"), mode=method.get("mode", "uniform"),
-                               weights=method.get("weights"), strength=method.get("strength", 1.0))
+    elif "gates" in method:
+        mixes = attach_mixture(pipe, experts, gates=method["gates"])
+    else:  # fixed weights merged, as a LoRA loader does: the bare model's speed
+        mixes = attach_merged(pipe, experts, mode=method.get("mode", "uniform"), weights=method.get("weights"),
+                              strength=method.get("strength", 1.0))
     try:
         res = composition_accuracy(world, pipe, sets, seed, s)
         images = sample(pipe, [p for p, _ in base], seed=2000 + seed, steps=s.sample_steps, guidance=s.guidance)
@@ -211,7 +221,7 @@ def evaluate(world, pipe, backend, experts, method: dict, sets: dict, base: list
     return res
 
 
-def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log, baselines: bool = True  # noqa: ANN001
+def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log, baselines: list[str]  # noqa: ANN001
              ) -> dict:
     torch.set_num_threads(1)
     quiet_libraries()
@@ -229,12 +239,7 @@ def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log, basel
                     items += [(p, attrs, sub)] * s.images
             sets[f"{k}_{tname}"] = items
     base = [(W.caption(sp), sp.attributes) for sp in W.sample_specs(s.base, 3000 + seed, W.BASE_VALUES)]
-    methods: dict[str, dict] = {}
-    if baselines:
-        methods.update({"stack": {"mode": "static", "weights": [1.0] * 3}, "nla": {"mode": "uniform"},
-                        "switch": {"method": "switch"}, "composite": {"method": "composite"}})
-        for lam in SWEEP:
-            methods[f"static_{lam:g}"] = {"mode": "uniform", "strength": lam}
+    methods: dict[str, dict] = {b: BASELINES[b] for b in baselines}
     refs = references(world, seed, 8)
     for r in recipes:
         cfg = TrainConfig(**{**dict(steps=s.steps, lr=s.lr, resolution=W.SIZE, batch_size=8, seed=seed,
@@ -344,16 +349,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", default=None, help=f"comma list of recipes (default all: "
                     f"{','.join(r.name for r in RECIPES)})")
     ap.add_argument("--assets", default=None, help="toy world folder (default mole_toy/assets)")
-    ap.add_argument("--merge", action="store_true", help="train and judge only --recipes (no baselines) and put "
-                    "their rows into the saved results of the same settings; the other rows stay as saved")
+    ap.add_argument("--baselines", default=None, help=f"comma list of training-free rows (default "
+                    f"{','.join(DEFAULT_BASELINES)}; with --merge none; also: composite)")
+    ap.add_argument("--merge", action="store_true", help="judge only --recipes and --baselines and put their rows "
+                    "into the saved results of the same settings; the other rows stay as saved")
     args = ap.parse_args(argv)
-    if args.merge and not args.recipes:
-        ap.error("--merge needs --recipes (the rows to add or replace)")
+    if args.merge and not (args.recipes or args.baselines):
+        ap.error("--merge needs --recipes or --baselines (the rows to add or replace)")
     known = {r.name: r for r in RECIPES + ON_REQUEST}
-    names = args.recipes.split(",") if args.recipes else [r.name for r in RECIPES]
+    names = (args.recipes.split(",") if args.recipes else [] if args.merge else [r.name for r in RECIPES])
     unknown = [n for n in names if n not in known]
     if unknown:
         ap.error(f"--recipes: unknown {unknown}; choose from {sorted(known)}")
+    baselines = (args.baselines.split(",") if args.baselines else [] if args.merge else DEFAULT_BASELINES)
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        ap.error(f"--baselines: unknown {unknown}; choose from {list(BASELINES)}")
     recipes = [known[n] for n in names]
     s = argparse.Namespace(assets=args.assets, sample_steps=12, guidance=5.0, lr=3e-2,
                            steps=args.steps or (120 if args.quick else 300),
@@ -368,12 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(run_seed, seeds, [s] * n, [recipes] * n, [log] * n, [not args.merge] * n))
+            runs = list(pool.map(run_seed, seeds, [s] * n, [recipes] * n, [log] * n, [baselines] * n))
     else:
-        runs = [run_seed(seed, s, recipes, log, not args.merge) for seed in seeds]
+        runs = [run_seed(seed, s, recipes, log, baselines) for seed in seeds]
     agg = summarise(runs)
-    if saved is not None:
-        agg = {**saved["results"], **agg}
+    if saved is not None:  # the saved rows, this run's replacing theirs, in the default set's order
+        order = [*BASELINES, "static_best", *known]
+        agg = dict(sorted({**saved["results"], **agg}.items(),
+                          key=lambda row: order.index(row[0]) if row[0] in order else len(order)))
     text = table(agg)
     print(text)
     OUT.mkdir(exist_ok=True)
@@ -381,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                "images_per_composition": s.prompts * s.images, "elapsed_s": round(time.perf_counter() - t0, 1),
                "results": agg}
     if saved is not None:
-        summary["elapsed_s"] = {**_elapsed(saved), ",".join(names): summary["elapsed_s"]}
+        summary["elapsed_s"] = {**_elapsed(saved), ",".join(names + baselines): summary["elapsed_s"]}
     (OUT / f"{name}.json").write_text(json.dumps(summary, indent=1))
     (OUT / f"{name}.md").write_text(text + "\n")
     if args.json:

@@ -34,14 +34,14 @@ def test_merge_replaces_the_recipes_rows_and_keeps_the_others(tmp_path, monkeypa
     monkeypatch.setattr(C, "OUT", tmp_path)
     calls = []
 
-    def run_seed(seed, s, recipes, log, baselines=True):  # noqa: ANN001, ANN202
+    def run_seed(seed, s, recipes, log, baselines):  # noqa: ANN001, ANN202
         calls.append((seed, [r.name for r in recipes], baselines))
         return {r.name: {"2_train": 0.9, "3_train": 0.8, "2_held_out": 1.0, "3_held_out": 1.0, "base": 0.7,
                          "sample_entropy": 0.5} for r in recipes}
 
     monkeypatch.setattr(C, "run_seed", run_seed)
     assert C.main(["--quick", "--merge", "--recipes", "mole_denoise,mole_sigmoid_compose_trigger_fixed"]) == 0
-    assert calls == [(0, ["mole_denoise", "mole_sigmoid_compose_trigger_fixed"], False)]  # no baselines re-run
+    assert calls == [(0, ["mole_denoise", "mole_sigmoid_compose_trigger_fixed"], [])]  # no baselines re-run
     out = json.loads((tmp_path / "composition_quick.json").read_text())
     assert list(out["results"]) == ["stack", "mole_denoise", "mole_sigmoid_compose_trigger_fixed"]
     assert out["results"]["stack"] == {k: list(v) for k, v in ROW.items()}
@@ -70,7 +70,35 @@ def test_merge_needs_saved_results_and_recipes(tmp_path, monkeypatch, capsys):
         C.main(["--quick", "--merge", "--recipes", "mole_denoise"])
     with pytest.raises(SystemExit) as info:
         C.main(["--quick", "--merge"])
-    assert info.value.code == 2 and "--merge needs --recipes" in capsys.readouterr().err
+    assert info.value.code == 2 and "--merge needs --recipes or --baselines" in capsys.readouterr().err
+
+
+def test_composite_is_a_baseline_on_request_that_merges_into_its_place(tmp_path, monkeypatch, capsys):
+    """The default run leaves LoRA Composite out; ``--merge --baselines composite`` judges it alone and files its
+    row among the baselines, before the recipes."""
+    calls = []
+
+    def run_seed(seed, s, recipes, log, baselines):  # noqa: ANN001, ANN202
+        calls.append(([r.name for r in recipes], baselines))
+        return {name: dict(ROW_RUN) for name in [*baselines, *(r.name for r in recipes)]}
+
+    monkeypatch.setattr(C, "OUT", tmp_path)
+    monkeypatch.setattr(C, "run_seed", run_seed)
+    assert C.main(["--quick"]) == 0
+    assert calls[-1] == ([r.name for r in C.RECIPES], ["stack", "nla", "switch", "static_1.5", "static_2",
+                                                       "static_2.5"])
+    assert C.main(["--quick", "--merge", "--baselines", "composite"]) == 0
+    assert calls[-1] == ([], ["composite"])
+    out = json.loads((tmp_path / "composition_quick.json").read_text())
+    assert list(out["results"]) == ["stack", "nla", "switch", "composite", "static_1.5", "static_2", "static_2.5",
+                                    "static_best", *(r.name for r in C.RECIPES)]
+    assert set(out["elapsed_s"]) == {"all", "composite"}
+    with pytest.raises(SystemExit) as info:
+        C.main(["--quick", "--baselines", "stack,lora_hub"])
+    assert info.value.code == 2 and "--baselines: unknown ['lora_hub']" in capsys.readouterr().err
+
+
+ROW_RUN = {k: v[0] for k, v in ROW.items()}
 
 
 def test_the_table_lists_the_pairs_per_composition_when_the_results_have_them():

@@ -105,6 +105,25 @@ def attach_mixture(pipe, experts: list[mole.Expert], *, gates: str | Path | mole
     return mixes
 
 
+class MergedMixture:
+    """A fixed mixture merged into the model's weights, as a LoRA loader applies it: sampling runs at the bare
+    model's speed (no hooks). :meth:`detach` puts the original weights back bit for bit."""
+
+    def __init__(self, baked: mole.BakedWeights):
+        self._baked = baked
+
+    def detach(self) -> None:
+        self._baked.restore()
+
+
+def attach_merged(pipe, experts: list[mole.Expert], *, mode: str = "uniform",  # noqa: ANN001
+                  weights: list[float] | None = None, strength: float = 1.0) -> list[MergedMixture]:
+    """:func:`attach_mixture` without gates, merged into the weights: the same outputs up to float rounding, at
+    the bare model's speed. Detach every returned mixture when done."""
+    return [MergedMixture(mole.bake_into_model(m))
+            for m in attach_mixture(pipe, experts, mode=mode, weights=weights, strength=strength)]
+
+
 def attach_training_free(pipe, experts: list[mole.Expert], method: str, *, mask: list[bool] | None = None,  # noqa: ANN001
                          strength: float = 1.0, every: int = 1) -> list:
     """LoRA Switch or Composite: the UNet mixture driven by :class:`MethodHooks`, the text encoders at NLA.
