@@ -383,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runs = [run_seed(seed, s, recipes, log, baselines) for seed in seeds]
     agg = summarise(runs)
-    if saved is not None:  # the saved rows, this run's replacing theirs, in the default set's order
-        order = [*BASELINES, "static_best", *known]
-        agg = dict(sorted({**saved["results"], **agg}.items(),
-                          key=lambda row: order.index(row[0]) if row[0] in order else len(order)))
+    if saved is not None:  # the saved rows, this run's replacing theirs
+        agg = {**saved["results"], **agg}
+    order = [*BASELINES, "static_best", *known]  # baselines, the sweep's best, recipes: merged or not
+    agg = dict(sorted(agg.items(), key=lambda row: order.index(row[0]) if row[0] in order else len(order)))
     text = table(agg)
     print(text)
     OUT.mkdir(exist_ok=True)
