@@ -11,6 +11,12 @@ The composition benchmark's learned gates stay below stacking on the training te
    similarity (image ↔ each named concept's reference images) — the two terms objective ``compose`` follows.
    If the guide scores the better assignment no higher, gate training cannot learn it from the guide.
 
+``--random K`` adds K random assignments (the same for every seed and composition: each named LoRA kept in each
+UNet stage with probability 0.7, at least one, and its text-encoder part at a strength drawn from
+``RANDOM_TEXT``) and reports, per composition, the rank correlation of the guide's score with the probes'
+accuracy over all assignments and over the guide's favourites (the quarter it scores highest): does the guide
+order the candidates a block search chooses between as the probes do, where the choice is made?
+
 Prompts come from the composition benchmark's training templates (``--held-out`` adds the held-out ones).
 ``python bench/block_routing.py --json`` prints one JSON object as its last line (≈ 3 min per seed on 2 cores).
 """
@@ -21,6 +27,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,6 +58,9 @@ ASSIGNMENTS: dict[str, dict[str, tuple[str, ...]]] = {  # concept → UNet block
     "star in mid, up0, up1; striped's text part ×2": {"star": STAR_MID_UP01},
     "star in mid, up0, up1; striped's text part ×2.5": {"star": STAR_MID_UP01},
 }
+RANDOM_KEEP = 0.7  # --random: probability that a named LoRA runs in a UNet stage
+TOP_SHARE = 0.25  # the rank correlation among the guide's favourites: this share of the assignments (≥ 3)
+RANDOM_TEXT = (1.0, 1.0, 1.5, 2.0, 2.5)  # --random: its text-encoder part's strength (1, as trained, twice as likely)
 TEXT_STRENGTHS: dict[str, dict[str, float]] = {  # assignment → concept → strength of its text-encoder part (else 1)
     "star in mid, up0, up1; striped's text part ×2": {"striped": 2.0},
     "star in mid, up0, up1; striped's text part ×2.5": {"striped": 2.5},
@@ -64,6 +74,48 @@ def restrict(expert: mole.Expert, prefixes: tuple[str, ...] | None) -> mole.Expe
     keep = {k: f for k, f in expert.factors.items()
             if not k.startswith("unet:") or k.split(":", 1)[1].startswith(prefixes)}
     return dataclasses.replace(expert, factors=keep)
+
+
+def unet_stages(experts: list[mole.Expert]) -> list[str]:
+    """The UNet stages the experts' factors live in, as block prefixes (``down_blocks.0.``, ``mid_block.``, …)."""
+    def stage(path: str) -> str:
+        parts = path.split(".")
+        return ".".join(parts[:2] if parts[0] in ("down_blocks", "up_blocks") else parts[:1]) + "."
+    return sorted({stage(k.split(":", 1)[1]) for e in experts for k in e.factors if k.startswith("unet:")})
+
+
+Assignment = tuple[dict[str, tuple[str, ...]], dict[str, float]]  # concept → stages it runs in; → text strength
+
+
+def random_assignments(k: int, concepts: list[str], stages: list[str], seed: int = 0) -> dict[str, Assignment]:
+    """``k`` random assignments, deterministic in ``seed``: per concept, each of ``stages`` kept with probability
+    :data:`RANDOM_KEEP` (at least one), and a text-encoder strength from :data:`RANDOM_TEXT`."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(k):
+        blocks, text = {}, {}
+        for c in concepts:
+            keep = rng.random(len(stages)) < RANDOM_KEEP
+            keep[rng.integers(len(stages))] = True
+            blocks[c] = tuple(st for st, on in zip(stages, keep) if on)
+            text[c] = float(rng.choice(RANDOM_TEXT))
+        out[f"random {i}"] = (blocks, text)
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation (ties share their mean rank); None when either side is constant."""
+    def ranks(x: list[float]) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        r = np.empty(len(x))
+        r[x.argsort(kind="stable")] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):
+            r[x == v] = r[x == v].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def strengthen_text(expert: mole.Expert, strength: float) -> mole.Expert:
@@ -106,6 +158,8 @@ def run_seed(seed: int, s: argparse.Namespace, log) -> list[dict]:  # noqa: ANN0
     ref_emb = reference_embeddings(guide, [to_guide_input(np.asarray(r.image)[None])[0] for r in refs],
                                    [r.concept for r in refs])
     templates = {"train": C.TRAIN_TEMPLATES, **({"held_out": C.HELD_OUT_TEMPLATES} if s.held_out else {})}
+    assignments: dict[str, Assignment] = {name: (a, TEXT_STRENGTHS.get(name, {})) for name, a in ASSIGNMENTS.items()}
+    assignments |= random_assignments(s.random, C.CONCEPTS, unet_stages(list(experts.values())))
     rows = []
     for (tname, tpl), k in itertools.product(templates.items(), (2, 3)):
         for sub in itertools.combinations(C.CONCEPTS, k):
@@ -113,8 +167,7 @@ def run_seed(seed: int, s: argparse.Namespace, log) -> list[dict]:  # noqa: ANN0
             with torch.no_grad():
                 text = guide.embed_texts([p for p, _ in items])
             done: dict[tuple, dict] = {}  # the same restriction of these LoRAs is sampled once
-            for name, assignment in ASSIGNMENTS.items():
-                strengths = TEXT_STRENGTHS.get(name, {})
+            for name, (assignment, strengths) in assignments.items():
                 effective = tuple((c, assignment.get(c), strengths.get(c, 1.0)) for c in sub)
                 if effective not in done:
                     named = [strengthen_text(restrict(experts[c], assignment.get(c)), strengths.get(c, 1.0))
@@ -122,7 +175,7 @@ def run_seed(seed: int, s: argparse.Namespace, log) -> list[dict]:  # noqa: ANN0
                     done[effective] = _score(world, pipe, guide, text, ref_emb, items, sub, named, seed, s)
                 row = dict(seed=seed, templates=tname, composition="+".join(sub), assignment=name, **done[effective])
                 rows.append(row)
-                log(f"seed {seed} {tname} {row['composition']:<20} {name:<36} acc {row['accuracy']:.2f}  "
+                log(f"seed {seed} {tname} {row['composition']:<20} {name[:36]:<36} acc {row['accuracy']:.2f}  "
                     f"global {row['guide_global']:.3f}  local {row['guide_local']:.3f}")
     return rows
 
@@ -133,18 +186,35 @@ def _means(comps: list[str], pick) -> dict:  # noqa: ANN001
             "triple": float(np.mean([pick(c) for c in comps if c.count("+") == 2]))}
 
 
+def _rank_means(comps: list[str], pick) -> dict:  # noqa: ANN001
+    """Like :func:`_means`, skipping undefined (None) values; None where none is defined."""
+    out = {}
+    for group, n in (("pairs", 1), ("triple", 2)):
+        vals = [v for c in comps if c.count("+") == n and (v := pick(c)) is not None]
+        out[group] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _favourites(names: list[str], comp: str, guide: dict) -> list[str]:
+    """The :data:`TOP_SHARE` of ``names`` (at least 3) the guide scores highest on ``comp`` (ties: first named)."""
+    n = max(3, math.ceil(len(names) * TOP_SHARE))
+    return sorted(names, key=lambda a: -guide[(comp, a)])[:n]
+
+
 def summarise(rows: list[dict]) -> dict:
     """Mean over seeds per (templates, composition, assignment); per template set, the pair and triple means of
     ``every block``, of the best single assignment, of the best assignment chosen per composition (by the probes:
     a ceiling) and of the one the guide prefers per composition (highest global + local similarity, i.e. lowest
-    compose loss with the default weights)."""
+    compose loss with the default weights), and the mean over the pairs and over the triple of each composition's
+    rank correlation between the guide's score and the accuracy across all assignments and across the guide's
+    favourites (the :data:`TOP_SHARE` it scores highest, at least 3: the choice a search makes; None: undefined)."""
     keys = sorted({(r["templates"], r["composition"], r["assignment"]) for r in rows})
     cells = {}
     for key in keys:
         sel = [r for r in rows if (r["templates"], r["composition"], r["assignment"]) == key]
         cells[key] = {m: float(np.mean([r[m] for r in sel])) for m in ("accuracy", "guide_global", "guide_local")}
     out: dict = {"cells": [dict(templates=t, composition=c, assignment=a, **v) for (t, c, a), v in cells.items()]}
-    names = [a for a in ASSIGNMENTS if any(k[2] == a for k in keys)]  # the assignments scored, in table order
+    names = list(dict.fromkeys(r["assignment"] for r in rows))  # the assignments scored, in run order
     for t in sorted({k[0] for k in keys}):
         comps = sorted({k[1] for k in keys if k[0] == t})
         acc = {(c, a): cells[(t, c, a)]["accuracy"] for c in comps for a in names}
@@ -155,14 +225,25 @@ def summarise(rows: list[dict]) -> dict:
                   "best_single": {"assignment": single, **_means(comps, lambda c: acc[(c, single)])},  # noqa: B023
                   "best_per_composition": _means(comps, lambda c: max(acc[(c, a)] for a in names)),  # noqa: B023
                   "guide_pick_per_composition": _means(
-                      comps, lambda c: acc[(c, max(names, key=lambda a: guide[(c, a)]))])}  # noqa: B023
+                      comps, lambda c: acc[(c, max(names, key=lambda a: guide[(c, a)]))]),  # noqa: B023
+                  "rank_correlation": _rank_means(comps, lambda c: spearman(  # noqa: B023
+                      [acc[(c, a)] for a in names], [guide[(c, a)] for a in names])),  # noqa: B023
+                  "rank_correlation_top": _rank_means(comps, lambda c: spearman(  # noqa: B023
+                      [acc[(c, a)] for a in _favourites(names, c, guide)],  # noqa: B023
+                      [guide[(c, a)] for a in _favourites(names, c, guide)]))}  # noqa: B023
     return out
+
+
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
 
 
 def table(summary: dict) -> str:
     lines = ["| templates | composition | assignment | accuracy | guide global | guide local |",
              "|---|---|---|---|---|---|"]
     for c in summary["cells"]:
+        if c["assignment"].startswith("random "):  # in the JSON only; summed up below
+            continue
         lines.append(f"| {c['templates']} | {c['composition']} | {c['assignment']} | {c['accuracy']:.2f} | "
                      f"{c['guide_global']:.3f} | {c['guide_local']:.3f} |")
     for t in ("train", "held_out"):
@@ -173,7 +254,10 @@ def table(summary: dict) -> str:
                          f"{s['best_single']['triple']:.2f} · best per composition "
                          f"{s['best_per_composition']['pairs']:.2f} / {s['best_per_composition']['triple']:.2f} · "
                          f"the guide's pick per composition {s['guide_pick_per_composition']['pairs']:.2f} / "
-                         f"{s['guide_pick_per_composition']['triple']:.2f} (pairs / triple)")
+                         f"{s['guide_pick_per_composition']['triple']:.2f} · rank correlation guide ↔ probes "
+                         f"{_num(s['rank_correlation']['pairs'])} / {_num(s['rank_correlation']['triple'])}, "
+                         f"among the guide's favourites {_num(s['rank_correlation_top']['pairs'])} / "
+                         f"{_num(s['rank_correlation_top']['triple'])} (pairs / triple)")
     return "\n".join(lines)
 
 
@@ -186,8 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--assets", default=None, help="toy world folder (default mole_toy/assets)")
     ap.add_argument("--clip", default=None, help="a toy CLIP file to judge with (default: the world's own), e.g. "
                     "one from `python -m mole_toy build-clip --hard-negatives N --out DIR`")
+    ap.add_argument("--random", type=int, default=0, metavar="K", help="also K random assignments (stages and "
+                    "text strengths, the same for every seed) and the guide's rank correlation with the probes "
+                    "over all assignments (default 0)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
+    if args.random < 0:
+        ap.error(f"--random must be ≥ 0, got {args.random}")
     for flag in ("seeds", "prompts", "images"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag} must be ≥ 1, got {getattr(args, flag)}")
@@ -196,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.clip is not None and not Path(args.clip).is_file():
         ap.error(f"--clip: no file at {args.clip}")
     s = argparse.Namespace(assets=args.assets, clip=args.clip, prompts=args.prompts, images=args.images,
-                           held_out=args.held_out, sample_steps=12, guidance=5.0)
+                           held_out=args.held_out, random=args.random, sample_steps=12, guidance=5.0)
     t0 = time.time()
     rows = [r for seed in range(args.seeds) for r in run_seed(seed, s, lambda m: print(m, file=sys.stderr, flush=True))]
-    summary = {**summarise(rows), "seeds": args.seeds, "seconds": round(time.time() - t0)}
+    summary = {**summarise(rows), "seeds": args.seeds, "random": args.random, "seconds": round(time.time() - t0)}
     OUT.mkdir(exist_ok=True)
     (OUT / "block_routing.json").write_text(json.dumps(summary, indent=1))
     print(table(summary))

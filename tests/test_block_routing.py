@@ -58,16 +58,51 @@ def test_summary_means_best_assignments_and_the_guides_pick_by_hand():
     assert s["best_per_composition"] == pytest.approx({"pairs": 0.75, "triple": 0.8})
     # the guide prefers star (a+b), every block (a+c: first of the tied maxima), striped (a+b+c)
     assert s["guide_pick_per_composition"] == pytest.approx({"pairs": 0.55, "triple": 0.1})
+    # ranks: a+b agree (1), a+c are reversed (−1); the triple: accuracy ranks 2 3 0 1, guide 1.5 0 3 1.5
+    assert s["rank_correlation"] == pytest.approx({"pairs": 0.0, "triple": -(0.9 ** 0.5)})
+    # the guide's 3 favourites: a+b 1 (star, both, every) agree; a+c (every, star, striped) reversed; the triple
+    # (striped, every, both): accuracy ranks 0 2 1, guide 2 .5 .5: centred (−1, 1, 0)·(1, −.5, −.5) = −1.5 over √2·√1.5
+    assert s["rank_correlation_top"] == pytest.approx({"pairs": 0.0, "triple": -1.5 / (2 ** 0.5 * 1.5 ** 0.5)})
     assert {every, both} <= set(B.ASSIGNMENTS)
+
+
+def test_spearman_by_hand_with_ties_and_constant_sides():
+    assert B.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    # ranks 0.5 0.5 2 against 0 1 2: centred (−.5, −.5, 1)·(−1, 0, 1) = 1.5 over √1.5·√2
+    assert B.spearman([0.5, 0.5, 1.0], [1, 2, 3]) == pytest.approx(1.5 / (1.5 ** 0.5 * 2 ** 0.5))
+    assert B.spearman([0.2, 0.2, 0.2], [1, 2, 3]) is None
+
+
+def test_random_assignments_are_seeded_and_keep_each_lora_somewhere():
+    stages = B.unet_stages([_expert()])
+    assert stages == ["down_blocks.2.", "mid_block.", "up_blocks.1.", "up_blocks.10."]
+    a = B.random_assignments(40, ["purple", "star"], stages)
+    assert a == B.random_assignments(40, ["purple", "star"], stages) != B.random_assignments(40, ["purple", "star"],
+                                                                                              stages, seed=1)
+    assert list(a) == [f"random {i}" for i in range(40)]
+    blocks = [b[c] for b, _ in a.values() for c in ("purple", "star")]
+    assert all(b and set(b) <= set(stages) for b in blocks)
+    assert {len(b) for b in blocks} > {len(stages)}  # some stages dropped, not always all kept
+    assert {t for _, text in a.values() for t in text.values()} == set(B.RANDOM_TEXT)
+    kept = B.restrict(_expert(), ("up_blocks.1.",))  # a stage prefix ends in a dot: up_blocks.10 is another stage
+    assert [k for k in kept.factors if k.startswith("unet:")] == ["unet:up_blocks.1.attentions.0.proj_out"]
 
 
 @pytest.mark.slow
 def test_a_tiny_run_scores_every_composition_and_assignment(capsys):
-    assert B.main(["--prompts", "1", "--images", "1", "--json"]) == 0
+    assert B.main(["--prompts", "1", "--images", "1", "--random", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(out["cells"]) == 4 * len(B.ASSIGNMENTS)  # three pairs and the triple
+    assert len(out["cells"]) == 4 * (len(B.ASSIGNMENTS) + 2)  # three pairs and the triple
     assert all(0 <= c["accuracy"] <= 1 and -1 <= c["guide_global"] <= 1 for c in out["cells"])
-    assert set(out["train"]) == {"every_block", "best_single", "best_per_composition", "guide_pick_per_composition"}
+    assert set(out["train"]) == {"every_block", "best_single", "best_per_composition", "guide_pick_per_composition",
+                                 "rank_correlation", "rank_correlation_top"}
+    assert out["random"] == 2 and (B.OUT / "block_routing.json").is_file()
+
+
+def test_random_must_not_be_negative(capsys):
+    with pytest.raises(SystemExit) as e:
+        B.main(["--random", "-1"])
+    assert e.value.code == 2 and "--random must be ≥ 0, got -1" in capsys.readouterr().err
 
 
 def test_clip_flag_must_name_a_file(tmp_path, capsys):
