@@ -45,6 +45,7 @@ from mole_toy import load_world  # noqa: E402
 from mole_toy import world as W  # noqa: E402
 from mole_toy.evaluate import sample  # noqa: E402
 from mole_toy.guide import load_toy_guide  # noqa: E402
+from train.block_search import stage_of  # noqa: E402
 from train.compose import reference_embeddings  # noqa: E402
 from train.diffusers_backend import quiet_libraries  # noqa: E402
 
@@ -78,10 +79,8 @@ def restrict(expert: mole.Expert, prefixes: tuple[str, ...] | None) -> mole.Expe
 
 def unet_stages(experts: list[mole.Expert]) -> list[str]:
     """The UNet stages the experts' factors live in, as block prefixes (``down_blocks.0.``, ``mid_block.``, …)."""
-    def stage(path: str) -> str:
-        parts = path.split(".")
-        return ".".join(parts[:2] if parts[0] in ("down_blocks", "up_blocks") else parts[:1]) + "."
-    return sorted({stage(k.split(":", 1)[1]) for e in experts for k in e.factors if k.startswith("unet:")})
+    stages = {stage_of(k) for e in experts for k in e.factors}
+    return sorted(st.removeprefix("unet:") + "." for st in stages if st is not None)
 
 
 Assignment = tuple[dict[str, tuple[str, ...]], dict[str, float]]  # concept → stages it runs in; → text strength
@@ -229,8 +228,7 @@ def summarise(rows: list[dict]) -> dict:
                   "rank_correlation": _rank_means(comps, lambda c: spearman(  # noqa: B023
                       [acc[(c, a)] for a in names], [guide[(c, a)] for a in names])),  # noqa: B023
                   "rank_correlation_top": _rank_means(comps, lambda c: spearman(  # noqa: B023
-                      [acc[(c, a)] for a in _favourites(names, c, guide)],  # noqa: B023
-                      [guide[(c, a)] for a in _favourites(names, c, guide)]))}  # noqa: B023
+                      *zip(*[(acc[(c, a)], guide[(c, a)]) for a in _favourites(names, c, guide)])))}  # noqa: B023
     return out
 
 
