@@ -16,6 +16,8 @@ UNet stage with probability 0.7, at least one, and its text-encoder part at a st
 ``RANDOM_TEXT``) and reports, per composition, the rank correlation of the guide's score with the probes'
 accuracy over all assignments and over the guide's favourites (the quarter it scores highest): does the guide
 order the candidates a block search chooses between as the probes do, where the choice is made?
+``--diffusion-judge`` asks the same of a second judge, the diffusion model itself (``diffusion_judge.py``), and of
+the sum of both judges' ranks.
 
 Prompts come from the composition benchmark's training templates (``--held-out`` adds the held-out ones).
 ``python bench/block_routing.py --json`` prints one JSON object as its last line (≈ 3 min per seed on 2 cores).
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import composition as C  # noqa: E402
+from diffusion_judge import judge_score, lora_gains  # noqa: E402
 
 import mole_core as mole  # noqa: E402
 from mole_toy import load_world  # noqa: E402
@@ -132,8 +135,9 @@ def to_guide_input(images: np.ndarray) -> torch.Tensor:
 
 
 def _score(world, pipe, guide, text: torch.Tensor, ref_emb: dict, items: list, sub: tuple,  # noqa: ANN001
-           experts: list[mole.Expert], seed: int, s: argparse.Namespace) -> dict:
-    """Probe accuracy and mean guide similarities of ``items`` sampled with ``experts`` at weight 1."""
+           experts: list[mole.Expert], judges: list[mole.Expert], seed: int, s: argparse.Namespace) -> dict:
+    """Probe accuracy and mean guide similarities of ``items`` sampled with ``experts`` at weight 1; with
+    ``s.diffusion_judge`` also the diffusion model's judgement by the whole named LoRAs ``judges``."""
     mix = mole.attach(pipe, experts, mode="static", weights=[1.0] * len(experts))
     try:
         images = sample(pipe, [p for p, _ in items], seed=1000 + seed, steps=s.sample_steps, guidance=s.guidance)
@@ -143,8 +147,11 @@ def _score(world, pipe, guide, text: torch.Tensor, ref_emb: dict, items: list, s
     with torch.no_grad():
         emb = guide.embed_images(to_guide_input(np.stack([np.asarray(im) for im in images])))
     local = torch.stack([emb @ ref_emb[c] for c in sub]).mean(0)
-    return dict(accuracy=float(np.mean(ok)), guide_global=float((emb * text).sum(-1).mean()),
-                guide_local=float(local.mean()))
+    out = dict(accuracy=float(np.mean(ok)), guide_global=float((emb * text).sum(-1).mean()),
+               guide_local=float(local.mean()))
+    if s.diffusion_judge:
+        out["judge_diffusion"] = judge_score(lora_gains(pipe, images, [p for p, _ in items], judges, seed))
+    return out
 
 
 def run_seed(seed: int, s: argparse.Namespace, log) -> list[dict]:  # noqa: ANN001
@@ -171,11 +178,13 @@ def run_seed(seed: int, s: argparse.Namespace, log) -> list[dict]:  # noqa: ANN0
                 if effective not in done:
                     named = [strengthen_text(restrict(experts[c], assignment.get(c)), strengths.get(c, 1.0))
                              for c in sub]
-                    done[effective] = _score(world, pipe, guide, text, ref_emb, items, sub, named, seed, s)
+                    done[effective] = _score(world, pipe, guide, text, ref_emb, items, sub, named,
+                                             [experts[c] for c in sub], seed, s)
                 row = dict(seed=seed, templates=tname, composition="+".join(sub), assignment=name, **done[effective])
                 rows.append(row)
+                judged = f"  diffusion {row['judge_diffusion']:.5f}" if "judge_diffusion" in row else ""
                 log(f"seed {seed} {tname} {row['composition']:<20} {name[:36]:<36} acc {row['accuracy']:.2f}  "
-                    f"global {row['guide_global']:.3f}  local {row['guide_local']:.3f}")
+                    f"global {row['guide_global']:.3f}  local {row['guide_local']:.3f}{judged}")
     return rows
 
 
@@ -194,10 +203,36 @@ def _rank_means(comps: list[str], pick) -> dict:  # noqa: ANN001
     return out
 
 
-def _favourites(names: list[str], comp: str, guide: dict) -> list[str]:
-    """The :data:`TOP_SHARE` of ``names`` (at least 3) the guide scores highest on ``comp`` (ties: first named)."""
+def _favourites(names: list[str], comp: str, score: dict) -> list[str]:
+    """The :data:`TOP_SHARE` of ``names`` (at least 3) a judge's ``score`` ranks highest on ``comp`` (ties: first
+    named)."""
     n = max(3, math.ceil(len(names) * TOP_SHARE))
-    return sorted(names, key=lambda a: -guide[(comp, a)])[:n]
+    return sorted(names, key=lambda a: -score[(comp, a)])[:n]
+
+
+def _judge(comps: list[str], names: list[str], acc: dict, score: dict) -> dict:
+    """How a judge's ``score`` ((composition, assignment) → higher is better) does against the probes'
+    ``acc``: the accuracy of its pick per composition, and its rank correlation with the accuracy over all
+    assignments and over its favourites, as pair and triple means."""
+    def pick(c: str) -> float:
+        return acc[(c, max(names, key=lambda a: score[(c, a)]))]
+    return {"pick_per_composition": _means(comps, pick),
+            "rank_correlation": _rank_means(comps, lambda c: spearman(
+                [acc[(c, a)] for a in names], [score[(c, a)] for a in names])),
+            "rank_correlation_top": _rank_means(comps, lambda c: spearman(
+                *zip(*[(acc[(c, a)], score[(c, a)]) for a in _favourites(names, c, score)])))}
+
+
+def _rank_sum(comps: list[str], names: list[str], *scores: dict) -> dict:
+    """Per composition, the sum of each score's rank among ``names`` (0 = lowest; ties share their mean)."""
+    out = {}
+    for c in comps:
+        for score in scores:
+            values = np.array([score[(c, a)] for a in names])
+            ranks = np.array([(values < v).sum() + ((values == v).sum() - 1) / 2 for v in values])
+            for a, r in zip(names, ranks):
+                out[(c, a)] = out.get((c, a), 0.0) + float(r)
+    return out
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -206,12 +241,16 @@ def summarise(rows: list[dict]) -> dict:
     a ceiling) and of the one the guide prefers per composition (highest global + local similarity, i.e. lowest
     compose loss with the default weights), and the mean over the pairs and over the triple of each composition's
     rank correlation between the guide's score and the accuracy across all assignments and across the guide's
-    favourites (the :data:`TOP_SHARE` it scores highest, at least 3: the choice a search makes; None: undefined)."""
+    favourites (the :data:`TOP_SHARE` it scores highest, at least 3: the choice a search makes; None: undefined).
+    Rows judged by the diffusion model too add the same three figures for it (``diffusion``) and for the sum of
+    both judges' ranks (``ensemble``)."""
+    metrics = ["accuracy", "guide_global", "guide_local"]
+    metrics += ["judge_diffusion"] if "judge_diffusion" in rows[0] else []
     keys = sorted({(r["templates"], r["composition"], r["assignment"]) for r in rows})
     cells = {}
     for key in keys:
         sel = [r for r in rows if (r["templates"], r["composition"], r["assignment"]) == key]
-        cells[key] = {m: float(np.mean([r[m] for r in sel])) for m in ("accuracy", "guide_global", "guide_local")}
+        cells[key] = {m: float(np.mean([r[m] for r in sel])) for m in metrics}
     out: dict = {"cells": [dict(templates=t, composition=c, assignment=a, **v) for (t, c, a), v in cells.items()]}
     names = list(dict.fromkeys(r["assignment"] for r in rows))  # the assignments scored, in run order
     for t in sorted({k[0] for k in keys}):
@@ -220,15 +259,17 @@ def summarise(rows: list[dict]) -> dict:
         guide = {(c, a): cells[(t, c, a)]["guide_global"] + cells[(t, c, a)]["guide_local"]
                  for c in comps for a in names}
         single = max(names, key=lambda a: sum(_means(comps, lambda c: acc[(c, a)]).values()))  # noqa: B023
+        by_guide = _judge(comps, names, acc, guide)
         out[t] = {"every_block": _means(comps, lambda c: acc[(c, "every block")]),  # noqa: B023
                   "best_single": {"assignment": single, **_means(comps, lambda c: acc[(c, single)])},  # noqa: B023
                   "best_per_composition": _means(comps, lambda c: max(acc[(c, a)] for a in names)),  # noqa: B023
-                  "guide_pick_per_composition": _means(
-                      comps, lambda c: acc[(c, max(names, key=lambda a: guide[(c, a)]))]),  # noqa: B023
-                  "rank_correlation": _rank_means(comps, lambda c: spearman(  # noqa: B023
-                      [acc[(c, a)] for a in names], [guide[(c, a)] for a in names])),  # noqa: B023
-                  "rank_correlation_top": _rank_means(comps, lambda c: spearman(  # noqa: B023
-                      *zip(*[(acc[(c, a)], guide[(c, a)]) for a in _favourites(names, c, guide)])))}  # noqa: B023
+                  "guide_pick_per_composition": by_guide["pick_per_composition"],
+                  "rank_correlation": by_guide["rank_correlation"],
+                  "rank_correlation_top": by_guide["rank_correlation_top"]}
+        if "judge_diffusion" in metrics:
+            diffusion = {(c, a): cells[(t, c, a)]["judge_diffusion"] for c in comps for a in names}
+            out[t]["diffusion"] = _judge(comps, names, acc, diffusion)
+            out[t]["ensemble"] = _judge(comps, names, acc, _rank_sum(comps, names, guide, diffusion))
     return out
 
 
@@ -256,6 +297,15 @@ def table(summary: dict) -> str:
                          f"{_num(s['rank_correlation']['pairs'])} / {_num(s['rank_correlation']['triple'])}, "
                          f"among the guide's favourites {_num(s['rank_correlation_top']['pairs'])} / "
                          f"{_num(s['rank_correlation_top']['triple'])} (pairs / triple)")
+            for judge in ("diffusion", "ensemble"):
+                if judge in s:
+                    j = s[judge]
+                    pick = j["pick_per_composition"]
+                    lines.append(f"{t}, judged by {judge}: pick per composition {pick['pairs']:.2f}"
+                                 f" / {pick['triple']:.2f} · rank correlation with the probes "
+                                 f"{_num(j['rank_correlation']['pairs'])} / {_num(j['rank_correlation']['triple'])}, "
+                                 f"among its favourites {_num(j['rank_correlation_top']['pairs'])} / "
+                                 f"{_num(j['rank_correlation_top']['triple'])}")
     return "\n".join(lines)
 
 
@@ -271,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random", type=int, default=0, metavar="K", help="also K random assignments (stages and "
                     "text strengths, the same for every seed) and the guide's rank correlation with the probes "
                     "over all assignments (default 0)")
+    ap.add_argument("--diffusion-judge", action="store_true", help="also judge every assignment by the diffusion "
+                    "model (bench/diffusion_judge.py: how much each named LoRA alone lowers the base model's "
+                    "prediction error on the samples) and by both judges' ranks summed (≈ 1.6× the time)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
     if args.random < 0:
@@ -283,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clip is not None and not Path(args.clip).is_file():
         ap.error(f"--clip: no file at {args.clip}")
     s = argparse.Namespace(assets=args.assets, clip=args.clip, prompts=args.prompts, images=args.images,
-                           held_out=args.held_out, random=args.random, sample_steps=12, guidance=5.0)
+                           held_out=args.held_out, random=args.random, diffusion_judge=args.diffusion_judge,
+                           sample_steps=12, guidance=5.0)
     t0 = time.time()
     rows = [r for seed in range(args.seeds) for r in run_seed(seed, s, lambda m: print(m, file=sys.stderr, flush=True))]
     summary = {**summarise(rows), "seeds": args.seeds, "random": args.random, "seconds": round(time.time() - t0)}

@@ -66,6 +66,33 @@ def test_summary_means_best_assignments_and_the_guides_pick_by_hand():
     assert {every, both} <= set(B.ASSIGNMENTS)
 
 
+def test_summary_adds_the_diffusion_judge_and_the_summed_ranks_by_hand():
+    every, star, striped, both = list(B.ASSIGNMENTS)[:4]
+    acc = {"a+b": (0.5, 0.9, 0.5, 0.9), "a+c": (0.2, 0.2, 0.6, 0.6), "a+b+c": (0.4, 0.8, 0.1, 0.3)}
+    guide = {"a+b": (0.1, 0.3, 0.1, 0.3), "a+c": (0.5, 0.5, 0.2, 0.2), "a+b+c": (0.2, 0.1, 0.3, 0.2)}
+    judge = {"a+b": (0.4, 0.1, 0.2, 0.3), "a+c": (0.1, 0.2, 0.3, 0.4), "a+b+c": (0.3, 0.4, 0.1, 0.2)}
+    rows = [{**_row("train", c, a, acc[c][i], guide[c][i], 0.0), "judge_diffusion": judge[c][i]}
+            for c in acc for i, a in enumerate((every, star, striped, both))]
+    s = B.summarise(rows)["train"]
+    assert s["guide_pick_per_composition"] == pytest.approx({"pairs": 0.55, "triple": 0.1})  # as without the judge
+    d = s["diffusion"]
+    assert d["pick_per_composition"] == pytest.approx({"pairs": 0.55, "triple": 0.8})  # every, both; star
+    # a+b: accuracy ranks centred (−1, 1, −1, 1), judge (1.5, −1.5, −.5, .5): −2 / (2·√5); a+c: 4 / (2·√5); the
+    # triple ranks alike
+    assert d["rank_correlation"] == pytest.approx({"pairs": 1 / (2 * 5 ** 0.5), "triple": 1.0})
+    # its favourites: a+b (every, both, striped) 0; a+c (both, striped, star) 1.5 / (√1.5·√2); the triple alike
+    assert d["rank_correlation_top"] == pytest.approx({"pairs": 0.5 * 1.5 / (1.5 ** 0.5 * 2 ** 0.5), "triple": 1.0})
+    # rank sums: a+b (3.5, 2.5, 1.5, 4.5) → both; a+c (2.5, 3.5, 2.5, 3.5) → star (first of the tied); the
+    # triple (3.5, 3, 3, 2.5) → every block
+    assert s["ensemble"]["pick_per_composition"] == pytest.approx({"pairs": 0.55, "triple": 0.4})
+    sums = B._rank_sum(["a+b+c"], [every, star, striped, both],
+                       {("a+b+c", a): v for a, v in zip((every, star, striped, both), guide["a+b+c"])},
+                       {("a+b+c", a): v for a, v in zip((every, star, striped, both), judge["a+b+c"])})
+    assert list(sums.values()) == [3.5, 3.0, 3.0, 2.5]
+    unjudged = [{k: v for k, v in r.items() if k != "judge_diffusion"} for r in rows]
+    assert "diffusion" not in B.summarise(unjudged)["train"]
+
+
 def test_spearman_by_hand_with_ties_and_constant_sides():
     assert B.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
     # ranks 0.5 0.5 2 against 0 1 2: centred (−.5, −.5, 1)·(−1, 0, 1) = 1.5 over √1.5·√2
@@ -90,12 +117,13 @@ def test_random_assignments_are_seeded_and_keep_each_lora_somewhere():
 
 @pytest.mark.slow
 def test_a_tiny_run_scores_every_composition_and_assignment(capsys):
-    assert B.main(["--prompts", "1", "--images", "1", "--random", "2", "--json"]) == 0
+    assert B.main(["--prompts", "1", "--images", "1", "--random", "2", "--diffusion-judge", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["cells"]) == 4 * (len(B.ASSIGNMENTS) + 2)  # three pairs and the triple
     assert all(0 <= c["accuracy"] <= 1 and -1 <= c["guide_global"] <= 1 for c in out["cells"])
     assert set(out["train"]) == {"every_block", "best_single", "best_per_composition", "guide_pick_per_composition",
-                                 "rank_correlation", "rank_correlation_top"}
+                                 "rank_correlation", "rank_correlation_top", "diffusion", "ensemble"}
+    assert all(abs(c["judge_diffusion"]) < 10 for c in out["cells"])
     assert out["random"] == 2 and (B.OUT / "block_routing.json").is_file()
 
 
