@@ -105,16 +105,19 @@ def random_assignments(k: int, concepts: list[str], stages: list[str], seed: int
     return out
 
 
+def _ranks(x: list[float]) -> np.ndarray:
+    """Ranks of ``x`` from 0 (lowest); ties share their mean rank."""
+    x = np.asarray(x, dtype=float)
+    r = np.empty(len(x))
+    r[x.argsort(kind="stable")] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        r[x == v] = r[x == v].mean()
+    return r
+
+
 def spearman(a: list[float], b: list[float]) -> float | None:
     """Spearman rank correlation (ties share their mean rank); None when either side is constant."""
-    def ranks(x: list[float]) -> np.ndarray:
-        x = np.asarray(x, dtype=float)
-        r = np.empty(len(x))
-        r[x.argsort(kind="stable")] = np.arange(len(x), dtype=float)
-        for v in np.unique(x):
-            r[x == v] = r[x == v].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
+    ra, rb = _ranks(a), _ranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return None
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -228,9 +231,7 @@ def _rank_sum(comps: list[str], names: list[str], *scores: dict) -> dict:
     out = {}
     for c in comps:
         for score in scores:
-            values = np.array([score[(c, a)] for a in names])
-            ranks = np.array([(values < v).sum() + ((values == v).sum() - 1) / 2 for v in values])
-            for a, r in zip(names, ranks):
+            for a, r in zip(names, _ranks([score[(c, a)] for a in names])):
                 out[(c, a)] = out.get((c, a), 0.0) + float(r)
     return out
 
