@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import mole_core as mole
+from mole_toy.training import encode
 
 JUDGE_TIMESTEPS = (150, 350, 550, 750)  # of the 1000 training timesteps: from texture detail to layout
 
@@ -42,9 +43,7 @@ def lora_gains(pipe, images: np.ndarray, prompts: list[str], experts: list[mole.
     error minus the error with that expert alone attached (static weight 1), conditioned on the image's prompt,
     averaged over :data:`JUDGE_TIMESTEPS`. The noise draws depend only on ``seed`` and the image's index, so
     the same prompts judged twice are compared on the same noise."""
-    x = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    latents = torch.cat([pipe.vae.encode(x[i:i + batch]).latent_dist.mean for i in range(0, len(x), batch)])
-    latents = latents * float(pipe.vae.config.scaling_factor)
+    latents = encode(pipe.vae, images, batch)[0] * float(pipe.vae.config.scaling_factor)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(JUDGE_TIMESTEPS), *latents.shape), generator=gen)
     base = _errors(pipe, latents, noise, prompts, batch)

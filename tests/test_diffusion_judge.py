@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.train._toy import load_toy
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
 import diffusion_judge as J  # noqa: E402
-from _toy import load_toy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
