@@ -34,6 +34,7 @@ from mole_core.triggers import trigger_words
 
 from .backend import Backend
 from .config import TrainConfig
+from .dark_view import dark_to_background
 
 
 class ImageTextGuide(Protocol):
@@ -216,17 +217,29 @@ class ComposeObjective:
 
     @torch.no_grad()
     def guidance(self, prompts: list[str], noise: torch.Tensor, steps: int) -> torch.Tensor:
-        """Per composition prompt, the guidance this objective maximises (``global_weight`` · cos to the prompt +
-        ``local_weight`` · mean cos to the named concepts' references) of the image a ``steps``-step DDIM rollout
-        samples from ``noise`` (one latent per prompt)."""
-        device, kind = self.backend.device, self.backend.prediction_type
-        x = noise.to(device)
-        alphas = self.backend.alphas_cumprod.to(device)
+        """Per composition prompt, the guidance this objective maximises (:meth:`score_images`) of the image a
+        ``steps``-step DDIM rollout samples from ``noise`` (one latent per prompt); with ``search_dark_view`` the
+        worse of that image's score and its dark view's (:mod:`train.dark_view`)."""
+        images = self.rollout_images(prompts, noise, steps)
+        dark = self.cfg.search_dark_view
+        views = [images] + ([dark_to_background(images, dark)] if dark else [])
+        return torch.stack([self.score_images(view, prompts) for view in views]).amin(0)
+
+    @torch.no_grad()
+    def rollout_images(self, prompts: list[str], noise: torch.Tensor, steps: int) -> torch.Tensor:
+        """The decoded x0 (``(B, 3, H, W)`` in [-1, 1]) of a ``steps``-step DDIM rollout from ``noise`` (with CFG)."""
+        kind, alphas = self.backend.prediction_type, self.backend.alphas_cumprod.to(self.backend.device)
         cond, uncond = self._encode(prompts)
         timesteps = rollout_timesteps(len(alphas), steps)
-        x = self._ddim(x, timesteps, cond, uncond)
+        x = self._ddim(noise.to(self.backend.device), timesteps, cond, uncond)
         x0, _ = x0_and_eps(kind, alphas, x, self._guided(x, timesteps[-1], cond, uncond), timesteps[-1])
-        emb = self.guide.embed_images(self.backend.decode(x0))
+        return self.backend.decode(x0)
+
+    @torch.no_grad()
+    def score_images(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Per image, ``global_weight`` · cos to its prompt + ``local_weight`` · mean cos to the references of the
+        concepts its prompt names."""
+        emb = self.guide.embed_images(images)
         text = torch.stack([self.text_emb[p] for p in prompts]).to(emb.device)
         local = torch.stack([torch.stack([row @ self.ref_emb[c].to(row.device) for c in self.named[p]]).mean()
                              for row, p in zip(emb, prompts)])

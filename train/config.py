@@ -96,6 +96,10 @@ class TrainConfig:
     search_text_strengths: str = _opt("", "block search, then: comma-separated text-encoder magnitudes to try per "
                                       "LoRA (e.g. 1.5,2,2.5; each below m_max); each LoRA keeps the one that raises "
                                       "the guide's score of the compositions naming it most, or its own (empty: off)")
+    search_dark_view: float = _opt(0.0, "block search: also score each image with its near-black pixels (summed RGB "
+                                   "below this share of the image's bright level) set to its border colour, and "
+                                   "keep the worse score: detail that only shows as near-black merges with a dark "
+                                   "background (0: off; the benchmark's recipe: 0.25)")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -172,6 +176,9 @@ class TrainConfig:
                             f"{self.search_prompts}, {self.search_steps}, {self.search_batch}")
         if self.search_text_strengths and not self.block_search:
             raise MoleError("`search_text_strengths` needs `block_search` (it is the search's second pass)")
+        if self.search_dark_view and not (self.block_search and 0.0 < self.search_dark_view < 1.0):
+            raise MoleError(f"`search_dark_view` must be in (0, 1) and needs `block_search`, got "
+                            f"{self.search_dark_view} with block_search {self.block_search}")
         for level in self.text_strengths:
             if not 0 < level < self.m_max:
                 raise MoleError(f"`search_text_strengths` values must be in (0, m_max {self.m_max}), got {level}")

@@ -205,6 +205,12 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
         TrainConfig(**RECIPE, block_search=True, search_text_strengths="1.5, 2.5")
     with pytest.raises(mole.MoleError, match="must be comma-separated numbers, e.g. 1.5,2,2.5, got '2;3'"):
         TrainConfig(**RECIPE, block_search=True, search_text_strengths="2;3")
+    with pytest.raises(mole.MoleError, match=r"`search_dark_view` must be in \(0, 1\) and needs `block_search`, got "
+                       "0.25 with block_search False"):
+        TrainConfig(**RECIPE, search_dark_view=0.25)
+    with pytest.raises(mole.MoleError, match=r"`search_dark_view` must be in \(0, 1\) and needs `block_search`, got "
+                       "1.5 with block_search True"):
+        TrainConfig(**RECIPE, block_search=True, search_dark_view=1.5)
 
 
 def test_a_stop_during_the_block_search_keeps_the_gates_partial_and_the_checkpoint_before_it(toy, tmp_path):
@@ -247,6 +253,34 @@ def test_guidance_scores_the_same_images_in_any_batch_split(toy):
         split = torch.cat([objective.guidance(pair[i:i + 1], noise[i:i + 1], 3) for i in range(2)])
         torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
         assert (objective.guidance(pair, torch.randn_like(noise), 3) - whole).abs().max() > 1e-3
+    finally:
+        for m in (gated, static):
+            if m is not None:
+                m.detach()
+
+
+def test_guidance_with_the_dark_view_keeps_each_image_s_worse_score(toy):
+    """``search_dark_view``: per image, the guidance is the lower of the rollout image's score and its dark view's
+    (:func:`train.dark_view.dark_to_background`), so never above the plain guidance from the same noise."""
+    from train.compose import ComposeObjective, latent_shape, reference_embeddings
+    from train.dark_view import dark_to_background
+    from train.data import load_image, to_tensor
+
+    backend, experts, refs, prompts, guide = toy
+    plain_cfg, dark_cfg = TrainConfig(**RECIPE), TrainConfig(**RECIPE, block_search=True, search_dark_view=0.5)
+    gated, static = attach_for_training(backend, experts, plain_cfg)
+    try:
+        emb = reference_embeddings(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
+        shape = latent_shape(backend, 32)
+        plain, dark = (ComposeObjective(cfg, backend, [gated, static], guide, prompts, emb, shape)
+                       for cfg in (plain_cfg, dark_cfg))
+        four = prompts.compositions[:4]
+        noise = torch.randn((4, *shape), generator=torch.Generator().manual_seed(5))
+        images = plain.rollout_images(four, noise, 3)
+        own, view = plain.score_images(images, four), plain.score_images(dark_to_background(images, 0.5), four)
+        torch.testing.assert_close(plain.guidance(four, noise, 3), own, atol=1e-5, rtol=0)
+        torch.testing.assert_close(dark.guidance(four, noise, 3), torch.minimum(own, view), atol=1e-5, rtol=0)
+        assert (own - view).abs().max() > 1e-4  # the view changed what the guide sees
     finally:
         for m in (gated, static):
             if m is not None:
