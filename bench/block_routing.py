@@ -50,6 +50,7 @@ from mole_toy.evaluate import sample  # noqa: E402
 from mole_toy.guide import load_toy_guide  # noqa: E402
 from train.block_search import stage_of  # noqa: E402
 from train.compose import reference_embeddings  # noqa: E402
+from train.dark_view import dark_to_background  # noqa: E402
 from train.diffusers_backend import quiet_libraries  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -147,11 +148,17 @@ def _score(world, pipe, guide, text: torch.Tensor, ref_emb: dict, items: list, s
     finally:
         mix.detach()
     ok = [all(world.probe.score(im, a)[W.concept(c).attribute] for c in sub) for im, (_, a) in zip(images, items)]
+    pixels = to_guide_input(np.stack([np.asarray(im) for im in images]))
     with torch.no_grad():
-        emb = guide.embed_images(to_guide_input(np.stack([np.asarray(im) for im in images])))
+        emb = guide.embed_images(pixels)
     local = torch.stack([emb @ ref_emb[c] for c in sub]).mean(0)
     out = dict(accuracy=float(np.mean(ok)), guide_global=float((emb * text).sum(-1).mean()),
                guide_local=float(local.mean()))
+    if s.dark_view:
+        with torch.no_grad():
+            dark = guide.embed_images(dark_to_background(pixels, s.dark_view))
+        dark_score = (dark * text).sum(-1) + torch.stack([dark @ ref_emb[c] for c in sub]).mean(0)
+        out["guide_dark"] = float(torch.minimum((emb * text).sum(-1) + local, dark_score).mean())
     if s.diffusion_judge:
         out["judge_diffusion"] = judge_score(lora_gains(pipe, images, [p for p, _ in items], judges, seed))
     return out
@@ -246,7 +253,7 @@ def summarise(rows: list[dict]) -> dict:
     Rows judged by the diffusion model too add the same three figures for it (``diffusion``) and for the sum of
     both judges' ranks (``ensemble``)."""
     metrics = ["accuracy", "guide_global", "guide_local"]
-    metrics += ["judge_diffusion"] if "judge_diffusion" in rows[0] else []
+    metrics += [m for m in ("judge_diffusion", "guide_dark") if m in rows[0]]
     keys = sorted({(r["templates"], r["composition"], r["assignment"]) for r in rows})
     cells = {}
     for key in keys:
@@ -267,6 +274,9 @@ def summarise(rows: list[dict]) -> dict:
                   "guide_pick_per_composition": by_guide["pick_per_composition"],
                   "rank_correlation": by_guide["rank_correlation"],
                   "rank_correlation_top": by_guide["rank_correlation_top"]}
+        if "guide_dark" in metrics:
+            dark = {(c, a): cells[(t, c, a)]["guide_dark"] for c in comps for a in names}
+            out[t]["dark_view"] = _judge(comps, names, acc, dark)
         if "judge_diffusion" in metrics:
             diffusion = {(c, a): cells[(t, c, a)]["judge_diffusion"] for c in comps for a in names}
             out[t]["diffusion"] = _judge(comps, names, acc, diffusion)
@@ -298,7 +308,7 @@ def table(summary: dict) -> str:
                          f"{_num(s['rank_correlation']['pairs'])} / {_num(s['rank_correlation']['triple'])}, "
                          f"among the guide's favourites {_num(s['rank_correlation_top']['pairs'])} / "
                          f"{_num(s['rank_correlation_top']['triple'])} (pairs / triple)")
-            for judge in ("diffusion", "ensemble"):
+            for judge in ("dark_view", "diffusion", "ensemble"):
                 if judge in s:
                     j = s[judge]
                     pick = j["pick_per_composition"]
@@ -325,8 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--diffusion-judge", action="store_true", help="also judge every assignment by the diffusion "
                     "model (bench/diffusion_judge.py: how much each named LoRA alone lowers the base model's "
                     "prediction error on the samples) and by both judges' ranks summed (≈ 1.6× the time)")
+    ap.add_argument("--dark-view", type=float, default=0.0, metavar="T", help="also judge every assignment by the "
+                    "guide's worse score of each image and its dark view (near-black pixels below T × its bright "
+                    "level set to its border colour: train/dark_view.py; the block search's --search-dark-view), "
+                    "e.g. 0.25 (default 0: off)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.dark_view < 1.0:
+        ap.error(f"--dark-view must be in [0, 1), got {args.dark_view}")
     if args.random < 0:
         ap.error(f"--random must be ≥ 0, got {args.random}")
     for flag in ("seeds", "prompts", "images"):
@@ -338,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--clip: no file at {args.clip}")
     s = argparse.Namespace(assets=args.assets, clip=args.clip, prompts=args.prompts, images=args.images,
                            held_out=args.held_out, random=args.random, diffusion_judge=args.diffusion_judge,
+                           dark_view=args.dark_view,
                            sample_steps=12, guidance=5.0)
     t0 = time.time()
     rows = [r for seed in range(args.seeds) for r in run_seed(seed, s, lambda m: print(m, file=sys.stderr, flush=True))]

@@ -91,6 +91,11 @@ def test_summary_adds_the_diffusion_judge_and_the_summed_ranks_by_hand():
     assert list(sums.values()) == [3.5, 3.0, 3.0, 2.5]
     unjudged = [{k: v for k, v in r.items() if k != "judge_diffusion"} for r in rows]
     assert "diffusion" not in B.summarise(unjudged)["train"]
+    # the dark view is judged like any score: the same numbers as guide_dark give the same three figures
+    dark = [{**{k: v for k, v in r.items() if k != "judge_diffusion"}, "guide_dark": r["judge_diffusion"]}
+            for r in rows]
+    assert B.summarise(dark)["train"]["dark_view"] == d
+    assert "dark_view" not in s and "diffusion" not in B.summarise(dark)["train"]
 
 
 def test_spearman_by_hand_with_ties_and_constant_sides():
@@ -117,13 +122,16 @@ def test_random_assignments_are_seeded_and_keep_each_lora_somewhere():
 
 @pytest.mark.slow
 def test_a_tiny_run_scores_every_composition_and_assignment(capsys):
-    assert B.main(["--prompts", "1", "--images", "1", "--random", "2", "--diffusion-judge", "--json"]) == 0
+    assert B.main(["--prompts", "1", "--images", "1", "--random", "2", "--diffusion-judge", "--dark-view", "0.25",
+                   "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["cells"]) == 4 * (len(B.ASSIGNMENTS) + 2)  # three pairs and the triple
     assert all(0 <= c["accuracy"] <= 1 and -1 <= c["guide_global"] <= 1 for c in out["cells"])
     assert set(out["train"]) == {"every_block", "best_single", "best_per_composition", "guide_pick_per_composition",
-                                 "rank_correlation", "rank_correlation_top", "diffusion", "ensemble"}
+                                 "rank_correlation", "rank_correlation_top", "dark_view", "diffusion", "ensemble"}
     assert all(abs(c["judge_diffusion"]) < 10 for c in out["cells"])
+    # per image the worse of its own score and its dark view's: never above the guide's own score
+    assert all(c["guide_dark"] <= c["guide_global"] + c["guide_local"] + 1e-6 for c in out["cells"])
     assert out["random"] == 2 and (B.OUT / "block_routing.json").is_file()
 
 
@@ -131,6 +139,13 @@ def test_random_must_not_be_negative(capsys):
     with pytest.raises(SystemExit) as e:
         B.main(["--random", "-1"])
     assert e.value.code == 2 and "--random must be ≥ 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1"])
+def test_dark_view_must_be_below_one_and_not_negative(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        B.main(["--dark-view", value])
+    assert e.value.code == 2 and f"--dark-view must be in [0, 1), got {float(value)}" in capsys.readouterr().err
 
 
 def test_clip_flag_must_name_a_file(tmp_path, capsys):
