@@ -87,12 +87,14 @@ def _cached(score: Callable[[frozenset[int], dict], float]) -> Callable[[frozens
 
 def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[frozenset[int]], score: Score,
                   progress: Callable[[int, int], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> tuple[Switches, float, float, bool]:
-    """One greedy pass: for each expert and stage, switch it off when the summed score of the expert sets that
-    contain the expert rises. ``score(named, off)`` scores one set given each of its experts' switched-off
-    stages. Returns the switched-off stages per expert, the start and the final total score, and whether every
-    candidate was tried (``should_stop`` ends the pass early, keeping the switches made so far)."""
-    off: dict[int, frozenset[str]] = {e: frozenset() for e in experts}
+                  should_stop: Callable[[], bool] | None = None,
+                  start_off: Switches | None = None) -> tuple[Switches, float, float, bool]:
+    """One greedy pass: for each expert and stage, flip it (on → off, or off → on when ``start_off`` has it off)
+    when the summed score of the expert sets that contain the expert rises. ``score(named, off)`` scores one set
+    given each of its experts' switched-off stages. Returns the switched-off stages per expert, the start and the
+    final total score, and whether every candidate was tried (``should_stop`` ends the pass early, keeping the
+    switches made so far)."""
+    off: Switches = {e: frozenset((start_off or {}).get(e, ())) for e in experts}
     one = _cached(score)
     total = start = sum(one(s, off) for s in sets)
     todo = [(e, st) for e in experts for st in stages]
@@ -101,9 +103,9 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
             return off, start, total, False
         if progress is not None:
             progress(i, len(todo))
-        if len(off[e]) + 1 == len(stages):  # never switch a LoRA off everywhere in the UNet
+        if st not in off[e] and len(off[e]) + 1 == len(stages):  # never switch a LoRA off everywhere in the UNet
             continue
-        trial = {**off, e: off[e] | {st}}
+        trial = {**off, e: off[e] ^ {st}}
         affected = [s for s in sets if e in s]
         gain = sum(one(s, trial) - one(s, off) for s in affected)
         if gain > 0:
@@ -194,12 +196,15 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
 
 
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
-                  text_strengths: Sequence[float] = (), progress: Callable[[int, int], None] | None = None,
+                  text_strengths: Sequence[float] = (), rounds: int = 1,
+                  progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
     switched off in ``mix``. ``per_set``: composition prompts scored per set of named concepts, each sampled
     with a ``steps``-step rollout from the same ``seed``-ed noise for every candidate, ``batch`` prompts at a time.
-    ``text_strengths``: then the text-encoder magnitude pass (module docstring) over these levels."""
+    ``text_strengths``: then the text-encoder magnitude pass (module docstring) over these levels. ``rounds`` > 1:
+    that many stage passes, each after the first run with the chosen text magnitudes and free to switch a stage
+    back on."""
     if mix.config.gate_input != "trigger":
         raise MoleError("block search needs gate_input trigger (one magnitude per LoRA and scope)")
     stages = unet_stages(mix)
@@ -227,14 +232,17 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
             undo()
 
     n_stage, n_text = len(experts) * len(stages), len(experts) * len(text_strengths)
+    n_all = n_stage * rounds + n_text
 
-    def stage_progress(i: int, n: int) -> None:
-        if progress is not None:
-            progress(i, n_stage + n_text)
+    def progress_from(done: int) -> Callable[[int, int], None]:
+        def report(i: int, n: int) -> None:
+            if progress is not None:
+                progress(done + i, n_all)
+        return report
 
-    off, start, total, complete = greedy_search(experts, list(stages), list(by_set), score, stage_progress,
+    off, start, total, complete = greedy_search(experts, list(stages), list(by_set), score, progress_from(0),
                                                 should_stop)
-    switch_off(mix, stages, off)
+    undo_off = switch_off(mix, stages, off)
     chosen: Strengths = {}
     if text_strengths and complete:
         te = text_scopes(mix)
@@ -246,16 +254,19 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
             finally:
                 undo()
 
-        def text_progress(i: int, n: int) -> None:
-            if progress is not None:
-                progress(n_stage + i, n_stage + n_text)
-
         chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), list(by_set), text_score,
-                                                      text_progress, should_stop)
+                                                      progress_from(n_stage), should_stop)
         set_text_strengths(mix, te, chosen)
+    for r in range(1, rounds):
+        if not complete:
+            break
+        undo_off()  # the pass scores each switch from the mix without any: a stage may come back on
+        off, _, total, complete = greedy_search(experts, list(stages), list(by_set), score,
+                                                progress_from(n_stage * r + n_text), should_stop, start_off=off)
+        undo_off = switch_off(mix, stages, off)
     names = [e.name for e in mix.experts]
     result = SearchResult({names[e]: sorted(st.removeprefix("unet:") for st in sts) for e, sts in off.items() if sts},
-                          start, total, n_stage + n_text, complete,
+                          start, total, n_all, complete,
                           {names[e]: lv for e, lv in chosen.items() if lv != 1.0})
     log.info("block search: %s%s (guide score %.4f → %.4f)", result.off or "every LoRA in every stage",
              f", text-encoder magnitudes {result.text}" if result.text else "", start, total)

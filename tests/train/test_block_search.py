@@ -67,6 +67,20 @@ def test_greedy_search_follows_the_score_table():
     assert off == {0: frozenset({"a"})} and total == 1.0 and not complete
 
 
+def test_a_later_stage_pass_switches_a_stage_back_on_when_that_raises_the_score():
+    """From ``start_off`` (expert 0 off in ``a`` and ``b``): ``a`` back on adds 0.4, ``b`` back on costs 0.1 (stays
+    off), ``c`` off adds 0.2 — but only after ``a`` is back on, else it would be off everywhere."""
+    def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+        return -0.4 * ("a" in off[0]) + 0.1 * ("b" in off[0]) + 0.2 * ("c" in off[0])
+
+    off, start, total, complete = greedy_search([0], ["a", "b", "c"], [frozenset({0})], score,
+                                                start_off={0: frozenset({"a", "b"})})
+    assert off == {0: frozenset({"b", "c"})}
+    assert start == pytest.approx(-0.3) and total == pytest.approx(0.3) and complete
+    off, _, _, _ = greedy_search([0], ["b", "a", "c"], [frozenset({0})], score, start_off={0: frozenset({"a", "b"})})
+    assert off == {0: frozenset({"b", "c"})}  # order of stages does not matter here: b stays off either way
+
+
 def test_greedy_strengths_keeps_each_experts_best_rising_level():
     """Expert 0: level 2 adds 0.3 to each set naming it, level 3 adds 0.5 to the single but costs 0.4 on the pair
     (+0.1): 2 kept (+0.6). Expert 1: every level lowers the sets naming it: stays at 1. Expert 2 then sees expert
@@ -166,19 +180,20 @@ def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path
             assert float(logit[e]) == (OFF_LOGIT if off else 0.0), (scope, name)  # 0: magnitude 1, never trained
 
 
-def test_training_with_the_text_pass_writes_the_magnitudes_it_reports(toy, tmp_path):
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_training_with_the_text_pass_writes_the_magnitudes_it_reports(toy, tmp_path, rounds):
     """``search_text_strengths``: after the stage pass each LoRA tries the levels; the gate file's text-encoder
     magnitudes equal what the record reports (the level, or 1 where none raised the score), the UNet's are the
-    stage pass's (1 or ~0), and the progress counts both passes."""
+    last stage pass's (1 or ~0), and the progress counts every pass (``search_rounds`` 2: a second stage pass)."""
     backend, experts, refs, prompts, guide = toy
     cfg = TrainConfig(**RECIPE, m_max=3.0, steps=1, block_search=True, search_prompts=2, search_steps=2,
-                      search_text_strengths="0.5,2.5")
+                      search_text_strengths="0.5,2.5", search_rounds=rounds)
     seen = []
     result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
                    out_path=str(tmp_path / "g.safetensors"))
     record = result.gates.info["training"]["block_search_result"]
     stages = {stage_of(s) for s in result.gates.scopes} - {None}
-    n = len(experts) * (len(stages) + 2)
+    n = len(experts) * (len(stages) * rounds + 2)
     assert record["candidates"] == n and record["complete"]
     assert [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, n + 1))
     assert set(record["text"].values()) <= {0.5, 2.5}
@@ -197,6 +212,10 @@ def test_training_with_the_text_pass_writes_the_magnitudes_it_reports(toy, tmp_p
 def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match="`block_search` needs objective compose and gate_input trigger"):
         TrainConfig(**{**RECIPE, "gate_input": "prompt", "route_weight": 0.0}, block_search=True)
+    with pytest.raises(mole.MoleError, match=r"`search_rounds` must be ≥ 1 \(above 1 needs `block_search`\), got 0"):
+        TrainConfig(**RECIPE, block_search=True, search_rounds=0)
+    with pytest.raises(mole.MoleError, match="`search_rounds` must be ≥ 1 .*got 2 with block_search False"):
+        TrainConfig(**RECIPE, search_rounds=2)
     with pytest.raises(mole.MoleError, match="`search_prompts`, `search_steps` and `search_batch` must be ≥ 1"):
         TrainConfig(**RECIPE, block_search=True, search_steps=0)
     with pytest.raises(mole.MoleError, match="`search_text_strengths` needs `block_search`"):
