@@ -176,3 +176,13 @@ def test_whole_prompt_accuracy_fails_a_leaked_concept_the_concept_accuracy_passe
     leaked = [p["texture"] == "striped" and p["shape"] == "star" for p in preds]  # striped, but a star
     assert np.mean(leaked) >= 0.25
     assert out["s_whole"] <= out["s"] - np.mean(leaked)  # each of them passes the concept, fails the whole
+
+
+def test_every_recipe_is_a_valid_training_config_with_a_unique_name():
+    """A recipe with a misspelt or contradictory field would fail only after an hour of baselines."""
+    from train.config import TrainConfig
+
+    recipes = C.RECIPES + C.ON_REQUEST
+    assert len({r.name for r in recipes}) == len(recipes)
+    for r in recipes:
+        TrainConfig(**{**dict(steps=300, resolution=32, seed=0), **r.fields})
