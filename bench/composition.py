@@ -111,6 +111,18 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
                                                             gate_family="sigmoid", alpha=0.0, route_weight=1.0,
                                                             train_magnitudes=False, block_search=True, m_max=3.0,
                                                             search_text_strengths="1.5,2,2.5")),
+    # the paired search recipe plus the text-encoder magnitude pass, both passes scoring each image and its dark
+    # view (near-black pixels set to the background colour) and keeping the worse score: on block_routing's
+    # candidates the guide then picks striped + star's best (0.88 against 0.25)
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text",
+           dict(COMPOSE_COMMON, gate_input="trigger", granularity="block", gate_family="sigmoid", alpha=0.0,
+                route_weight=1.0, train_magnitudes=False, block_search=True, negative_routing="positive", m_max=3.0,
+                search_text_strengths="1.5,2,2.5", search_dark_view=0.25)),
+    # and a second stage pass with the chosen text-encoder magnitudes, free to switch a stage back on
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_rounds",
+           dict(COMPOSE_COMMON, gate_input="trigger", granularity="block", gate_family="sigmoid", alpha=0.0,
+                route_weight=1.0, train_magnitudes=False, block_search=True, negative_routing="positive", m_max=3.0,
+                search_text_strengths="1.5,2,2.5", search_dark_view=0.25, search_rounds=2)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
@@ -249,7 +261,9 @@ def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log, basel
         t0 = time.perf_counter()
         gates = train(cfg, backend, experts, refs, **extra).gates
         methods[r.name] = {"gates": gates, "train_s": round(time.perf_counter() - t0, 1)}
-        log(f"seed {seed}: trained {r.name} in {methods[r.name]['train_s']} s")
+        searched = gates.info.get("training", {}).get("block_search_result")
+        log(f"seed {seed}: trained {r.name} in {methods[r.name]['train_s']} s"
+            + (f"; block search {json.dumps(searched)}" if searched else ""))
     out = {}
     for name, m in methods.items():
         out[name] = evaluate(world, pipe, backend, experts, m, sets, base, seed, s)
