@@ -21,6 +21,9 @@ With ``text_strengths`` (e.g. 1.5, 2, 2.5) a second pass follows: for each LoRA 
 text-encoder scope is set to each of those values, and the one that raises the summed score of the compositions
 naming it most is kept (none: it stays as trained). On the toy world, an oracle router with the striped LoRA's
 text part at 2–2.5 composes the pairs at 0.85–0.88 where every on/off choice of UNet stages stays at ≤ 0.85.
+
+With ``rounds`` > 1 more stage passes follow, with those text magnitudes, each flipping a stage either way (on the
+toy world a second pass did not raise composition: bench/results/composition_history.md).
 """
 
 from __future__ import annotations
