@@ -48,6 +48,7 @@ from mole_toy import load_world  # noqa: E402
 from mole_toy import world as W  # noqa: E402
 from mole_toy.evaluate import sample  # noqa: E402
 from mole_toy.guide import load_toy_guide  # noqa: E402
+from mole_toy.training import to_tensor  # noqa: E402
 from train.block_search import stage_of  # noqa: E402
 from train.compose import reference_embeddings  # noqa: E402
 from train.dark_view import dark_to_background  # noqa: E402
@@ -133,11 +134,6 @@ def strengthen_text(expert: mole.Expert, strength: float) -> mole.Expert:
     return dataclasses.replace(expert, factors=scaled)
 
 
-def to_guide_input(images: np.ndarray) -> torch.Tensor:
-    """``(B, H, W, 3)`` uint8 → ``(B, 3, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 def _score(world, pipe, guide, text: torch.Tensor, ref_emb: dict, items: list, sub: tuple,  # noqa: ANN001
            experts: list[mole.Expert], judges: list[mole.Expert], seed: int, s: argparse.Namespace) -> dict:
     """Probe accuracy and mean guide similarities of ``items`` sampled with ``experts`` at weight 1; with
@@ -148,17 +144,19 @@ def _score(world, pipe, guide, text: torch.Tensor, ref_emb: dict, items: list, s
     finally:
         mix.detach()
     ok = [all(world.probe.score(im, a)[W.concept(c).attribute] for c in sub) for im, (_, a) in zip(images, items)]
-    pixels = to_guide_input(np.stack([np.asarray(im) for im in images]))
-    with torch.no_grad():
-        emb = guide.embed_images(pixels)
-    local = torch.stack([emb @ ref_emb[c] for c in sub]).mean(0)
-    out = dict(accuracy=float(np.mean(ok)), guide_global=float((emb * text).sum(-1).mean()),
-               guide_local=float(local.mean()))
+    pixels = to_tensor(np.stack([np.asarray(im) for im in images]))
+
+    @torch.no_grad()
+    def guide_terms(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: cos to its prompt, mean cos to the named concepts' references."""
+        emb = guide.embed_images(view)
+        return (emb * text).sum(-1), torch.stack([emb @ ref_emb[c] for c in sub]).mean(0)
+
+    own_global, own_local = guide_terms(pixels)
+    out = dict(accuracy=float(np.mean(ok)), guide_global=float(own_global.mean()), guide_local=float(own_local.mean()))
     if s.dark_view:
-        with torch.no_grad():
-            dark = guide.embed_images(dark_to_background(pixels, s.dark_view))
-        dark_score = (dark * text).sum(-1) + torch.stack([dark @ ref_emb[c] for c in sub]).mean(0)
-        out["guide_dark"] = float(torch.minimum((emb * text).sum(-1) + local, dark_score).mean())
+        dark = sum(guide_terms(dark_to_background(pixels, s.dark_view)))
+        out["guide_dark"] = float(torch.minimum(own_global + own_local, dark).mean())
     if s.diffusion_judge:
         out["judge_diffusion"] = judge_score(lora_gains(pipe, images, [p for p, _ in items], judges, seed))
     return out
@@ -171,7 +169,7 @@ def run_seed(seed: int, s: argparse.Namespace, log) -> list[dict]:  # noqa: ANN0
     experts = dict(zip(C.CONCEPTS, mole.load_experts(world.expert_paths(C.CONCEPTS))))
     guide = load_toy_guide(s.clip or world.clip_path)
     refs = C.references(world, seed, 8)
-    ref_emb = reference_embeddings(guide, [to_guide_input(np.asarray(r.image)[None])[0] for r in refs],
+    ref_emb = reference_embeddings(guide, [to_tensor(np.array(r.image)[None])[0] for r in refs],
                                    [r.concept for r in refs])
     templates = {"train": C.TRAIN_TEMPLATES, **({"held_out": C.HELD_OUT_TEMPLATES} if s.held_out else {})}
     assignments: dict[str, Assignment] = {name: (a, TEXT_STRENGTHS.get(name, {})) for name, a in ASSIGNMENTS.items()}

@@ -78,6 +78,9 @@ class Recipe:
 
 COMPOSE_COMMON = dict(objective="compose", gate_input="prompt", text_pool="max", train_text_gates=True,
                       center_features=True, base_share=0.25, prior_weight=0.5, local_weight=1.0)
+PAIRED = dict(COMPOSE_COMMON, gate_input="trigger", granularity="block", gate_family="sigmoid", alpha=0.0,
+              route_weight=1.0, train_magnitudes=False, block_search=True, negative_routing="positive")
+PAIRED_DARK_TEXT = dict(PAIRED, m_max=3.0, search_text_strengths="1.5,2,2.5", search_dark_view=0.25)
 RECIPES = [
     Recipe("mole_denoise", dict(objective="denoise", granularity="block", alpha=0.5, steps=60), compose=False),
     Recipe("mole_softmax_compose", dict(COMPOSE_COMMON, granularity="network", alpha=0.5)),
@@ -85,10 +88,7 @@ RECIPES = [
     # prompt (the router trained, every magnitude kept at 1), switched off in the UNet stages where the guide scores
     # its compositions higher without it (block search), and the negative prompt's UNet rows routed like their
     # prompt's: the named LoRAs run in both CFG branches (as loaded LoRAs do), not scaled by the CFG scale
-    Recipe("mole_sigmoid_compose_trigger_search_paired", dict(COMPOSE_COMMON, gate_input="trigger",
-                                                              granularity="block", gate_family="sigmoid", alpha=0.0,
-                                                              route_weight=1.0, train_magnitudes=False,
-                                                              block_search=True, negative_routing="positive")),
+    Recipe("mole_sigmoid_compose_trigger_search_paired", PAIRED),
 ]
 ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last recipe, then other hypotheses
     Recipe("mole_sigmoid_compose", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid", alpha=0.0)),
@@ -114,15 +114,9 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # the paired search recipe plus the text-encoder magnitude pass, both passes scoring each image and its dark
     # view (near-black pixels set to the background colour) and keeping the worse score: on block_routing's
     # candidates the guide then picks striped + star's best (0.88 against 0.25)
-    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text",
-           dict(COMPOSE_COMMON, gate_input="trigger", granularity="block", gate_family="sigmoid", alpha=0.0,
-                route_weight=1.0, train_magnitudes=False, block_search=True, negative_routing="positive", m_max=3.0,
-                search_text_strengths="1.5,2,2.5", search_dark_view=0.25)),
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text", PAIRED_DARK_TEXT),
     # and a second stage pass with the chosen text-encoder magnitudes, free to switch a stage back on
-    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_rounds",
-           dict(COMPOSE_COMMON, gate_input="trigger", granularity="block", gate_family="sigmoid", alpha=0.0,
-                route_weight=1.0, train_magnitudes=False, block_search=True, negative_routing="positive", m_max=3.0,
-                search_text_strengths="1.5,2,2.5", search_dark_view=0.25, search_rounds=2)),
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_rounds", dict(PAIRED_DARK_TEXT, search_rounds=2)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

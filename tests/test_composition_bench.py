@@ -16,6 +16,7 @@ import composition as C  # noqa: E402
 
 import mole_core as mole  # noqa: E402
 from mole_toy.evaluate import sample  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
 
 ROW = {"2_train": (0.5, 0.1), "3_train": (0.4, 0.1), "2_held_out": (1.0, 0.0), "3_held_out": (1.0, 0.0),
        "base": (0.6, 0.0), "sample_entropy": (0.7, 0.0)}
@@ -180,8 +181,6 @@ def test_whole_prompt_accuracy_fails_a_leaked_concept_the_concept_accuracy_passe
 
 def test_every_recipe_is_a_valid_training_config_with_a_unique_name():
     """A recipe with a misspelt or contradictory field would fail only after an hour of baselines."""
-    from train.config import TrainConfig
-
     recipes = C.RECIPES + C.ON_REQUEST
     assert len({r.name for r in recipes}) == len(recipes)
     for r in recipes:
