@@ -9,6 +9,9 @@ shared router on the first text-encoder layer (metadata ``router``: its lead tar
 ``router.bias (N,)`` the thresholds, and every scope's ``magnitude_logit`` is ``(N,)``, one per expert.
 Version 5: a routed file whose gate config says ``negative_routing: positive`` (older readers would route the
 negative prompt's rows by themselves and sample something else); every other file keeps its version.
+Version 6: a trigger file whose scopes carry per-set scales ``gates.<scope>.sets (K, N)`` (on-patterns of 0/1) and
+``gates.<scope>.set_scale (K, N)`` (each expert's factor under that pattern; the block search by set writes them):
+older readers would ignore them and run every LoRA in every stage.
 Metadata key ``mole`` (JSON): format version, experts (name, sha256, ranks, order), gate
 config, scopes (lead target, feature size), base-model family, training config, metrics.
 Loading refuses a different expert set/order/hash with one line naming the difference.
@@ -28,13 +31,13 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import MoleError, MoleWarning
-from .gate_schema import check_metadata, check_tensors, router_parts
+from .gate_schema import SET_PARTS, check_metadata, check_tensors, router_parts
 from .gates import GateConfig, prior_gates
 from .lora_files import read_safetensors
 from .mixture import Mixture
 
 FORMAT = "mole-gates"
-VERSION = 5  # the newest format read; files say the oldest that reads them (2 unless they carry a router)
+VERSION = 6  # the newest format read; files say the oldest that reads them (2 unless they carry a router)
 
 
 def _parts(cfg: GateConfig) -> tuple[str, ...]:
@@ -99,6 +102,9 @@ def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None
         g = mix.gates[f"s{i}"]
         for part in (*_parts(mix.config), "center"):
             tensors[f"gates.{name}.{part}"] = getattr(g, part).float()
+        if getattr(g, "sets", None) is not None and g.sets.shape[0]:
+            for part in SET_PARTS:
+                tensors[f"gates.{name}.{part}"] = getattr(g, part).float()
         scopes[name] = {"lead": scope.lead, "feature_dim": scope.feature_dim, "targets": len(scope.targets)}
     extra = dict(extra or {})
     if mix.router_lead is not None:
@@ -109,6 +115,8 @@ def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None
     version = (4 if mix.config.gate_input == "trigger" else 3) if mix.routed else 2  # the oldest reader
     if mix.config.negative_routing != "own":
         version = 5
+    if any(k.endswith(".set_scale") for k in tensors):
+        version = 6
     info = {"format": FORMAT, "version": version, "experts": [dict(e.summary(), order=i)
                                                               for i, e in enumerate(mix.experts)],
             "gate_config": mix.config.to_dict(), "scopes": scopes, "family": mix.index.family,
@@ -192,6 +200,9 @@ def apply_gate_file(mix: Mixture, gf: GateFile, *, match: str = "hash") -> GateF
                 getattr(g, part).copy_(gf.tensors[f"gates.{s}.{part}"])
             center = gf.tensors.get(f"gates.{s}.center")  # format 1: none (no centering)
             g.center.copy_(center if center is not None else torch.zeros_like(g.center))
+            if gf.config.gate_input == "trigger":  # per-set scales, or none (versions 4 and 5)
+                sets = gf.tensors.get(f"gates.{s}.sets", torch.zeros(0, mix.n))
+                g.set_set_scales(sets, gf.tensors.get(f"gates.{s}.set_scale", torch.ones(0, mix.n)))
         if mix.router_lead is not None:
             router = mix.gates["router"]
             dim = int(gf.info["router"]["feature_dim"])

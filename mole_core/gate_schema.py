@@ -7,7 +7,8 @@ object of :class:`GateConfig` fields), ``experts`` (a non-empty list of objects 
 Tensors per scope, floating point, finite, exact shapes (no broadcasting): ``weight (N, d)``, ``bias (N,)``,
 ``log_tau ()``, sigmoid ``magnitude_logit ()``, optional ``center (d,)``; with a router ``router.weight (N, d)``
 and ``router.center (d,)``; ``gate_input="trigger"`` adds ``router.scale (N,)`` and ``router.bias (N,)`` and
-makes ``magnitude_logit (N,)``; router values bounded by :data:`MAX_ABS`. Tensors of no scope warn and are
+makes ``magnitude_logit (N,)`` and allows per-set scales ``sets (K, N)`` and ``set_scale (K, N)`` (version 6,
+:func:`check_set_scales`); router values bounded by :data:`MAX_ABS`. Tensors of no scope warn and are
 ignored.
 """
 
@@ -76,6 +77,29 @@ def router_parts(cfg: GateConfig) -> tuple[str, ...]:
     return ("weight", "center", "scale", "bias") if cfg.gate_input == "trigger" else ("weight", "center")
 
 
+SET_PARTS = ("sets", "set_scale")  # optional per-scope tensors of trigger gates (version 6)
+
+
+def check_set_scales(name: str, scope: str, n_experts: int, tensors: dict[str, torch.Tensor]) -> None:
+    """A trigger scope's optional per-set scales: ``sets`` and ``set_scale``, both ``(K, N)`` with K ≥ 1, or
+    neither; ``sets`` holds distinct rows of 0/1, ``set_scale`` values ≥ 0."""
+    sets, scale = (tensors.get(f"gates.{scope}.{p}") for p in SET_PARTS)
+    if sets is None and scale is None:
+        return
+    if sets is None or scale is None:
+        raise MoleError(f"{name}: scope {scope!r} needs both gates.{scope}.sets and gates.{scope}.set_scale, or "
+                        f"neither")
+    k = sets.shape[0] if sets.dim() == 2 else 0
+    for part, t in zip(SET_PARTS, (sets, scale)):
+        _check_tensor(name, f"gates.{scope}.{part}", t, (max(k, 1), n_experts))
+    if not ((sets == 0) | (sets == 1)).all():
+        raise MoleError(f"{name}: tensor gates.{scope}.sets must hold only 0 and 1")
+    if len({tuple(r) for r in sets.bool().tolist()}) != k:
+        raise MoleError(f"{name}: tensor gates.{scope}.sets repeats an on-pattern")
+    if (scale < 0).any():
+        raise MoleError(f"{name}: tensor gates.{scope}.set_scale must be ≥ 0")
+
+
 def _check_tensor(name: str, key: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
     if not t.is_floating_point():
         raise MoleError(f"{name}: tensor {key} must be floating point, got {t.dtype}")
@@ -104,13 +128,16 @@ def check_tensors(name: str, cfg: GateConfig, n_experts: int, scopes: dict, tens
                     continue  # version 1: uncentred
                 raise MoleError(f"{name}: tensor {key} missing")
             _check_tensor(name, key, t, shapes[part])
+        if cfg.gate_input == "trigger":
+            check_set_scales(name, s, n_experts, tensors)
     shapes = {"weight": (n_experts, router_dim), "center": (router_dim,), "scale": (n_experts,), "bias": (n_experts,)}
     router = {f"router.{p}": shapes[p] for p in router_parts(cfg)} if router_dim else {}
     for key, shape in router.items():
         if key not in tensors:
             raise MoleError(f"{name}: tensor {key} missing")
         _check_tensor(name, key, tensors[key], shape)
-    known = {f"gates.{s}.{p}" for s in scopes for p in (*parts, "center")} | set(router)
+    optional = ("center", *SET_PARTS) if cfg.gate_input == "trigger" else ("center",)
+    known = {f"gates.{s}.{p}" for s in scopes for p in (*parts, *optional)} | set(router)
     extra = sorted(set(tensors) - known)
     if extra:
         warnings.warn(f"{name}: {len(extra)} tensors belong to no scope and are ignored (e.g. {extra[0]})",

@@ -163,6 +163,10 @@ class ScopeGate(nn.Module):
             self.magnitude_logit = nn.Parameter(torch.full((n_experts,), _logit(m0 / cfg.m_max)))
             self.bias.requires_grad_(False)
             self.log_tau.requires_grad_(False)
+            # per-set scales (block search by set): row k of ``sets`` is an on-pattern of the experts (0/1), row k
+            # of ``set_scale`` each expert's factor when exactly that pattern is on; none (K = 0) by default
+            self.register_buffer("sets", torch.zeros(0, n_experts))
+            self.register_buffer("set_scale", torch.ones(0, n_experts))
         elif self.family == "sigmoid":
             # the magnitude starts at 1 (LoRA strength 1 when fully on) if init_gate < 1 < m_max, else midway
             # between init_gate and m_max; the bias then sets σ(b/τ)·m = init_gate exactly
@@ -205,7 +209,24 @@ class ScopeGate(nn.Module):
                 z = z + torch.log(mask)  # log 1 = 0 exactly; log 0 = −inf
             return torch.softmax(z, dim=-1)
         g = gate_values(logits, self.tau, self.family, self.magnitude_logit, self.m_max)
-        return g if mask is None else g * mask
+        if mask is not None:
+            g = g * mask
+        if getattr(self, "sets", None) is not None and self.sets.shape[0]:
+            on = torch.sigmoid(logits / self.tau) * (1 if mask is None else mask)
+            g = g * set_factors(on, self.sets, self.set_scale)
+        return g
+
+    @torch.no_grad()
+    def set_set_scales(self, sets: torch.Tensor, scale: torch.Tensor) -> None:
+        """Store per-set scales: ``sets`` ``(K, N)`` of 0/1 on-patterns, ``scale`` ``(K, N)`` each expert's factor
+        under that pattern (K = 0: none). Trigger gates only."""
+        if not hasattr(self, "sets"):
+            raise MoleError("per-set scales need gate_input trigger")
+        if sets.shape != scale.shape or sets.dim() != 2 or sets.shape[1] != self.sets.shape[1]:
+            raise MoleError(f"per-set scales: sets {tuple(sets.shape)} and scale {tuple(scale.shape)} must both be "
+                            f"(K, {self.sets.shape[1]})")
+        self.sets = sets.to(self.sets.device, torch.float32).clone()
+        self.set_scale = scale.to(self.set_scale.device, torch.float32).clone()
 
 
 class PromptRouter(nn.Module):
@@ -273,6 +294,16 @@ def gate_values(logits: torch.Tensor, tau: torch.Tensor, family: str, magnitude_
     if magnitude_logit is None:
         raise MoleError("sigmoid gates need a magnitude")
     return torch.sigmoid(logits / tau) * (m_max * torch.sigmoid(magnitude_logit))
+
+
+def set_factors(on: torch.Tensor, sets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-set scale factors ``(B, N)`` for on-probabilities ``on`` ``(B, N)``: ``1 + Σ_k w_k (scale_k − 1)`` with
+    ``w_k = Π_j (on_j if sets_kj else 1 − on_j)``, the probability that exactly pattern k is on (the experts
+    switch on independently). A prompt whose pattern is no row keeps factor 1; a crisp pattern k gets ``scale_k``.
+    Multilinear in ``on``: between crisp patterns it interpolates, never jumps."""
+    on = on[:, None, :]  # (B, 1, N)
+    w = torch.where(sets.bool(), on, 1 - on).prod(-1)  # (B, K)
+    return 1 + w @ (scale - 1)
 
 
 def prior_gates(tensors: dict[str, torch.Tensor], scopes: list[str], cfg: GateConfig) -> dict[str, list[float]]:

@@ -150,7 +150,7 @@ def merge_gate_files(files: list[mole_core.GateFile]) -> mole_core.GateFile:
     for f in files:
         tensors.update(f.tensors)
         scopes.update(f.scopes)
-    info = {**first.info, "scopes": scopes}
+    info = {**first.info, "scopes": scopes, "version": max(f.info.get("version", 1) for f in files)}
     for f in files:  # gate_input "router": the router lives in the text encoders' mixture
         if "router" in f.info:
             info["router"] = f.info["router"]
@@ -166,7 +166,8 @@ def carry_over(snapshot: mole_core.GateFile, loaded: mole_core.GateFile) -> mole
         if scope not in scopes:
             scopes[scope] = meta
             tensors.update({k: v for k, v in loaded.tensors.items() if k.startswith(f"gates.{scope}.")})
-    info = {**snapshot.info, "scopes": scopes}
+    info = {**snapshot.info, "scopes": scopes,  # the oldest reader of what it carries (per-set scales: 6)
+            "version": max(snapshot.info.get("version", 1), loaded.info.get("version", 1))}
     if "router" in loaded.info and "router" not in info:  # no CLIP connected: keep the file's router
         info["router"] = loaded.info["router"]
         tensors.update({k: v for k, v in loaded.tensors.items() if k.startswith("router.")})

@@ -22,6 +22,10 @@ text-encoder scope is set to each of those values, and the one that raises the s
 naming it most is kept (none: it stays as trained). On the toy world, an oracle router with the striped LoRA's
 text part at 2–2.5 composes the pairs at 0.85–0.88 where every on/off choice of UNet stages stays at ≤ 0.85.
 
+With ``by_set`` each set of named concepts gets its own stage pass over its own LoRAs, and the choices are
+stored as per-set scales of the trigger gates (:func:`mole_core.gates.set_factors`): a pair's stages no longer
+have to serve the triple.
+
 With ``rounds`` > 1 more stage passes follow, with those text magnitudes, each flipping a stage either way (on the
 toy world a second pass did not raise composition: bench/results/composition_history.md).
 """
@@ -64,10 +68,12 @@ class SearchResult:
     candidates: int = 0
     complete: bool = True  # False: stopped before every candidate was tried
     text: dict[str, float] = field(default_factory=dict)  # expert name → its text-encoder magnitude, when changed
+    by_set: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # "a+b" → expert name → stages (by set)
 
     def to_dict(self) -> dict:
-        return {"off": self.off, "text": self.text, "start_score": round(self.start_score, 5),
-                "score": round(self.score, 5), "candidates": self.candidates, "complete": self.complete}
+        out = {"off": self.off, "text": self.text, "start_score": round(self.start_score, 5),
+               "score": round(self.score, 5), "candidates": self.candidates, "complete": self.complete}
+        return {**out, "by_set": self.by_set} if self.by_set else out
 
 
 Score = Callable[[frozenset[int], dict[int, frozenset[str]]], float]
@@ -178,6 +184,19 @@ def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozen
                         for e, sts in off.items() for st in sts for scope in stages[st]])
 
 
+def write_set_scales(mix: Mixture, stages: dict[str, list[str]], offs: dict[frozenset[int], Switches]) -> None:
+    """Store each named set's switched-off stages as per-set scales (:meth:`ScopeGate.set_set_scales`): in every
+    scope of a stage, one row per set that switches a LoRA off there (its on-pattern; factor 0 for those LoRAs,
+    1 for the others). Scopes no set switches anything in keep none."""
+    for st, scopes in stages.items():
+        rows = [(named, frozenset(e for e, sts in off.items() if st in sts)) for named, off in offs.items()]
+        rows = [(named, gone) for named, gone in rows if gone]
+        sets = torch.tensor([[float(e in named) for e in range(mix.n)] for named, _ in rows]).reshape(-1, mix.n)
+        scale = torch.tensor([[float(e not in gone) for e in range(mix.n)] for _, gone in rows]).reshape(-1, mix.n)
+        for scope in scopes:
+            mix.scope_gate(scope).set_set_scales(sets, scale)
+
+
 def text_scopes(mix: Mixture) -> list[str]:
     """The gated text-encoder scopes of ``mix`` (every scope outside the UNet)."""
     return [scope for scope in mix.scopes if not scope.startswith("unet:")]
@@ -199,7 +218,7 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
 
 
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
-                  text_strengths: Sequence[float] = (), rounds: int = 1,
+                  text_strengths: Sequence[float] = (), rounds: int = 1, by_set: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
@@ -207,7 +226,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     with a ``steps``-step rollout from the same ``seed``-ed noise for every candidate, ``batch`` prompts at a time.
     ``text_strengths``: then the text-encoder magnitude pass (module docstring) over these levels. ``rounds`` > 1:
     that many stage passes, each after the first run with the chosen text magnitudes and free to switch a stage
-    back on."""
+    back on. ``by_set``: each set of named concepts gets its own stage choice, stored as per-set scales (the
+    stages a LoRA runs in then depend on which other LoRAs the prompt names); otherwise one choice serves all."""
     if mix.config.gate_input != "trigger":
         raise MoleError("block search needs gate_input trigger (one magnitude per LoRA and scope)")
     stages = unet_stages(mix)
@@ -215,27 +235,31 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         raise MoleError(f"block search needs a UNet with at least 2 gated stages, got {sorted(stages)}")
     concepts = list(compose.ref_emb)
     own = trigger_words(mix.experts, concepts)
-    by_set: dict[frozenset[int], list[str]] = {}
+    by_named: dict[frozenset[int], list[str]] = {}
     for p in compose.prompts.compositions:
         named = frozenset(i for i, c in enumerate(own) if c and c in compose.named[p])
-        if named and len(by_set.setdefault(named, [])) < per_set:
-            by_set[named].append(p)
-    experts = sorted({e for s in by_set for e in s})
+        if named and len(by_named.setdefault(named, [])) < per_set:
+            by_named[named].append(p)
+    experts = sorted({e for s in by_named for e in s})
+    sets = list(by_named)
+    # the searches: one over every set (shared), or one per set over its own experts
+    groups = [(sorted(s), [s]) for s in sets] if by_set else [(experts, sets)]
 
     def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
         undo = switch_off(mix, stages, off)
         try:
             mix.clear_live_gates()
             mix.routes.clear()
-            prompts = by_set[named]
+            prompts = by_named[named]
             noise = torch.randn((len(prompts), *compose.latent_shape), generator=torch.Generator().manual_seed(seed))
             return float(torch.cat([compose.guidance(prompts[i:i + batch], noise[i:i + batch], steps)
                                     for i in range(0, len(prompts), batch)]).mean())
         finally:
             undo()
 
-    n_stage, n_text = len(experts) * len(stages), len(experts) * len(text_strengths)
-    n_all = n_stage * rounds + n_text
+    n_pass = sum(len(es) for es, _ in groups) * len(stages)
+    n_text = len(experts) * len(text_strengths)
+    n_all = n_pass * rounds + n_text
 
     def progress_from(done: int) -> Callable[[int, int], None]:
         def report(i: int, n: int) -> None:
@@ -243,9 +267,24 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
                 progress(done + i, n_all)
         return report
 
-    off, start, total, complete = greedy_search(experts, list(stages), list(by_set), score, progress_from(0),
-                                                should_stop)
-    undo_off = switch_off(mix, stages, off)
+    def stage_pass(done: int, start_off: list[Switches] | None) -> tuple[list[Switches], float, float, bool]:
+        """One stage pass per group; the switches per group, the summed start and final scores, completeness."""
+        offs, start, total = [], 0.0, 0.0
+        for g, (es, group_sets) in enumerate(groups):
+            off, s0, s1, complete = greedy_search(es, list(stages), group_sets, score, progress_from(done),
+                                                  should_stop, None if start_off is None else start_off[g])
+            offs.append(off)
+            start, total, done = start + s0, total + s1, done + len(es) * len(stages)
+            if not complete:
+                return offs + (start_off or [{}] * len(groups))[len(offs):], start, total, False
+        return offs, start, total, True
+
+    def off_of(offs: list[Switches], named: frozenset[int]) -> Switches:
+        off = offs[sets.index(named)] if by_set else offs[0]
+        return {e: off.get(e, frozenset()) for e in named}
+
+    offs, start, total, complete = stage_pass(0, None)
+    undo_off = (lambda: None) if by_set else switch_off(mix, stages, offs[0])
     chosen: Strengths = {}
     if text_strengths and complete:
         te = text_scopes(mix)
@@ -253,24 +292,31 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         def text_score(named: frozenset[int], levels: Strengths) -> float:
             undo = set_text_strengths(mix, te, levels)
             try:
-                return score(named, {e: off[e] for e in named})
+                return score(named, off_of(offs, named))
             finally:
                 undo()
 
-        chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), list(by_set), text_score,
-                                                      progress_from(n_stage), should_stop)
+        chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), sets, text_score,
+                                                      progress_from(n_pass), should_stop)
         set_text_strengths(mix, te, chosen)
     for r in range(1, rounds):
         if not complete:
             break
         undo_off()  # the pass scores each switch from the mix without any: a stage may come back on
-        off, _, total, complete = greedy_search(experts, list(stages), list(by_set), score,
-                                                progress_from(n_stage * r + n_text), should_stop, start_off=off)
-        undo_off = switch_off(mix, stages, off)
+        offs, _, total, complete = stage_pass(n_pass * r + n_text, offs)
+        undo_off = (lambda: None) if by_set else switch_off(mix, stages, offs[0])
     names = [e.name for e in mix.experts]
-    result = SearchResult({names[e]: sorted(st.removeprefix("unet:") for st in sts) for e, sts in off.items() if sts},
-                          start, total, n_all, complete,
-                          {names[e]: lv for e, lv in chosen.items() if lv != 1.0})
-    log.info("block search: %s%s (guide score %.4f → %.4f)", result.off or "every LoRA in every stage",
+
+    def named_stages(off: Switches) -> dict[str, list[str]]:
+        return {names[e]: sorted(st.removeprefix("unet:") for st in sts) for e, sts in off.items() if sts}
+
+    if by_set:
+        write_set_scales(mix, stages, {named: off_of(offs, named) for named in sets})
+    result = SearchResult({} if by_set else named_stages(offs[0]), start, total, n_all, complete,
+                          {names[e]: lv for e, lv in chosen.items() if lv != 1.0},
+                          {"+".join(names[e] for e in sorted(named)): named_stages(off_of(offs, named))
+                           for named in sets} if by_set else {})
+    log.info("block search: %s%s (guide score %.4f → %.4f)",
+             (result.by_set if by_set else result.off) or "every LoRA in every stage",
              f", text-encoder magnitudes {result.text}" if result.text else "", start, total)
     return result

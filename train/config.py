@@ -96,6 +96,9 @@ class TrainConfig:
     search_text_strengths: str = _opt("", "block search, then: comma-separated text-encoder magnitudes to try per "
                                       "LoRA (e.g. 1.5,2,2.5; each below m_max); each LoRA keeps the one that raises "
                                       "the guide's score of the compositions naming it most, or its own (empty: off)")
+    search_by_set: bool = _opt(False, "block search: choose the stages per set of LoRAs a prompt names (each pair "
+                               "and the triple its own), stored as per-set scales (gate file version 6), instead of "
+                               "one choice shared by every set")
     search_rounds: int = _opt(1, "block search: stage passes; each after the first runs with the text-encoder "
                               "magnitudes the text pass chose and may switch a stage back on")
     search_dark_view: float = _opt(0.0, "block search: also score each image with its near-black pixels (summed RGB "
@@ -179,6 +182,8 @@ class TrainConfig:
         if self.search_rounds < 1 or (self.search_rounds > 1 and not self.block_search):
             raise MoleError(f"`search_rounds` must be ≥ 1 (above 1 needs `block_search`), got {self.search_rounds} "
                             f"with block_search {self.block_search}")
+        if self.search_by_set and not self.block_search:
+            raise MoleError("`search_by_set` needs `block_search`")
         if self.search_text_strengths and not self.block_search:
             raise MoleError("`search_text_strengths` needs `block_search` (it is the search's second pass)")
         if self.search_dark_view and not (self.block_search and 0.0 < self.search_dark_view < 1.0):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mole_core as mole
 
@@ -37,3 +38,15 @@ def reloads_exactly(pipe, experts: list, mix: mole.Mixture, path: Path) -> tuple
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     return load_file(path), meta
+
+
+def refusal(tensors: dict, meta: dict, edit, out: Path) -> str:  # noqa: ANN001
+    """Write ``tensors`` changed by ``edit`` (in place on a copy) with ``meta`` to ``out``; reading it must be a
+    one-line MoleError, whose message is returned."""
+    t = dict(tensors)
+    edit(t)
+    save_file(t, out, metadata=meta)
+    with pytest.raises(mole.MoleError) as exc:
+        mole.read_gate_file(out)
+    assert "\n" not in str(exc.value)
+    return str(exc.value)

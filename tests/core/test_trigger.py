@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import mole_core as mole
 from mole_core.gate_file import VERSION
-from tests.core._files import reloads_exactly
+from tests.core._files import refusal, reloads_exactly
 from tests.fixtures.tiny_models import sd15_pipeline
 from train.config import TrainConfig
 
@@ -32,14 +32,14 @@ def pipe(tiny_sd15):
     return sd15_pipeline({k: copy.deepcopy(v) for k, v in tiny_sd15.items()})
 
 
-def _ids(pipe, prompts: list[str]) -> torch.Tensor:
+def token_ids(pipe, prompts: list[str]) -> torch.Tensor:
     return pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids
 
 
 def _encode(pipe):
     def run(prompts: list[str]) -> torch.Tensor:
-        return pipe.text_encoder(_ids(pipe, prompts))[0]
+        return pipe.text_encoder(token_ids(pipe, prompts))[0]
     return run
 
 
@@ -47,17 +47,17 @@ def _table(pipe) -> torch.Tensor:
     return next(m for n, m in pipe.text_encoder.named_modules() if n.endswith("token_embedding")).weight.detach()
 
 
-def _calibrated(pipe, lora_set) -> mole.Mixture:
+def calibrated_mixture(pipe, lora_set) -> mole.Mixture:
     mix = mole.attach(pipe, mole.load_experts(lora_set.paths), CFG)
     mole.calibrate_triggers(mix, _encode(pipe), PROMPTS, TRIGGERS)
     return mix
 
 
 def test_keys_and_centre_come_from_the_token_embedding_table(pipe, lora_set):
-    mix = _calibrated(pipe, lora_set)
+    mix = calibrated_mixture(pipe, lora_set)
     router, table = mix.gates["router"], _table(pipe)
     assert mix.router_lead == "te:token_embedding" and all(s.feature_dim == 0 for s in mix.scopes.values())
-    distinct = torch.unique(torch.cat([_ids(pipe, sorted(set(PROMPTS) | {"purple", "star"})).flatten()]))
+    distinct = torch.unique(torch.cat([token_ids(pipe, sorted(set(PROMPTS) | {"purple", "star"})).flatten()]))
     centre = table[distinct].mean(0)
     torch.testing.assert_close(router.center, centre)
     for i, word in enumerate(TRIGGERS):
@@ -71,7 +71,7 @@ def test_keys_and_centre_come_from_the_token_embedding_table(pipe, lora_set):
 
 
 def test_gates_by_hand_in_the_text_encoder_and_the_unet(pipe, lora_set):
-    mix = _calibrated(pipe, lora_set)
+    mix = calibrated_mixture(pipe, lora_set)
     router, table = mix.gates["router"], _table(pipe)
     with torch.no_grad():
         router.scale.copy_(torch.tensor([12.0, 3.0, 8.0]))
@@ -79,7 +79,7 @@ def test_gates_by_hand_in_the_text_encoder_and_the_unet(pipe, lora_set):
         for i, name in enumerate(mix.scopes):
             mix.scope_gate(name).magnitude_logit.copy_(torch.tensor([0.3, -0.2, 1.0]) * (i + 1) / len(mix.scopes))
     prompts = ["a purple circle on grey", "a red star", "a blue square"]
-    ids = _ids(pipe, prompts)
+    ids = token_ids(pipe, prompts)
     cos = F.normalize(table[ids] - router.center, dim=-1) @ router.weight.T  # (B, L, N) by hand
     logits = cos.amax(1) * router.scale + router.bias
     named = torch.tensor([[1, 0, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
@@ -97,7 +97,7 @@ def test_gates_by_hand_in_the_text_encoder_and_the_unet(pipe, lora_set):
 
 
 def test_only_magnitudes_and_the_routers_threshold_train(pipe, lora_set):
-    mix = _calibrated(pipe, lora_set)
+    mix = calibrated_mixture(pipe, lora_set)
     trained = {id(p) for p in mix.gate_parameters()}
     router = mix.gates["router"]
     assert id(router.scale) in trained and id(router.bias) in trained
@@ -105,7 +105,7 @@ def test_only_magnitudes_and_the_routers_threshold_train(pipe, lora_set):
     for name in mix.scopes:
         g = mix.scope_gate(name)
         assert id(g.magnitude_logit) in trained and id(g.bias) not in trained and id(g.log_tau) not in trained
-    ctx = pipe.text_encoder(_ids(pipe, ["a purple star"]))[0]
+    ctx = pipe.text_encoder(token_ids(pipe, ["a purple star"]))[0]
     out = pipe.unet(torch.randn(1, 4, 8, 8), torch.tensor([500]), encoder_hidden_states=ctx).sample
     mix.gates.zero_grad(set_to_none=True)
     out.pow(2).mean().backward()
@@ -116,7 +116,7 @@ def test_only_magnitudes_and_the_routers_threshold_train(pipe, lora_set):
 
 def test_trigger_gate_file_round_trip_and_schema(pipe, lora_set, tmp_path):
     experts = mole.load_experts(lora_set.paths)
-    mix = _calibrated(pipe, lora_set)
+    mix = calibrated_mixture(pipe, lora_set)
     with torch.no_grad():
         for i, name in enumerate(mix.scopes):
             mix.scope_gate(name).magnitude_logit.copy_(torch.tensor([0.1, 0.2, 0.3]) * i)
@@ -126,15 +126,8 @@ def test_trigger_gate_file_round_trip_and_schema(pipe, lora_set, tmp_path):
     assert gf.info["version"] == 4 and gf.config.gate_input == "trigger"
     tensors, meta = reloads_exactly(pipe, experts, mix, path)
 
-    def broken(edit) -> str:
-        t = dict(tensors)
-        edit(t)
-        out = tmp_path / "broken.safetensors"
-        save_file(t, out, metadata=meta)
-        with pytest.raises(mole.MoleError) as exc:
-            mole.read_gate_file(out)
-        assert "\n" not in str(exc.value)
-        return str(exc.value)
+    def broken(edit) -> str:  # noqa: ANN001
+        return refusal(tensors, meta, edit, tmp_path / "broken.safetensors")
 
     scope = next(iter(gf.scopes))
     assert "router.scale missing" in broken(lambda t: t.pop("router.scale"))

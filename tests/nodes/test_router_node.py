@@ -38,8 +38,9 @@ def _encode(clip, text: str):
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def _trigger_gates(mole, tiny, experts, folder, name, **cfg):
-    """A trigger gate file calibrated on ComfyUI's own CLIP (purple and star keyed), loaded as MoLE Load Gates does."""
+def _trigger_gates(mole, tiny, experts, folder, name, edit=None, **cfg):
+    """A trigger gate file calibrated on ComfyUI's own CLIP (purple and star keyed), loaded as MoLE Load Gates does
+    (``edit(mix)`` changes the mixture before it is saved)."""
     import mole_core
 
     model, clip = tiny
@@ -48,6 +49,8 @@ def _trigger_gates(mole, tiny, experts, folder, name, **cfg):
     mix = mole_core.attach(index, experts.experts(), config, hooks=False)
     mole_core.calibrate_triggers(mix, lambda ps: [_encode(clip, p) for p in ps],
                                  ["a purple star on grey", "a red circle", "blurry"], ["purple", "star"])
+    if edit is not None:
+        edit(mix)
     mole_core.save_gates(mix, folder / name)
     return load_gates(mole, name)
 
@@ -150,3 +153,39 @@ def test_positive_negative_routing_runs_the_prompts_loras_in_both_cfg_rows(mole,
         rows = seen[-1][s]
         assert rows.shape[0] == 2, s
         torch.testing.assert_close(rows, (gate.magnitude * torch.sigmoid(want_pos[0] / gate.tau)).expand(2, -1))
+
+
+SETS, SET_SCALE = torch.tensor([[1.0, 1.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.5]])
+
+
+def test_per_set_scales_of_a_trigger_gate_file_apply_in_comfyui(mole, tiny, experts, comfy_dirs):
+    """A version-6 trigger file (per-set scales in the UNet's scopes, as ``--search-by-set`` writes them): in
+    ComfyUI's sampler each row's gate is ``m σ(ℓ/τ)`` times the factor of its prompt's on-pattern — star off when
+    the prompt names purple and star, at half when it names star alone — from the routes ComfyUI's CLIP gave."""
+    from mole_core.gates import set_factors
+
+    def tables(mix) -> None:  # noqa: ANN001
+        for s in mix.scopes:
+            if s.startswith("unet:"):
+                mix.scope_gate(s).set_set_scales(SETS, SET_SCALE)
+
+    model, clip = tiny
+    gates = _trigger_gates(mole, tiny, experts, comfy_dirs["mole_gates"], "trigger_sets.safetensors", tables)
+    assert gates.gate_file.info["version"] == 6
+    m, c, g = apply(mole, model, experts, "gated", clip=clip, gates=gates)
+    unet_mix, te_mix = (next(h.mix for h in g.holders if h.component == comp) for comp in ("unet", "te"))
+    pos = _encode(c, "a purple star on grey")
+    want_pos = te_mix._route.clone()
+    neg = _encode(c, "a star")
+    want_neg = te_mix._route.clone()
+    assert (want_pos[0] > 2).all() and want_neg[0, 0] < -2 < want_neg[0, 1]
+    seen = _unet_gates_while_sampling(m, unet_mix, pos, neg)
+    assert unet_mix.routes.misses == 0 and len(seen) == 1
+    for s in (s for s in unet_mix.scopes if s.startswith("unet:")):
+        gate = unet_mix.scope_gate(s).requires_grad_(False)
+        rows = seen[-1][s]
+        for r, star in ((want_pos, 0.0), (want_neg, 0.5)):
+            p = torch.sigmoid(r[0] / gate.tau)
+            e = gate.magnitude * p * set_factors(p[None], SETS, SET_SCALE)[0]
+            assert float(e[1] / gate.magnitude[1]) == pytest.approx(star, abs=0.02), s
+            assert min(float((row - e).abs().max()) for row in rows) < 1e-5, s
