@@ -120,7 +120,11 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # the dark-view recipe with each set of named concepts choosing its own stages (per-set scales): a pair's
     # choice no longer has to serve the triple (on block_routing's candidates the dark-view guide's pick per pair
     # is 0.96, its favourite shared assignment 0.83)
-    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_by_set", dict(PAIRED_DARK_TEXT, search_by_set=True)),
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_by_set", dict(PAIRED_DARK_TEXT, search_by_set="own")),
+    # the same, each set starting from the shared choice (the dark-view recipe's) instead of every stage on: with
+    # passes of their own from scratch, purple + striped and the triple fell (0.99 → 0.90, 0.97 → 0.84)
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine",
+           dict(PAIRED_DARK_TEXT, search_by_set="refine")),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

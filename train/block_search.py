@@ -22,9 +22,9 @@ text-encoder scope is set to each of those values, and the one that raises the s
 naming it most is kept (none: it stays as trained). On the toy world, an oracle router with the striped LoRA's
 text part at 2–2.5 composes the pairs at 0.85–0.88 where every on/off choice of UNet stages stays at ≤ 0.85.
 
-With ``by_set`` each set of named concepts gets its own stage pass over its own LoRAs, and the choices are
-stored as per-set scales of the trigger gates (:func:`mole_core.gates.set_factors`): a pair's stages no longer
-have to serve the triple.
+With ``by_set`` (``own``: from every stage on; ``refine``: from the shared choice, after the shared passes) each
+set of named concepts gets its own stage pass over its own LoRAs, and the choices are stored as per-set scales
+of the trigger gates (:func:`mole_core.gates.set_factors`): a pair's stages no longer have to serve the triple.
 
 With ``rounds`` > 1 more stage passes follow, with those text magnitudes, each flipping a stage either way (on the
 toy world a second pass did not raise composition: bench/results/composition_history.md).
@@ -218,7 +218,7 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
 
 
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
-                  text_strengths: Sequence[float] = (), rounds: int = 1, by_set: bool = False,
+                  text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off",
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
@@ -226,8 +226,10 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     with a ``steps``-step rollout from the same ``seed``-ed noise for every candidate, ``batch`` prompts at a time.
     ``text_strengths``: then the text-encoder magnitude pass (module docstring) over these levels. ``rounds`` > 1:
     that many stage passes, each after the first run with the chosen text magnitudes and free to switch a stage
-    back on. ``by_set``: each set of named concepts gets its own stage choice, stored as per-set scales (the
-    stages a LoRA runs in then depend on which other LoRAs the prompt names); otherwise one choice serves all."""
+    back on. ``by_set``: ``own`` — each set of named concepts gets its own stage passes from every stage on;
+    ``refine`` — after the shared passes, each set refines the shared choice with one pass of its own (flips
+    either way); both stored as per-set scales (the stages a LoRA runs in then depend on which other LoRAs the
+    prompt names); ``off`` — one choice serves every set."""
     if mix.config.gate_input != "trigger":
         raise MoleError("block search needs gate_input trigger (one magnitude per LoRA and scope)")
     stages = unet_stages(mix)
@@ -242,8 +244,9 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
             by_named[named].append(p)
     experts = sorted({e for s in by_named for e in s})
     sets = list(by_named)
-    # the searches: one over every set (shared), or one per set over its own experts
-    groups = [(sorted(s), [s]) for s in sets] if by_set else [(experts, sets)]
+    shared = [(experts, sets)]  # one search over every set
+    own = [(sorted(s), [s]) for s in sets]  # one search per set over its own experts
+    groups = own if by_set == "own" else shared
 
     def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
         undo = switch_off(mix, stages, off)
@@ -259,7 +262,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
 
     n_pass = sum(len(es) for es, _ in groups) * len(stages)
     n_text = len(experts) * len(text_strengths)
-    n_all = n_pass * rounds + n_text
+    n_refine = sum(len(es) for es, _ in own) * len(stages) if by_set == "refine" else 0
+    n_all = n_pass * rounds + n_text + n_refine
 
     def progress_from(done: int) -> Callable[[int, int], None]:
         def report(i: int, n: int) -> None:
@@ -267,7 +271,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
                 progress(done + i, n_all)
         return report
 
-    def stage_pass(done: int, start_off: list[Switches] | None) -> tuple[list[Switches], float, float, bool]:
+    def stage_pass(groups: list, done: int, start_off: list[Switches] | None
+                   ) -> tuple[list[Switches], float, float, bool]:
         """One stage pass per group; the switches per group, the summed start and final scores, completeness."""
         offs, start, total = [], 0.0, 0.0
         for g, (es, group_sets) in enumerate(groups):
@@ -280,11 +285,12 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         return offs, start, total, True
 
     def off_of(offs: list[Switches], named: frozenset[int]) -> Switches:
-        off = offs[sets.index(named)] if by_set else offs[0]
+        """A set's switches: its own (one entry per set) or the shared one (a single entry)."""
+        off = offs[0] if len(offs) == 1 and len(sets) > 1 else offs[sets.index(named)]
         return {e: off.get(e, frozenset()) for e in named}
 
-    offs, start, total, complete = stage_pass(0, None)
-    undo_off = (lambda: None) if by_set else switch_off(mix, stages, offs[0])
+    offs, start, total, complete = stage_pass(groups, 0, None)
+    undo_off = (lambda: None) if groups is own else switch_off(mix, stages, offs[0])
     chosen: Strengths = {}
     if text_strengths and complete:
         te = text_scopes(mix)
@@ -303,20 +309,23 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         if not complete:
             break
         undo_off()  # the pass scores each switch from the mix without any: a stage may come back on
-        offs, _, total, complete = stage_pass(n_pass * r + n_text, offs)
-        undo_off = (lambda: None) if by_set else switch_off(mix, stages, offs[0])
+        offs, _, total, complete = stage_pass(groups, n_pass * r + n_text, offs)
+        undo_off = (lambda: None) if groups is own else switch_off(mix, stages, offs[0])
+    if by_set == "refine" and complete:  # each set from the shared choice, flipping stages either way
+        undo_off()
+        offs, _, total, complete = stage_pass(own, n_pass * rounds + n_text, [off_of(offs, s) for s in sets])
     names = [e.name for e in mix.experts]
 
     def named_stages(off: Switches) -> dict[str, list[str]]:
         return {names[e]: sorted(st.removeprefix("unet:") for st in sts) for e, sts in off.items() if sts}
 
-    if by_set:
+    if by_set != "off":
         write_set_scales(mix, stages, {named: off_of(offs, named) for named in sets})
-    result = SearchResult({} if by_set else named_stages(offs[0]), start, total, n_all, complete,
+    result = SearchResult({} if by_set != "off" else named_stages(offs[0]), start, total, n_all, complete,
                           {names[e]: lv for e, lv in chosen.items() if lv != 1.0},
                           {"+".join(names[e] for e in sorted(named)): named_stages(off_of(offs, named))
-                           for named in sets} if by_set else {})
+                           for named in sets} if by_set != "off" else {})
     log.info("block search: %s%s (guide score %.4f → %.4f)",
-             (result.by_set if by_set else result.off) or "every LoRA in every stage",
+             (result.by_set if by_set != "off" else result.off) or "every LoRA in every stage",
              f", text-encoder magnitudes {result.text}" if result.text else "", start, total)
     return result

@@ -13,6 +13,7 @@ OBJECTIVES = ("denoise", "clip", "compose")
 DTYPES = ("fp32", "bf16")
 MAX_RESOLUTION = 8192
 MAX_STEPS = 1_000_000  # gate training converges in hundreds
+BY_SET = ("off", "own", "refine")  # block search: one stage choice for every set, or per set (see block_search)
 _KINDS = ((bool, bool, "true or false"), (int, int, "a whole number"), (float, (int, float), "a number"),
           (str, str, "text"))  # bool first: a bool is an int too
 
@@ -96,9 +97,11 @@ class TrainConfig:
     search_text_strengths: str = _opt("", "block search, then: comma-separated text-encoder magnitudes to try per "
                                       "LoRA (e.g. 1.5,2,2.5; each below m_max); each LoRA keeps the one that raises "
                                       "the guide's score of the compositions naming it most, or its own (empty: off)")
-    search_by_set: bool = _opt(False, "block search: choose the stages per set of LoRAs a prompt names (each pair "
-                               "and the triple its own), stored as per-set scales (gate file version 6), instead of "
-                               "one choice shared by every set")
+    search_by_set: str = _opt("off", "block search: choose the stages per set of LoRAs a prompt names (each pair "
+                              "and the triple its own), stored as per-set scales (gate file version 6): own — each "
+                              "set's passes start from every stage on; refine — after the shared passes, each set "
+                              "refines the shared choice with one pass of its own; off — one choice for every set",
+                              choices=BY_SET)
     search_rounds: int = _opt(1, "block search: stage passes; each after the first runs with the text-encoder "
                               "magnitudes the text pass chose and may switch a stage back on")
     search_dark_view: float = _opt(0.0, "block search: also score each image with its near-black pixels (summed RGB "
@@ -182,7 +185,9 @@ class TrainConfig:
         if self.search_rounds < 1 or (self.search_rounds > 1 and not self.block_search):
             raise MoleError(f"`search_rounds` must be ≥ 1 (above 1 needs `block_search`), got {self.search_rounds} "
                             f"with block_search {self.block_search}")
-        if self.search_by_set and not self.block_search:
+        if self.search_by_set not in BY_SET:
+            raise MoleError(f"`search_by_set` must be one of {BY_SET}, got {self.search_by_set!r}")
+        if self.search_by_set != "off" and not self.block_search:
             raise MoleError("`search_by_set` needs `block_search`")
         if self.search_text_strengths and not self.block_search:
             raise MoleError("`search_text_strengths` needs `block_search` (it is the search's second pass)")

@@ -209,12 +209,14 @@ def test_training_with_the_text_pass_writes_the_magnitudes_it_reports(toy, tmp_p
                 assert float(m[e]) == pytest.approx(0.0 if off else 1.0, abs=1e-6), (scope, name)
 
 
-def test_block_search_by_set_writes_each_set_s_switches_as_per_set_scales(toy, tmp_path):
+@pytest.mark.parametrize("by_set", ["own", "refine"])
+def test_block_search_by_set_writes_each_set_s_switches_as_per_set_scales(toy, tmp_path, by_set):
     """``search_by_set``: one greedy pass per set of named concepts over its own LoRAs (the progress counts
-    Σ |set| · stages candidates); the gate file (version 6) carries, in every scope of a stage, one row per set that
-    switched a LoRA off there, with factor 0 for exactly those LoRAs, and leaves the magnitudes untouched."""
+    Σ |set| · stages candidates, after the shared pass's LoRAs · stages with ``refine``); the gate file (version 6)
+    carries, in every scope of a stage, one row per set that switched a LoRA off there, with factor 0 for exactly
+    those LoRAs, and leaves the magnitudes untouched."""
     backend, experts, refs, prompts, guide = toy
-    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set=True, search_prompts=2, search_steps=2)
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set=by_set, search_prompts=2, search_steps=2)
     seen = []
     result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
                    out_path=str(tmp_path / "g.safetensors"))
@@ -223,7 +225,7 @@ def test_block_search_by_set_writes_each_set_s_switches_as_per_set_scales(toy, t
     stages = {stage_of(s) for s in result.gates.scopes} - {None}
     sets = {label: frozenset(names.index(n) for n in label.split("+")) for label in record["by_set"]}
     assert len(sets) >= 2 and record["off"] == {}
-    n = sum(len(named) for named in sets.values()) * len(stages)
+    n = sum(len(named) for named in sets.values()) * len(stages) + (by_set == "refine") * len(names) * len(stages)
     assert record["candidates"] == n and [r["candidate"] for r in seen if r.get("phase") == "block_search"] == \
         list(range(1, n + 1))
     loaded = mole.read_gate_file(tmp_path / "g.safetensors")
@@ -265,7 +267,9 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
                        "1.5 with block_search True"):
         TrainConfig(**RECIPE, block_search=True, search_dark_view=1.5)
     with pytest.raises(mole.MoleError, match="`search_by_set` needs `block_search`"):
-        TrainConfig(**RECIPE, search_by_set=True)
+        TrainConfig(**RECIPE, search_by_set="own")
+    with pytest.raises(mole.MoleError, match=r"`search_by_set` must be one of \('off', 'own', 'refine'\), got 'yes'"):
+        TrainConfig(**RECIPE, block_search=True, search_by_set="yes")
 
 
 def test_a_stop_during_the_block_search_keeps_the_gates_partial_and_the_checkpoint_before_it(toy, tmp_path):
