@@ -236,10 +236,10 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     if len(stages) < 2:
         raise MoleError(f"block search needs a UNet with at least 2 gated stages, got {sorted(stages)}")
     concepts = list(compose.ref_emb)
-    own = trigger_words(mix.experts, concepts)
+    words = trigger_words(mix.experts, concepts)
     by_named: dict[frozenset[int], list[str]] = {}
     for p in compose.prompts.compositions:
-        named = frozenset(i for i, c in enumerate(own) if c and c in compose.named[p])
+        named = frozenset(i for i, c in enumerate(words) if c and c in compose.named[p])
         if named and len(by_named.setdefault(named, [])) < per_set:
             by_named[named].append(p)
     experts = sorted({e for s in by_named for e in s})
