@@ -98,11 +98,13 @@ def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None
     """The mixture's gates as an in-memory :class:`GateFile` (CPU copies; nothing written)."""
     tensors: dict[str, torch.Tensor] = {}
     scopes: dict[str, dict] = {}
+    has_sets = False
     for i, (name, scope) in enumerate(mix.scopes.items()):
         g = mix.gates[f"s{i}"]
         for part in (*_parts(mix.config), "center"):
             tensors[f"gates.{name}.{part}"] = getattr(g, part).float()
-        if getattr(g, "sets", None) is not None and g.sets.shape[0]:
+        if g.has_set_scales:
+            has_sets = True
             for part in SET_PARTS:
                 tensors[f"gates.{name}.{part}"] = getattr(g, part).float()
         scopes[name] = {"lead": scope.lead, "feature_dim": scope.feature_dim, "targets": len(scope.targets)}
@@ -115,7 +117,7 @@ def snapshot(mix: Mixture, *, training: dict | None = None, metrics: dict | None
     version = (4 if mix.config.gate_input == "trigger" else 3) if mix.routed else 2  # the oldest reader
     if mix.config.negative_routing != "own":
         version = 5
-    if any(k.endswith(".set_scale") for k in tensors):
+    if has_sets:
         version = 6
     info = {"format": FORMAT, "version": version, "experts": [dict(e.summary(), order=i)
                                                               for i, e in enumerate(mix.experts)],

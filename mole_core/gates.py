@@ -211,10 +211,16 @@ class ScopeGate(nn.Module):
         g = gate_values(logits, self.tau, self.family, self.magnitude_logit, self.m_max)
         if mask is not None:
             g = g * mask
-        if getattr(self, "sets", None) is not None and self.sets.shape[0]:
+        if self.has_set_scales:
             on = torch.sigmoid(logits / self.tau) * (1 if mask is None else mask)
             g = g * set_factors(on, self.sets, self.set_scale)
         return g
+
+    @property
+    def has_set_scales(self) -> bool:
+        """Whether the gate holds per-set scales (a trigger gate with K ≥ 1 rows)."""
+        sets = getattr(self, "sets", None)
+        return sets is not None and sets.shape[0] > 0
 
     @torch.no_grad()
     def set_set_scales(self, sets: torch.Tensor, scale: torch.Tensor) -> None:
