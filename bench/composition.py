@@ -125,6 +125,10 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # passes of their own from scratch, purple + striped and the triple fell (0.99 → 0.90, 0.97 → 0.84)
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine",
            dict(PAIRED_DARK_TEXT, search_by_set="refine")),
+    # the dark-view recipe with every search change also scored on a held-back noise draw and kept only when it
+    # raises that too: with more freedom the guide's score rose while the probes fell (refine: 7.89 → 8.42, triple
+    # 0.97 → 0.92), as if the search fitted its 16 samples per set
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_draws", dict(PAIRED_DARK_TEXT, search_draws=2)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

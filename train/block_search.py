@@ -28,6 +28,10 @@ of the trigger gates (:func:`mole_core.gates.set_factors`): a pair's stages no l
 
 With ``rounds`` > 1 more stage passes follow, with those text magnitudes, each flipping a stage either way (on the
 toy world a second pass did not raise composition: bench/results/composition_history.md).
+
+With ``draws`` > 1 every pass also scores each change that raises the score on held-back noise draws (the same
+prompts, the seeded generator's next noise) and keeps it only when it raises those too: the first draw's 16
+samples per set are few, and a search free to fit them raises the guide's score while the probes fall.
 """
 
 from __future__ import annotations
@@ -94,17 +98,30 @@ def _cached(score: Callable[[frozenset[int], dict], float]) -> Callable[[frozens
     return one
 
 
+def _holds(confirm: Sequence[Callable[[frozenset[int], dict], float]], sets: Sequence[frozenset[int]], e: int,
+           trial: dict, now: dict) -> bool:
+    """Whether the change from ``now`` to ``trial`` of expert ``e`` also raises the summed score of the sets naming
+    ``e`` under every held-back scorer of ``confirm``."""
+    if all(sum(one(s, trial) - one(s, now) for s in sets if e in s) > 0 for one in confirm):
+        return True
+    log.info("block search: a change of LoRA %d raised the score but not on every held-back draw; not kept", e)
+    return False
+
+
 def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[frozenset[int]], score: Score,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None,
-                  start_off: Switches | None = None) -> tuple[Switches, float, float, bool]:
+                  start_off: Switches | None = None,
+                  confirm: Sequence[Score] = ()) -> tuple[Switches, float, float, bool]:
     """One greedy pass: for each expert and stage, flip it (on → off, or off → on when ``start_off`` has it off)
     when the summed score of the expert sets that contain the expert rises. ``score(named, off)`` scores one set
-    given each of its experts' switched-off stages. Returns the switched-off stages per expert, the start and the
-    final total score, and whether every candidate was tried (``should_stop`` ends the pass early, keeping the
-    switches made so far)."""
+    given each of its experts' switched-off stages; each scorer of ``confirm`` (e.g. another noise draw) is asked
+    only about flips that raise ``score``, and the flip is kept only when it raises theirs too. Returns the
+    switched-off stages per expert, the start and the final total score (of ``score``), and whether every
+    candidate was tried (``should_stop`` ends the pass early, keeping the switches made so far)."""
     off: Switches = {e: frozenset((start_off or {}).get(e, ())) for e in experts}
     one = _cached(score)
+    held = [_cached(c) for c in confirm]
     total = start = sum(one(s, off) for s in sets)
     todo = [(e, st) for e in experts for st in stages]
     for i, (e, st) in enumerate(todo):
@@ -117,7 +134,7 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
         trial = {**off, e: off[e] ^ {st}}
         affected = [s for s in sets if e in s]
         gain = sum(one(s, trial) - one(s, off) for s in affected)
-        if gain > 0:
+        if gain > 0 and _holds(held, sets, e, trial, off):
             off, total = trial, total + gain
     return off, start, total, True
 
@@ -128,13 +145,18 @@ Strengths = dict[int, float]
 def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequence[frozenset[int]],
                      score: Callable[[frozenset[int], Strengths], float],
                      progress: Callable[[int, int], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> tuple[Strengths, float, float, bool]:
+                     should_stop: Callable[[], bool] | None = None,
+                     confirm: Sequence[Callable[[frozenset[int], Strengths], float]] = ()
+                     ) -> tuple[Strengths, float, float, bool]:
     """One greedy pass over the experts: each takes the level of ``levels`` that raises the summed score of the
     sets containing it most, or keeps 1 (as trained) when none raises it. ``score(named, strengths)`` scores one
-    set given its experts' levels. Returns the levels (1.0: unchanged), the start and final total score, and
-    whether every candidate was tried (``should_stop`` ends the pass early, keeping the levels chosen so far)."""
+    set given its experts' levels; with ``confirm`` (held-back scorers, e.g. other noise draws) a level counts
+    only when it raises each of theirs too. Returns the levels (1.0: unchanged), the start and final total score
+    (of ``score``), and whether every candidate was tried (``should_stop`` ends the pass early, keeping the
+    levels chosen so far)."""
     chosen: Strengths = {e: 1.0 for e in experts}
     one = _cached(score)
+    held = [_cached(c) for c in confirm]
     total = start = sum(one(s, chosen) for s in sets)
     todo = [(e, lv) for e in experts for lv in levels]
     best: tuple[float, float] | None = None  # (gain, level) of the current expert
@@ -143,8 +165,9 @@ def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequ
             return chosen, start, total, False
         if progress is not None:
             progress(i, len(todo))
-        gain = sum(one(s, {**chosen, e: lv}) - one(s, chosen) for s in sets if e in s)
-        if gain > 0 and (best is None or gain > best[0]):
+        trial = {**chosen, e: lv}
+        gain = sum(one(s, trial) - one(s, chosen) for s in sets if e in s)
+        if gain > 0 and (best is None or gain > best[0]) and _holds(held, sets, e, trial, chosen):
             best = (gain, lv)
         if i + 1 == len(todo) or todo[i + 1][0] != e:  # the expert's last level: keep its best
             if best is not None:
@@ -218,7 +241,7 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
 
 
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
-                  text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off",
+                  text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off", draws: int = 1,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
@@ -229,7 +252,11 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     back on. ``by_set``: ``own`` — each set of named concepts gets its own stage passes from every stage on;
     ``refine`` — after the shared passes, each set refines the shared choice with one pass of its own (flips
     either way); both stored as per-set scales (the stages a LoRA runs in then depend on which other LoRAs the
-    prompt names); ``off`` — one choice serves every set."""
+    prompt names); ``off`` — one choice serves every set. ``draws`` > 1: every pass keeps a change only when it
+    also raises the score on each of ``draws`` − 1 held-back noise draws (the next noise of the same generator;
+    scored only for changes that raise the first draw's), so a change that fits one draw's samples is not kept."""
+    if draws < 1:
+        raise MoleError(f"block search draws must be ≥ 1, got {draws}")
     if mix.config.gate_input != "trigger":
         raise MoleError("block search needs gate_input trigger (one magnitude per LoRA and scope)")
     stages = unet_stages(mix)
@@ -248,17 +275,23 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     own = [(sorted(s), [s]) for s in sets]  # one search per set over its own experts
     groups = own if by_set == "own" else shared
 
-    def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
-        undo = switch_off(mix, stages, off)
-        try:
-            mix.clear_live_gates()
-            mix.routes.clear()
-            prompts = by_named[named]
-            noise = torch.randn((len(prompts), *compose.latent_shape), generator=torch.Generator().manual_seed(seed))
-            return float(torch.cat([compose.guidance(prompts[i:i + batch], noise[i:i + batch], steps)
-                                    for i in range(0, len(prompts), batch)]).mean())
-        finally:
-            undo()
+    def score_on(draw: int) -> Score:
+        """The guide's mean score of a set's prompts, sampled from the ``draw``-th noise of the seeded generator."""
+        def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+            undo = switch_off(mix, stages, off)
+            try:
+                mix.clear_live_gates()
+                mix.routes.clear()
+                prompts = by_named[named]
+                gen = torch.Generator().manual_seed(seed)
+                noise = [torch.randn((len(prompts), *compose.latent_shape), generator=gen) for _ in range(draw + 1)]
+                return float(torch.cat([compose.guidance(prompts[i:i + batch], noise[-1][i:i + batch], steps)
+                                        for i in range(0, len(prompts), batch)]).mean())
+            finally:
+                undo()
+        return score
+
+    score, held = score_on(0), [score_on(d) for d in range(1, draws)]
 
     n_pass = sum(len(es) for es, _ in groups) * len(stages)
     n_text = len(experts) * len(text_strengths)
@@ -277,7 +310,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         offs, start, total = [], 0.0, 0.0
         for g, (es, group_sets) in enumerate(groups):
             off, s0, s1, complete = greedy_search(es, list(stages), group_sets, score, progress_from(done),
-                                                  should_stop, None if start_off is None else start_off[g])
+                                                  should_stop, None if start_off is None else start_off[g], held)
             offs.append(off)
             start, total, done = start + s0, total + s1, done + len(es) * len(stages)
             if not complete:
@@ -295,15 +328,18 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     if text_strengths and complete:
         te = text_scopes(mix)
 
-        def text_score(named: frozenset[int], levels: Strengths) -> float:
-            undo = set_text_strengths(mix, te, levels)
-            try:
-                return score(named, off_of(offs, named))
-            finally:
-                undo()
+        def text_score(draw_score: Score) -> Callable[[frozenset[int], Strengths], float]:
+            def one(named: frozenset[int], levels: Strengths) -> float:
+                undo = set_text_strengths(mix, te, levels)
+                try:
+                    return draw_score(named, off_of(offs, named))
+                finally:
+                    undo()
+            return one
 
-        chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), sets, text_score,
-                                                      progress_from(n_pass), should_stop)
+        chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), sets, text_score(score),
+                                                      progress_from(n_pass), should_stop,
+                                                      [text_score(h) for h in held])
         set_text_strengths(mix, te, chosen)
     for r in range(1, rounds):
         if not complete:

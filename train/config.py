@@ -104,6 +104,9 @@ class TrainConfig:
                               choices=BY_SET)
     search_rounds: int = _opt(1, "block search: stage passes; each after the first runs with the text-encoder "
                               "magnitudes the text pass chose and may switch a stage back on")
+    search_draws: int = _opt(1, "block search: noise draws each change is scored on; a change is kept only when it "
+                             "raises the guide's score on every draw (the later draws are sampled only for changes "
+                             "that raise the first's; 1: one draw)")
     search_dark_view: float = _opt(0.0, "block search: also score each image with its near-black pixels (summed RGB "
                                    "below this share of the image's bright level) set to its border colour, and "
                                    "keep the worse score: detail that only shows as near-black merges with a dark "
@@ -177,6 +180,9 @@ class TrainConfig:
                             f"{self.search_prompts}, {self.search_steps}, {self.search_batch}")
         if self.search_rounds < 1 or (self.search_rounds > 1 and not self.block_search):
             raise MoleError(f"`search_rounds` must be ≥ 1 (above 1 needs `block_search`), got {self.search_rounds} "
+                            f"with block_search {self.block_search}")
+        if self.search_draws < 1 or (self.search_draws > 1 and not self.block_search):
+            raise MoleError(f"`search_draws` must be ≥ 1 (above 1 needs `block_search`), got {self.search_draws} "
                             f"with block_search {self.block_search}")
         if self.search_by_set != "off" and not self.block_search:
             raise MoleError("`search_by_set` needs `block_search`")

@@ -22,6 +22,7 @@ from train.block_search import (
     text_scopes,
     unet_stages,
 )
+from train.compose import ComposeObjective
 from train.config import TrainConfig
 from train.engine import attach_for_training, train
 
@@ -105,6 +106,39 @@ def test_greedy_strengths_keeps_each_experts_best_rising_level():
     asked = iter([False, False, True])  # stopped at expert 1's first level: expert 0's choice kept
     levels, _, total, complete = greedy_strengths([0, 1, 2], [2.0, 3.0], sets, score, should_stop=lambda: next(asked))
     assert levels == {0: 2.0, 1: 1.0, 2: 1.0} and total == pytest.approx(0.6) and not complete
+
+
+def test_a_held_back_draw_vetoes_flips_it_does_not_confirm_and_is_asked_only_about_rising_ones():
+    """Expert 0 off in ``a`` raises the first draw (+1) but lowers the held-back one (−0.5): not kept; off in ``b``
+    raises both (+1, +0.2): kept; off in ``c`` lowers the first draw: the held-back draw is never asked about it."""
+    first = {"a": 1.0, "b": 1.0, "c": -1.0}
+    second = {"a": -0.5, "b": 0.2, "c": 5.0}
+    asked = []
+
+    def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+        return sum(first[st] for st in off[0])
+
+    def held(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+        asked.append(off[0])
+        return sum(second[st] for st in off[0])
+
+    sets = [frozenset({0})]
+    off, start, total, complete = greedy_search([0], ["a", "b", "c"], sets, score, confirm=[held])
+    assert off == {0: frozenset({"b"})} and start == 0.0 and total == 1.0 and complete
+    assert set(asked) == {frozenset(), frozenset({"a"}), frozenset({"b"})}  # never a state with ``c`` off
+    off, _, _, _ = greedy_search([0], ["a", "b", "c"], sets, score)
+    assert off == {0: frozenset({"a", "b"})}  # without it both rising flips are kept
+
+    def level_score(named: frozenset[int], levels: dict[int, float]) -> float:
+        return {1.0: 0.0, 2.0: 0.3, 3.0: 0.5}[levels[0]]
+
+    def level_held(named: frozenset[int], levels: dict[int, float]) -> float:
+        return {1.0: 0.0, 2.0: 0.1, 3.0: -0.1}[levels[0]]
+
+    levels, _, total, _ = greedy_strengths([0], [2.0, 3.0], sets, level_score, confirm=[level_held])
+    assert levels == {0: 2.0} and total == pytest.approx(0.3)  # 3 rises more on the first draw, not on the second
+    levels, _, _, _ = greedy_strengths([0], [3.0, 2.0], sets, level_score, confirm=[level_held])
+    assert levels == {0: 2.0}  # in either order
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +279,39 @@ def test_block_search_by_set_writes_each_set_s_switches_as_per_set_scales(toy, t
         assert got == want, scope
 
 
+def test_held_back_draws_score_the_same_prompts_on_the_generators_next_noise(toy, tmp_path, monkeypatch):
+    """``search_draws`` 2: the first draw's noise is the seeded generator's first (as with one draw), the held-back
+    draw's its second, on the same prompts; the held-back draw is sampled for no more candidates than the first,
+    and the gate file still carries exactly the switches the record reports."""
+    backend, experts, refs, prompts, guide = toy
+    calls = []
+    real = ComposeObjective.guidance
+
+    def spy(self, prompts, noise, steps):  # noqa: ANN001, ANN202 — records the call, then runs the real guidance
+        calls.append((tuple(prompts), noise.clone()))
+        return real(self, prompts, noise, steps)
+
+    monkeypatch.setattr(ComposeObjective, "guidance", spy)
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_prompts=2, search_steps=2, search_batch=2,
+                      search_draws=2)
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide,
+                   out_path=str(tmp_path / "g.safetensors"))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    first = torch.randn(calls[0][1].shape, generator=gen)
+    second = torch.randn(calls[0][1].shape, generator=gen)
+    draw0 = [c for c in calls if torch.equal(c[1], first)]
+    draw1 = [c for c in calls if torch.equal(c[1], second)]
+    assert len(draw0) + len(draw1) == len(calls) and draw0 and draw1 and not torch.equal(first, second)
+    assert len(draw1) <= len(draw0) and {p for p, _ in draw1} <= {p for p, _ in draw0}
+    record = result.gates.info["training"]["block_search_result"]
+    loaded = mole.read_gate_file(tmp_path / "g.safetensors")
+    for scope in loaded.scopes:
+        logit = loaded.tensors[f"gates.{scope}.magnitude_logit"]
+        for e, e_name in enumerate(e.name for e in experts):
+            off = stage_of(scope) is not None and stage_of(scope).removeprefix("unet:") in record["off"].get(e_name, [])
+            assert float(logit[e]) == (OFF_LOGIT if off else 0.0), (scope, e_name)
+
+
 def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match="`block_search` needs objective compose and gate_input trigger"):
         TrainConfig(**{**RECIPE, "gate_input": "prompt", "route_weight": 0.0}, block_search=True)
@@ -252,6 +319,10 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
         TrainConfig(**RECIPE, block_search=True, search_rounds=0)
     with pytest.raises(mole.MoleError, match="`search_rounds` must be ≥ 1 .*got 2 with block_search False"):
         TrainConfig(**RECIPE, search_rounds=2)
+    with pytest.raises(mole.MoleError, match=r"`search_draws` must be ≥ 1 \(above 1 needs `block_search`\), got 0"):
+        TrainConfig(**RECIPE, block_search=True, search_draws=0)
+    with pytest.raises(mole.MoleError, match="`search_draws` must be ≥ 1 .*got 2 with block_search False"):
+        TrainConfig(**RECIPE, search_draws=2)
     with pytest.raises(mole.MoleError, match="`search_prompts`, `search_steps` and `search_batch` must be ≥ 1"):
         TrainConfig(**RECIPE, block_search=True, search_steps=0)
     with pytest.raises(mole.MoleError, match="`search_text_strengths` needs `block_search`"):
