@@ -373,9 +373,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"{','.join(DEFAULT_BASELINES)}; with --merge none; also: composite)")
     ap.add_argument("--merge", action="store_true", help="judge only --recipes and --baselines and put their rows "
                     "into the saved results of the same settings; the other rows stay as saved")
+    ap.add_argument("--into", default=None, help="with --merge: the saved results file (.json; its .md table is "
+                    "rewritten beside it) to put the rows into, in its own order (a row it has is replaced in "
+                    "place, a new one goes last), e.g. bench/results/composition_history.json for an on-request "
+                    "recipe (default bench/out/composition.json, or composition_quick.json, in the benchmark's "
+                    "order)")
     args = ap.parse_args(argv)
     if args.merge and not (args.recipes or args.baselines):
         ap.error("--merge needs --recipes or --baselines (the rows to add or replace)")
+    if args.into and not (args.merge and args.into.endswith(".json")):
+        ap.error(f"--into needs --merge and a .json file, got {args.into!r}")
     known = {r.name: r for r in RECIPES + ON_REQUEST}
     names = (args.recipes.split(",") if args.recipes else [] if args.merge else [r.name for r in RECIPES])
     unknown = [n for n in names if n not in known]
@@ -393,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     log = _log
     t0 = time.perf_counter()
     name = "composition_quick" if args.quick else "composition"
-    saved = _saved(OUT / f"{name}.json", seeds, s) if args.merge else None
+    target = Path(args.into) if args.into else OUT / f"{name}.json"
+    saved = _saved(target, seeds, s) if args.merge else None
     n = len(seeds)
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -405,18 +413,19 @@ def main(argv: list[str] | None = None) -> int:
     agg = summarise(runs)
     if saved is not None:  # the saved rows, this run's replacing theirs
         agg = {**saved["results"], **agg}
-    order = [*BASELINES, "static_best", *known]  # baselines, the sweep's best, recipes: merged or not
-    agg = dict(sorted(agg.items(), key=lambda row: order.index(row[0]) if row[0] in order else len(order)))
+    if not args.into:  # baselines, the sweep's best, recipes (a file given by --into keeps its own order)
+        order = [*BASELINES, "static_best", *known]
+        agg = dict(sorted(agg.items(), key=lambda row: order.index(row[0]) if row[0] in order else len(order)))
     text = table(agg)
     print(text)
-    OUT.mkdir(exist_ok=True)
+    target.parent.mkdir(exist_ok=True)
     summary = {"bench": "composition", "quick": args.quick, "seeds": seeds, "gate_steps": s.steps,
                "images_per_composition": s.prompts * s.images, "elapsed_s": round(time.perf_counter() - t0, 1),
                "results": agg}
     if saved is not None:
         summary["elapsed_s"] = {**_elapsed(saved), ",".join(names + baselines): summary["elapsed_s"]}
-    (OUT / f"{name}.json").write_text(json.dumps(summary, indent=1))
-    (OUT / f"{name}.md").write_text(text + "\n")
+    target.write_text(json.dumps(summary, indent=1))
+    target.with_suffix(".md").write_text(text + "\n")
     if args.json:
         print(json.dumps(summary))
     return 0

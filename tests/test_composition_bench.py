@@ -52,6 +52,34 @@ def test_merge_replaces_the_recipes_rows_and_keeps_the_others(tmp_path, monkeypa
     assert "| stack | 0.50 ± 0.10" in md and "| mole_sigmoid_compose_trigger_fixed | 0.90 ± 0.00" in md
 
 
+def test_merge_into_another_file_keeps_its_order_and_leaves_the_default_results_alone(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """``--into FILE``: the rows go into that file (the history of on-request recipes), a row it has replaced in
+    place, a new one last; its table is rewritten beside it, and bench/out's results are neither read nor written."""
+    history = tmp_path / "results" / "history.json"
+    history.parent.mkdir()
+    summary = {"bench": "composition", "quick": True, "seeds": [0], "gate_steps": 120, "images_per_composition": 16,
+               "elapsed_s": {"all": 100.0}, "results": {"mole_sigmoid_compose_trigger_fixed": ROW, "stack": ROW}}
+    history.write_text(json.dumps(summary))
+    monkeypatch.setattr(C, "OUT", tmp_path / "out")
+    monkeypatch.setattr(C, "run_seed", lambda seed, s, recipes, log, baselines: {
+        r.name: dict(ROW_RUN, **{"2_train": 0.9}) for r in recipes})
+    assert C.main(["--quick", "--merge", "--into", str(history), "--recipes",
+                   "mole_denoise,mole_sigmoid_compose_trigger_fixed"]) == 0
+    out = json.loads(history.read_text())
+    assert list(out["results"]) == ["mole_sigmoid_compose_trigger_fixed", "stack", "mole_denoise"]
+    assert out["results"]["mole_sigmoid_compose_trigger_fixed"]["2_train"] == [0.9, 0.0]
+    assert out["results"]["stack"] == {k: list(v) for k, v in ROW.items()}
+    assert set(out["elapsed_s"]) == {"all", "mole_denoise,mole_sigmoid_compose_trigger_fixed"}
+    assert (tmp_path / "results" / "history.md").read_text() == C.table(out["results"]) + "\n"
+    assert not (tmp_path / "out").exists()
+    for bad in (["--into", str(history), "--recipes", "mole_denoise"], ["--merge", "--into", "h.md", "--recipes",
+                                                                          "mole_denoise"]):
+        with pytest.raises(SystemExit) as info:
+            C.main(["--quick", *bad])
+        assert info.value.code == 2 and "--into needs --merge and a .json file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("over, message", [
     ({"seeds": [0, 1, 2]}, "was measured with"),
     ({"images_per_composition": 64}, "was measured with"),
