@@ -18,8 +18,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint browser-deps
-	@if [ -f $(COMFYUI_PATH)/requirements.txt ] && [ ! -f $(VENV)/.comfy-installed ]; then \
-		echo "ComfyUI checkout at $(COMFYUI_PATH): installing its requirements for tests/nodes"; \
+	@if [ -f $(COMFYUI_PATH)/requirements.txt ] && ! cmp -s $(COMFYUI_PATH)/requirements.txt $(VENV)/.comfy-installed; then \
+		echo "ComfyUI checkout at $(COMFYUI_PATH): installing its requirements for tests/nodes (new or changed)"; \
 		$(MAKE) --no-print-directory comfy-deps; fi
 	$(BIN)/python -m pytest
 
@@ -41,14 +41,16 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out bench/out
 
 # Local ComfyUI checkout for the integration tests (never committed): see README "Testing with ComfyUI".
-# `make test` installs its requirements once when a checkout is found (COMFYUI_PATH, default ~/ComfyUI).
+# `make test` installs its requirements when a checkout is found (COMFYUI_PATH, default ~/ComfyUI) and the stamp
+# (a copy of the requirements it installed) differs from the checkout's: a ComfyUI update that adds one reinstalls.
 COMFYUI_PATH ?= $(HOME)/ComfyUI
 comfy-deps: $(STAMP)
 	test -f $(COMFYUI_PATH)/requirements.txt || (echo "no ComfyUI checkout at $(COMFYUI_PATH)"; exit 1)
 	grep -vE '^(torch|torchvision|torchaudio)$$|^#|^$$' $(COMFYUI_PATH)/requirements.txt > $(VENV)/comfy-reqs.txt
 	echo requests >> $(VENV)/comfy-reqs.txt
 	$(BIN)/pip install -q --disable-pip-version-check -r $(VENV)/comfy-reqs.txt 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import scipy, torchsde, aiohttp, requests" && touch $(VENV)/.comfy-installed \
+	$(BIN)/python -c "import scipy, torchsde, aiohttp, requests" \
+		&& cp $(COMFYUI_PATH)/requirements.txt $(VENV)/.comfy-installed \
 		|| echo "ComfyUI's requirements did not install: tests/nodes will be skipped with one line"
 
 # Real-browser test of the web extension (tests/nodes/test_training_browser.py): npm playwright-core + Debian
