@@ -129,6 +129,12 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # raises that too: with more freedom the guide's score rose while the probes fell (refine: 7.89 → 8.42, triple
     # 0.97 → 0.92), as if the search fitted its 16 samples per set
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_draws", dict(PAIRED_DARK_TEXT, search_draws=2)),
+    # the dark-view recipe with each stage pass choosing every LoRA's contiguous window of stages (start, then end)
+    # instead of single flips: the best assignment on block_routing's candidates (star only in mid, up0, up1) is one
+    # window, which single flips from every stage on did not reach; shared, and per set of named concepts
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_windows", dict(PAIRED_DARK_TEXT, search_windows=True)),
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_by_set_windows",
+           dict(PAIRED_DARK_TEXT, search_by_set="own", search_windows=True)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

@@ -29,6 +29,10 @@ of the trigger gates (:func:`mole_core.gates.set_factors`): a pair's stages no l
 With ``rounds`` > 1 more stage passes follow, with those text magnitudes, each flipping a stage either way (on the
 toy world a second pass did not raise composition: bench/results/composition_history.md).
 
+With ``windows`` the stage passes choose, per LoRA, the contiguous window of stages it runs in (its start, then
+its end) instead of flipping one stage at a time: on the toy world the best assignment (star only in ``mid``,
+``up0``, ``up1``) is one window, which single flips from every stage on did not reach.
+
 With ``draws`` > 1 every pass also scores each change that raises the score on held-back noise draws (the same
 prompts, the seeded generator's next noise) and keeps it only when it raises those too: the first draw's 16
 samples per set are few, and a search free to fit them raises the guide's score while the probes fall.
@@ -139,6 +143,49 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
     return off, start, total, True
 
 
+def _window(stages: Sequence[str], first: int, last: int) -> frozenset[str]:
+    """The switched-off stages of an expert that runs only in ``stages[first:last + 1]``."""
+    return frozenset(stages[:first]) | frozenset(stages[last + 1:])
+
+
+def greedy_windows(experts: Sequence[int], stages: Sequence[str], sets: Sequence[frozenset[int]], score: Score,
+                   progress: Callable[[int, int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None,
+                   start_off: Switches | None = None,
+                   confirm: Sequence[Score] = ()) -> tuple[Switches, float, float, bool]:
+    """One pass over contiguous windows of ``stages`` (in execution order): for each expert, first the window's
+    start (the expert runs from ``stages[i]`` to its last running stage), then its end (from its first running
+    stage to ``stages[j]``); each phase keeps the window that raises the summed score of the sets naming the
+    expert most (and, with ``confirm``, raises each held-back scorer's too), or the expert's switches as they were.
+    Reaches in two moves what single flips reach only through a path of rising steps (e.g. star only in ``mid``,
+    ``up0``, ``up1``). Candidates: 2 × stages per expert (an end before the start is skipped). Returns as
+    :func:`greedy_search`."""
+    off: Switches = {e: frozenset((start_off or {}).get(e, ())) for e in experts}
+    one, held = _cached(score), [_cached(c) for c in confirm]
+    total = start = sum(one(s, off) for s in sets)
+    n, i = len(stages), 0
+    for e in experts:
+        for phase in ("start", "end"):
+            on = [k for k, st in enumerate(stages) if st not in off[e]] or list(range(n))
+            best: tuple[float, Switches] | None = None
+            for k in range(n):
+                if should_stop is not None and should_stop():
+                    return off, start, total, False
+                if progress is not None:
+                    progress(i, 2 * n * len(experts))
+                i += 1
+                first, last = (k, on[-1]) if phase == "start" else (on[0], k)
+                if first > last:
+                    continue
+                trial = {**off, e: _window(stages, first, last)}
+                gain = sum(one(s, trial) - one(s, off) for s in sets if e in s)
+                if gain > 0 and (best is None or gain > best[0]) and _holds(held, sets, e, trial, off):
+                    best = (gain, trial)
+            if best is not None:
+                off, total = best[1], total + best[0]
+    return off, start, total, True
+
+
 Strengths = dict[int, float]
 
 
@@ -242,6 +289,7 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
 
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
                   text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off", draws: int = 1,
+                  windows: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
@@ -254,7 +302,9 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     either way); both stored as per-set scales (the stages a LoRA runs in then depend on which other LoRAs the
     prompt names); ``off`` — one choice serves every set. ``draws`` > 1: every pass keeps a change only when it
     also raises the score on each of ``draws`` − 1 held-back noise draws (the next noise of the same generator;
-    scored only for changes that raise the first draw's), so a change that fits one draw's samples is not kept."""
+    scored only for changes that raise the first draw's), so a change that fits one draw's samples is not kept.
+    ``windows``: the stage passes choose each LoRA's contiguous window of stages (:func:`greedy_windows`) instead
+    of flipping one stage at a time."""
     if draws < 1:
         raise MoleError(f"block search draws must be ≥ 1, got {draws}")
     if mix.config.gate_input != "trigger":
@@ -293,9 +343,10 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
 
     score, held = score_on(0), [score_on(d) for d in range(1, draws)]
 
-    n_pass = sum(len(es) for es, _ in groups) * len(stages)
+    per_expert = len(stages) * (2 if windows else 1)  # candidates of one expert's stage pass
+    n_pass = sum(len(es) for es, _ in groups) * per_expert
     n_text = len(experts) * len(text_strengths)
-    n_refine = sum(len(es) for es, _ in own) * len(stages) if by_set == "refine" else 0
+    n_refine = sum(len(es) for es, _ in own) * per_expert if by_set == "refine" else 0
     n_all = n_pass * rounds + n_text + n_refine
 
     def progress_from(done: int) -> Callable[[int, int], None]:
@@ -309,10 +360,11 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         """One stage pass per group; the switches per group, the summed start and final scores, completeness."""
         offs, start, total = [], 0.0, 0.0
         for g, (es, group_sets) in enumerate(groups):
-            off, s0, s1, complete = greedy_search(es, list(stages), group_sets, score, progress_from(done),
-                                                  should_stop, None if start_off is None else start_off[g], held)
+            one_pass = greedy_windows if windows else greedy_search
+            off, s0, s1, complete = one_pass(es, list(stages), group_sets, score, progress_from(done),
+                                             should_stop, None if start_off is None else start_off[g], held)
             offs.append(off)
-            start, total, done = start + s0, total + s1, done + len(es) * len(stages)
+            start, total, done = start + s0, total + s1, done + len(es) * per_expert
             if not complete:
                 return offs + (start_off or [{}] * len(groups))[len(offs):], start, total, False
         return offs, start, total, True

@@ -104,6 +104,9 @@ class TrainConfig:
                               choices=BY_SET)
     search_rounds: int = _opt(1, "block search: stage passes; each after the first runs with the text-encoder "
                               "magnitudes the text pass chose and may switch a stage back on")
+    search_windows: bool = _opt(False, "block search: each stage pass chooses every LoRA's contiguous window of "
+                                "UNet stages (first its start, then its end; 2 × stages candidates per LoRA) instead "
+                                "of flipping one stage at a time")
     search_draws: int = _opt(1, "block search: noise draws each change is scored on; a change is kept only when it "
                              "raises the guide's score on every draw (the later draws are sampled only for changes "
                              "that raise the first's; 1: one draw)")
@@ -184,6 +187,8 @@ class TrainConfig:
         if self.search_draws < 1 or (self.search_draws > 1 and not self.block_search):
             raise MoleError(f"`search_draws` must be ≥ 1 (above 1 needs `block_search`), got {self.search_draws} "
                             f"with block_search {self.block_search}")
+        if self.search_windows and not self.block_search:
+            raise MoleError("`search_windows` needs `block_search`")
         if self.search_by_set != "off" and not self.block_search:
             raise MoleError("`search_by_set` needs `block_search`")
         if self.search_text_strengths and not self.block_search:

@@ -16,6 +16,7 @@ from train.block_search import (
     OFF_LOGIT,
     greedy_search,
     greedy_strengths,
+    greedy_windows,
     set_text_strengths,
     stage_of,
     switch_off,
@@ -141,6 +142,41 @@ def test_a_held_back_draw_vetoes_flips_it_does_not_confirm_and_is_asked_only_abo
     assert levels == {0: 2.0}  # in either order
 
 
+def test_greedy_windows_reaches_a_window_single_flips_do_not():
+    """Five stages: every single flip from all on lowers the score (−1), the window ``c``–``e`` raises it (+1) and
+    ``c``–``d`` most (+2); anything else −5. Single flips stay at every stage on; the window pass moves the start
+    to ``c``, then the end to ``d``, in 2 × stages candidates, an end before the start skipped (never scored).
+    A held-back scorer that disagrees with the end move keeps ``c``–``e``."""
+    stages = ["a", "b", "c", "d", "e"]
+    table = {frozenset(): 0.0, frozenset("ab"): 1.0, frozenset("abe"): 2.0, **{frozenset(st): -1.0 for st in stages}}
+
+    def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+        return table.get(off[0], -5.0)
+
+    sets = [frozenset({0})]
+    off, _, _, _ = greedy_search([0], stages, sets, score)
+    assert off == {0: frozenset()}  # no single flip rises: stuck at every stage on
+    seen, scored = [], []
+
+    def spy(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+        scored.append(off[0])
+        return score(named, off)
+
+    off, start, total, complete = greedy_windows([0], stages, sets, spy, progress=lambda i, n: seen.append((i, n)))
+    assert off == {0: frozenset("abe")} and start == 0.0 and total == 2.0 and complete
+    assert seen == [(i, 10) for i in range(10)]
+    assert frozenset("abcde") not in scored  # an end before the start is never tried
+
+    def held(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+        return 0.0 if off[0] == frozenset("abe") else score(named, off)
+
+    off, _, total, _ = greedy_windows([0], stages, sets, score, confirm=[held])
+    assert off == {0: frozenset("ab")} and total == 1.0  # the start move holds on the held-back draw, the end not
+    asked = iter([False, False, True])  # stopped at the third candidate: nothing kept yet (phases keep at their end)
+    off, _, _, complete = greedy_windows([0], stages, sets, score, should_stop=lambda: next(asked))
+    assert off == {0: frozenset()} and not complete
+
+
 @pytest.fixture(scope="module")
 def toy():  # noqa: ANN201
     _, _, backend, experts, refs, prompts, guide = load_compose_toy(CONCEPTS, (1, 2), 2)
@@ -193,18 +229,25 @@ def test_set_text_strengths_sets_text_encoder_magnitudes_exactly_and_undoes(toy)
                 m.detach()
 
 
-def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path):
+@pytest.mark.parametrize("windows", [False, True])
+def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path, windows):
+    """The gate file carries exactly the switches the record reports; the progress counts every candidate
+    (``search_windows``: 2 × stages per LoRA, and each LoRA then runs in one contiguous window of stages)."""
     backend, experts, refs, prompts, guide = toy
-    cfg = TrainConfig(**RECIPE, steps=2, block_search=True, search_prompts=2, search_steps=2)
+    cfg = TrainConfig(**RECIPE, steps=2, block_search=True, search_prompts=2, search_steps=2, search_windows=windows)
     seen = []
     result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
                    out_path=str(tmp_path / "g.safetensors"))
     record = result.gates.info["training"]["block_search_result"]
-    stages = {stage_of(s) for s in result.gates.scopes} - {None}
-    assert record["candidates"] == len(experts) * len(stages)
-    assert [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, len(experts) *
-                                                                                            len(stages) + 1))
+    stages = list(dict.fromkeys(st for st in map(stage_of, result.gates.scopes) if st is not None))
+    n = len(experts) * len(stages) * (2 if windows else 1)
+    assert record["candidates"] == n
+    assert [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, n + 1))
     assert record["score"] >= record["start_score"]
+    if windows:
+        for name, off in record["off"].items():
+            on = [k for k, st in enumerate(stages) if st.removeprefix("unet:") not in off]
+            assert on and on == list(range(on[0], on[-1] + 1)), (name, off)
     loaded = mole.read_gate_file(tmp_path / "g.safetensors")
     names = [e.name for e in experts]
     for scope in loaded.scopes:
@@ -337,6 +380,8 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match=r"`search_dark_view` must be in \(0, 1\) and needs `block_search`, got "
                        "1.5 with block_search True"):
         TrainConfig(**RECIPE, block_search=True, search_dark_view=1.5)
+    with pytest.raises(mole.MoleError, match="`search_windows` needs `block_search`"):
+        TrainConfig(**RECIPE, search_windows=True)
     with pytest.raises(mole.MoleError, match="`search_by_set` needs `block_search`"):
         TrainConfig(**RECIPE, search_by_set="own")
     with pytest.raises(mole.MoleError, match=r"`search_by_set` must be one of \('off', 'own', 'refine'\), got 'yes'"):
