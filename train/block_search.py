@@ -40,6 +40,7 @@ samples per set are few, and a search free to fit them raises the guide's score 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -102,11 +103,17 @@ def _cached(score: Callable[[frozenset[int], dict], float]) -> Callable[[frozens
     return one
 
 
+def _gain(one: Callable[[frozenset[int], dict], float], sets: Sequence[frozenset[int]], e: int, trial: dict,
+          now: dict) -> float:
+    """How much the change of expert ``e`` from ``now`` to ``trial`` raises the summed score of the sets naming it."""
+    return sum(one(s, trial) - one(s, now) for s in sets if e in s)
+
+
 def _holds(confirm: Sequence[Callable[[frozenset[int], dict], float]], sets: Sequence[frozenset[int]], e: int,
            trial: dict, now: dict) -> bool:
     """Whether the change from ``now`` to ``trial`` of expert ``e`` also raises the summed score of the sets naming
     ``e`` under every held-back scorer of ``confirm``."""
-    if all(sum(one(s, trial) - one(s, now) for s in sets if e in s) > 0 for one in confirm):
+    if all(_gain(one, sets, e, trial, now) > 0 for one in confirm):
         return True
     log.info("block search: a change of LoRA %d raised the score but not on every held-back draw; not kept", e)
     return False
@@ -136,8 +143,7 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
         if st not in off[e] and len(off[e]) + 1 == len(stages):  # never switch a LoRA off everywhere in the UNet
             continue
         trial = {**off, e: off[e] ^ {st}}
-        affected = [s for s in sets if e in s]
-        gain = sum(one(s, trial) - one(s, off) for s in affected)
+        gain = _gain(one, sets, e, trial, off)
         if gain > 0 and _holds(held, sets, e, trial, off):
             off, total = trial, total + gain
     return off, start, total, True
@@ -178,7 +184,7 @@ def greedy_windows(experts: Sequence[int], stages: Sequence[str], sets: Sequence
                 if first > last:
                     continue
                 trial = {**off, e: _window(stages, first, last)}
-                gain = sum(one(s, trial) - one(s, off) for s in sets if e in s)
+                gain = _gain(one, sets, e, trial, off)
                 if gain > 0 and (best is None or gain > best[0]) and _holds(held, sets, e, trial, off):
                     best = (gain, trial)
             if best is not None:
@@ -213,7 +219,7 @@ def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequ
         if progress is not None:
             progress(i, len(todo))
         trial = {**chosen, e: lv}
-        gain = sum(one(s, trial) - one(s, chosen) for s in sets if e in s)
+        gain = _gain(one, sets, e, trial, chosen)
         if gain > 0 and (best is None or gain > best[0]) and _holds(held, sets, e, trial, chosen):
             best = (gain, lv)
         if i + 1 == len(todo) or todo[i + 1][0] != e:  # the expert's last level: keep its best
@@ -325,6 +331,12 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     own = [(sorted(s), [s]) for s in sets]  # one search per set over its own experts
     groups = own if by_set == "own" else shared
 
+    @functools.cache
+    def noise_of(n: int) -> list[torch.Tensor]:
+        """The ``draws`` noises for ``n`` prompts: the seeded generator's first, second, … ``(n, *latent)`` draw."""
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn((n, *compose.latent_shape), generator=gen) for _ in range(draws)]
+
     def score_on(draw: int) -> Score:
         """The guide's mean score of a set's prompts, sampled from the ``draw``-th noise of the seeded generator."""
         def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
@@ -333,9 +345,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
                 mix.clear_live_gates()
                 mix.routes.clear()
                 prompts = by_named[named]
-                gen = torch.Generator().manual_seed(seed)
-                noise = [torch.randn((len(prompts), *compose.latent_shape), generator=gen) for _ in range(draw + 1)]
-                return float(torch.cat([compose.guidance(prompts[i:i + batch], noise[-1][i:i + batch], steps)
+                noise = noise_of(len(prompts))[draw]
+                return float(torch.cat([compose.guidance(prompts[i:i + batch], noise[i:i + batch], steps)
                                         for i in range(0, len(prompts), batch)]).mean())
             finally:
                 undo()
@@ -359,8 +370,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
                    ) -> tuple[list[Switches], float, float, bool]:
         """One stage pass per group; the switches per group, the summed start and final scores, completeness."""
         offs, start, total = [], 0.0, 0.0
+        one_pass = greedy_windows if windows else greedy_search
         for g, (es, group_sets) in enumerate(groups):
-            one_pass = greedy_windows if windows else greedy_search
             off, s0, s1, complete = one_pass(es, list(stages), group_sets, score, progress_from(done),
                                              should_stop, None if start_off is None else start_off[g], held)
             offs.append(off)
