@@ -26,6 +26,10 @@ With ``by_set`` (``own``: from every stage on; ``refine``: from the shared choic
 set of named concepts gets its own stage pass over its own LoRAs, and the choices are stored as per-set scales
 of the trigger gates (:func:`mole_core.gates.set_factors`): a pair's stages no longer have to serve the triple.
 
+With ``text_by_set`` (and ``by_set``) the text pass runs per set over its own LoRAs instead, and each set's levels
+are stored as per-set scales of the text-encoder scopes: on the toy world striped + star asks for the striped LoRA's
+text part at 2.5 where the triple pulls the shared choice down to 1.5–2.
+
 With ``rounds`` > 1 more stage passes follow, with those text magnitudes, each flipping a stage either way (on the
 toy world a second pass did not raise composition: bench/results/composition_history.md).
 
@@ -78,11 +82,13 @@ class SearchResult:
     complete: bool = True  # False: stopped before every candidate was tried
     text: dict[str, float] = field(default_factory=dict)  # expert name → its text-encoder magnitude, when changed
     by_set: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # "a+b" → expert name → stages (by set)
+    text_by_set: dict[str, dict[str, float]] = field(default_factory=dict)  # "a+b" → expert name → level (by set)
 
     def to_dict(self) -> dict:
         out = {"off": self.off, "text": self.text, "start_score": round(self.start_score, 5),
                "score": round(self.score, 5), "candidates": self.candidates, "complete": self.complete}
-        return {**out, "by_set": self.by_set} if self.by_set else out
+        out = {**out, "by_set": self.by_set} if self.by_set else out
+        return {**out, "text_by_set": self.text_by_set} if self.text_by_set else out
 
 
 Score = Callable[[frozenset[int], dict[int, frozenset[str]]], float]
@@ -273,6 +279,21 @@ def write_set_scales(mix: Mixture, stages: dict[str, list[str]], offs: dict[froz
             mix.scope_gate(scope).set_set_scales(sets, scale)
 
 
+def write_set_text_scales(mix: Mixture, scopes: list[str], levels: dict[frozenset[int], Strengths]) -> None:
+    """Store each named set's text-encoder levels as per-set scales of ``scopes``: one row per set with a level
+    other than 1, each such expert's factor its level over its magnitude in the scope (so a prompt naming exactly
+    that set runs the expert at that level there), 1 for the others."""
+    rows = [(named, lv) for named, lv in levels.items() if any(v != 1.0 for v in lv.values())]
+    if not rows:
+        return
+    sets = torch.tensor([[float(e in named) for e in range(mix.n)] for named, _ in rows])
+    for scope in scopes:
+        gate = mix.scope_gate(scope)
+        magnitude = (gate.m_max * torch.sigmoid(gate.magnitude_logit.detach().float())).tolist()
+        scale = torch.tensor([[lv[e] / magnitude[e] if e in lv else 1.0 for e in range(mix.n)] for _, lv in rows])
+        gate.set_set_scales(sets, scale)
+
+
 def text_scopes(mix: Mixture) -> list[str]:
     """The gated text-encoder scopes of ``mix`` (every scope outside the UNet)."""
     return [scope for scope in mix.scopes if not scope.startswith("unet:")]
@@ -295,7 +316,7 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
 
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
                   text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off", draws: int = 1,
-                  windows: bool = False,
+                  windows: bool = False, text_by_set: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
@@ -310,7 +331,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     also raises the score on each of ``draws`` − 1 held-back noise draws (the next noise of the same generator;
     scored only for changes that raise the first draw's), so a change that fits one draw's samples is not kept.
     ``windows``: the stage passes choose each LoRA's contiguous window of stages (:func:`greedy_windows`) instead
-    of flipping one stage at a time."""
+    of flipping one stage at a time. ``text_by_set`` (with ``by_set`` and ``text_strengths``): each set chooses its
+    own text-encoder levels, stored as per-set scales of the text-encoder scopes."""
     if draws < 1:
         raise MoleError(f"block search draws must be ≥ 1, got {draws}")
     if mix.config.gate_input != "trigger":
@@ -318,6 +340,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     stages = unet_stages(mix)
     if len(stages) < 2:
         raise MoleError(f"block search needs a UNet with at least 2 gated stages, got {sorted(stages)}")
+    if text_by_set and (by_set == "off" or not text_strengths):
+        raise MoleError("block search text_by_set needs by_set own or refine and text strengths")
     concepts = list(compose.ref_emb)
     words = trigger_words(mix.experts, concepts)
     by_named: dict[frozenset[int], list[str]] = {}
@@ -331,6 +355,9 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     own = [(sorted(s), [s]) for s in sets]  # one search per set over its own experts
     groups = own if by_set == "own" else shared
 
+    te = text_scopes(mix)
+    set_levels: dict[frozenset[int], Strengths] = {}  # text_by_set: each set's chosen text levels (scored with it)
+
     @functools.cache
     def noise_of(n: int) -> list[torch.Tensor]:
         """The ``draws`` noises for ``n`` prompts: the seeded generator's first, second, … ``(n, *latent)`` draw."""
@@ -341,6 +368,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         """The guide's mean score of a set's prompts, sampled from the ``draw``-th noise of the seeded generator."""
         def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
             undo = switch_off(mix, stages, off)
+            undo_text = set_text_strengths(mix, te, set_levels.get(named, {}))
             try:
                 mix.clear_live_gates()
                 mix.routes.clear()
@@ -349,6 +377,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
                 return float(torch.cat([compose.guidance(prompts[i:i + batch], noise[i:i + batch], steps)
                                         for i in range(0, len(prompts), batch)]).mean())
             finally:
+                undo_text()
                 undo()
         return score
 
@@ -356,7 +385,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
 
     per_expert = len(stages) * (2 if windows else 1)  # candidates of one expert's stage pass
     n_pass = sum(len(es) for es, _ in groups) * per_expert
-    n_text = len(experts) * len(text_strengths)
+    n_text = (sum(map(len, sets)) if text_by_set else len(experts)) * len(text_strengths)
     n_refine = sum(len(es) for es, _ in own) * per_expert if by_set == "refine" else 0
     n_all = n_pass * rounds + n_text + n_refine
 
@@ -389,8 +418,6 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     undo_off = (lambda: None) if groups is own else switch_off(mix, stages, offs[0])
     chosen: Strengths = {}
     if text_strengths and complete:
-        te = text_scopes(mix)
-
         def text_score(draw_score: Score) -> Callable[[frozenset[int], Strengths], float]:
             def one(named: frozenset[int], levels: Strengths) -> float:
                 undo = set_text_strengths(mix, te, levels)
@@ -400,10 +427,21 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
                     undo()
             return one
 
-        chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), sets, text_score(score),
-                                                      progress_from(n_pass), should_stop,
-                                                      [text_score(h) for h in held])
-        set_text_strengths(mix, te, chosen)
+        if text_by_set:  # each set its own levels, over its own experts
+            done = n_pass
+            for named in sets:
+                levels, set_start, set_total, complete = greedy_strengths(
+                    sorted(named), list(text_strengths), [named], text_score(score), progress_from(done),
+                    should_stop, [text_score(h) for h in held])
+                total, done = total + set_total - set_start, done + len(named) * len(text_strengths)
+                set_levels[named] = {e: lv for e, lv in levels.items() if lv != 1.0}
+                if not complete:
+                    break
+        else:
+            chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), sets, text_score(score),
+                                                          progress_from(n_pass), should_stop,
+                                                          [text_score(h) for h in held])
+            set_text_strengths(mix, te, chosen)
     for r in range(1, rounds):
         if not complete:
             break
@@ -420,11 +458,15 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
 
     if by_set != "off":
         write_set_scales(mix, stages, {named: off_of(offs, named) for named in sets})
+        write_set_text_scales(mix, te, set_levels)
     result = SearchResult({} if by_set != "off" else named_stages(offs[0]), start, total, n_all, complete,
                           {names[e]: lv for e, lv in chosen.items() if lv != 1.0},
                           {"+".join(names[e] for e in sorted(named)): named_stages(off_of(offs, named))
-                           for named in sets} if by_set != "off" else {})
+                           for named in sets} if by_set != "off" else {},
+                          {"+".join(names[e] for e in sorted(named)): {names[e]: lv for e, lv in levels.items()}
+                           for named, levels in set_levels.items() if levels})
+    text = result.text or result.text_by_set
     log.info("block search: %s%s (guide score %.4f → %.4f)",
              (result.by_set if by_set != "off" else result.off) or "every LoRA in every stage",
-             f", text-encoder magnitudes {result.text}" if result.text else "", start, total)
+             f", text-encoder magnitudes {text}" if text else "", start, total)
     return result

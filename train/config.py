@@ -102,6 +102,9 @@ class TrainConfig:
                               "set's passes start from every stage on; refine — after the shared passes, each set "
                               "refines the shared choice with one pass of its own; off — one choice for every set",
                               choices=BY_SET)
+    search_text_by_set: bool = _opt(False, "block search with search_by_set and search_text_strengths: each set of "
+                                    "LoRAs a prompt names chooses its own text-encoder magnitudes (per-set scales on "
+                                    "the text-encoder scopes) instead of one choice for every set")
     search_rounds: int = _opt(1, "block search: stage passes; each after the first runs with the text-encoder "
                               "magnitudes the text pass chose and may switch a stage back on")
     search_windows: bool = _opt(False, "block search: each stage pass chooses every LoRA's contiguous window of "
@@ -191,6 +194,10 @@ class TrainConfig:
             raise MoleError("`search_windows` needs `block_search`")
         if self.search_by_set != "off" and not self.block_search:
             raise MoleError("`search_by_set` needs `block_search`")
+        if self.search_text_by_set and (self.search_by_set == "off" or not self.search_text_strengths):
+            raise MoleError(f"`search_text_by_set` needs `search_by_set` own or refine and `search_text_strengths`, "
+                            f"got search_by_set {self.search_by_set!r} and search_text_strengths "
+                            f"{self.search_text_strengths!r}")
         if self.search_text_strengths and not self.block_search:
             raise MoleError("`search_text_strengths` needs `block_search` (it is the search's second pass)")
         if self.search_dark_view and not (self.block_search and 0.0 < self.search_dark_view < 1.0):

@@ -22,6 +22,7 @@ from train.block_search import (
     switch_off,
     text_scopes,
     unet_stages,
+    write_set_text_scales,
 )
 from train.compose import ComposeObjective
 from train.config import TrainConfig
@@ -322,6 +323,80 @@ def test_block_search_by_set_writes_each_set_s_switches_as_per_set_scales(toy, t
         assert got == want, scope
 
 
+def test_per_set_text_scales_run_the_set_s_prompts_as_its_levels_and_leave_other_prompts_alone(toy):
+    """Oracle: the real text encoder with the expert's text-encoder magnitudes set to the level
+    (:func:`set_text_strengths`, what the search scores). A prompt naming exactly the set encodes the same with the
+    per-set scales; a prompt naming another set encodes as with no scales at all."""
+    backend, experts, _, _, _ = toy
+    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE, m_max=3.0))
+    try:
+        te = text_scopes(gated)
+        pair, other = ["a red striped star on grey"], ["a purple striped circle on grey"]
+        mole.calibrate_triggers(gated, backend.encode_prompts, pair + other, CONCEPTS)
+        with torch.no_grad():  # a router as crisp as a trained one: on above cosine 0.5, σ(±13) or sharper
+            gated.gates["router"].scale.fill_(60.0)
+            gated.gates["router"].bias.fill_(-30.0)
+        set_text_strengths(gated, te, {1: 2.0, 2: 0.5})  # as if trained: the factor is the level over these
+
+        def encoded(prompts: list[str]) -> torch.Tensor:
+            gated.clear_live_gates()
+            gated.routes.clear()
+            with torch.no_grad():
+                return backend.encode_prompts(prompts)["encoder_hidden_states"]
+
+        plain = encoded(pair), encoded(other)
+        undo = set_text_strengths(gated, te, {1: 2.5})
+        at_level = encoded(pair)
+        undo()
+        assert not torch.allclose(at_level, plain[0], atol=1e-4)  # the level changes this prompt's encoding
+        write_set_text_scales(gated, te, {frozenset({1, 2}): {1: 2.5}, frozenset({0, 1}): {}})
+        rows = gated.scope_gate(te[0])
+        assert rows.sets.tolist() == [[0.0, 1.0, 1.0]]
+        assert rows.set_scale[0].tolist() == pytest.approx([1.0, 2.5 / 2.0, 1.0], abs=1e-6)
+        torch.testing.assert_close(encoded(pair), at_level, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(encoded(other), plain[1], atol=1e-5, rtol=1e-5)
+    finally:
+        for m in (gated, static):
+            if m is not None:
+                m.detach()
+
+
+def test_block_search_text_by_set_writes_each_set_s_levels_as_per_set_text_scales(toy, tmp_path):
+    """``search_text_by_set``: after the per-set stage passes each set tries the levels for its own LoRAs (the
+    progress counts Σ |set| · (stages + levels)); the record has no shared levels, and the gate file's text-encoder
+    scopes carry one row per set that chose a level, each chosen expert's factor its level over the untouched
+    magnitude 1."""
+    backend, experts, refs, prompts, guide = toy
+    cfg = TrainConfig(**RECIPE, m_max=3.0, steps=1, block_search=True, search_by_set="own", search_prompts=2,
+                      search_steps=2, search_text_strengths="0.5,2.5", search_text_by_set=True)
+    seen = []
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
+                   out_path=str(tmp_path / "g.safetensors"))
+    record = result.gates.info["training"]["block_search_result"]
+    names = [e.name for e in experts]
+    sets = {label: frozenset(names.index(n) for n in label.split("+")) for label in record["by_set"]}
+    stages = {stage_of(s) for s in result.gates.scopes} - {None}
+    n = sum(len(named) for named in sets.values()) * (len(stages) + 2)
+    assert record["candidates"] == n and record["complete"] and record["text"] == {}
+    assert [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, n + 1))
+    chosen = record.get("text_by_set", {})
+    assert set(chosen) <= set(sets) and all(set(lv.values()) <= {0.5, 2.5} for lv in chosen.values())
+    loaded = mole.read_gate_file(tmp_path / "g.safetensors")
+    want = {tuple(float(e in sets[label]) for e in range(len(names))):
+            [chosen[label].get(name, 1.0) for name in names] for label in chosen}
+    for scope in loaded.scopes:
+        if stage_of(scope) is not None:
+            continue
+        m = 3.0 * torch.sigmoid(loaded.tensors[f"gates.{scope}.magnitude_logit"])
+        assert m.tolist() == pytest.approx([1.0] * len(names), abs=1e-6), scope
+        rows = loaded.tensors.get(f"gates.{scope}.sets")
+        got = {} if rows is None else {tuple(r): sc for r, sc in zip(rows.tolist(),
+                                                                     loaded.tensors[f"gates.{scope}.set_scale"].tolist())}
+        assert got.keys() == want.keys(), scope
+        for row, scale in want.items():
+            assert got[row] == pytest.approx(scale, abs=1e-6), scope
+
+
 def test_held_back_draws_score_the_same_prompts_on_the_generators_next_noise(toy, tmp_path, monkeypatch):
     """``search_draws`` 2: the first draw's noise is the seeded generator's first (as with one draw), the held-back
     draw's its second, on the same prompts; the held-back draw is sampled for no more candidates than the first,
@@ -382,6 +457,11 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
         TrainConfig(**RECIPE, block_search=True, search_dark_view=1.5)
     with pytest.raises(mole.MoleError, match="`search_windows` needs `block_search`"):
         TrainConfig(**RECIPE, search_windows=True)
+    with pytest.raises(mole.MoleError, match="`search_text_by_set` needs `search_by_set` own or refine and "
+                                             "`search_text_strengths`, got search_by_set 'off'"):
+        TrainConfig(**RECIPE, m_max=3.0, block_search=True, search_text_strengths="2", search_text_by_set=True)
+    with pytest.raises(mole.MoleError, match="`search_text_by_set` needs .*search_text_strengths ''"):
+        TrainConfig(**RECIPE, block_search=True, search_by_set="own", search_text_by_set=True)
     with pytest.raises(mole.MoleError, match="`search_by_set` needs `block_search`"):
         TrainConfig(**RECIPE, search_by_set="own")
     with pytest.raises(mole.MoleError, match=r"`search_by_set` must be one of \('off', 'own', 'refine'\), got 'yes'"):
