@@ -189,3 +189,40 @@ def test_per_set_scales_of_a_trigger_gate_file_apply_in_comfyui(mole, tiny, expe
             e = gate.magnitude * p * set_factors(p[None], SETS, SET_SCALE)[0]
             assert float(e[1] / gate.magnitude[1]) == pytest.approx(star, abs=0.02), s
             assert min(float((row - e).abs().max()) for row in rows) < 1e-5, s
+
+
+def test_per_set_scales_in_the_text_encoder_scopes_apply_in_comfyuis_clip(mole, tiny, experts, comfy_dirs):
+    """A version-6 trigger file with per-set scales in the text encoder's scopes (as ``--search-text-by-set``
+    writes them): during ComfyUI's CLIP encode each text-encoder scope's gate is ``m σ(ℓ/τ)`` times the factor of
+    the prompt's on-pattern, from the routes that same encode computed."""
+    from mole_core.gates import set_factors
+
+    def tables(mix) -> None:  # noqa: ANN001
+        for s in mix.scopes:
+            if not s.startswith("unet:"):
+                mix.scope_gate(s).set_set_scales(SETS, SET_SCALE)
+
+    model, clip = tiny
+    gates = _trigger_gates(mole, tiny, experts, comfy_dirs["mole_gates"], "trigger_te_sets.safetensors", tables)
+    assert gates.gate_file.info["version"] == 6
+    m, c, g = apply(mole, model, experts, "gated", clip=clip, gates=gates)
+    te_mix = next(h.mix for h in g.holders if h.component == "te")
+    te_scopes = [s for s in te_mix.scopes if not s.startswith("unet:")]
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [te_mix.scope_gate(s).register_forward_hook(lambda mod, args, out, s=s: seen.__setitem__(s, out.clone()))
+             for s in te_scopes]
+    try:
+        for text, star in (("a purple star on grey", 0.0), ("a star", 0.5)):
+            seen.clear()
+            _encode(c, text)
+            route = te_mix._route.clone()
+            assert te_scopes and set(seen) == set(te_scopes), text
+            for s in te_scopes:
+                gate = te_mix.scope_gate(s).requires_grad_(False)
+                p = torch.sigmoid(route[0] / gate.tau)
+                want = gate.magnitude * p * set_factors(p[None], SETS, SET_SCALE)[0]
+                assert float(want[1] / (gate.magnitude[1] * p[1])) == pytest.approx(star, abs=0.02), (text, s)
+                torch.testing.assert_close(seen[s].reshape(-1, 2)[0], want, atol=1e-5, rtol=1e-5)
+    finally:
+        for h in hooks:
+            h.remove()
