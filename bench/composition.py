@@ -135,6 +135,21 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_windows", dict(PAIRED_DARK_TEXT, search_windows=True)),
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_by_set_windows",
            dict(PAIRED_DARK_TEXT, search_by_set="own", search_windows=True)),
+    # and each set choosing its own text-encoder magnitudes (per-set scales on the text-encoder scopes): on seed 0's
+    # trained router the windows choice for striped + star rose from 0.50 to 0.59 with striped's text part at 2.5
+    # instead of the shared pass's 1.5 (the triple pulls the shared choice down)
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_by_set_windows_text",
+           dict(PAIRED_DARK_TEXT, search_by_set="own", search_windows=True, search_text_by_set=True)),
+    # the same with each set refining the shared choice (search_by_set refine) instead of starting from every stage
+    # on: the shared choice composed purple + striped and the triple best (0.99, 0.97), and the per-set passes from
+    # scratch lost both (0.94, 0.76)
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text",
+           dict(PAIRED_DARK_TEXT, search_by_set="refine", search_windows=True, search_text_by_set=True)),
+    # and the text levels up to 2.9 (m_max 3): with the search's gates striped + star rose further from 2.5 to 2.9
+    # (0.48 → 0.55, seed 0), and per set only the sets whose guide score rises take it
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_wide",
+           dict(PAIRED_DARK_TEXT, search_by_set="refine", search_windows=True, search_text_by_set=True,
+                search_text_strengths="1.5,2,2.5,2.9")),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
