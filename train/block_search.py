@@ -289,7 +289,7 @@ def write_set_text_scales(mix: Mixture, scopes: list[str], levels: dict[frozense
     sets = torch.tensor([[float(e in named) for e in range(mix.n)] for named, _ in rows])
     for scope in scopes:
         gate = mix.scope_gate(scope)
-        magnitude = (gate.m_max * torch.sigmoid(gate.magnitude_logit.detach().float())).tolist()
+        magnitude = gate.magnitude.detach().float().tolist()
         scale = torch.tensor([[lv[e] / magnitude[e] if e in lv else 1.0 for e in range(mix.n)] for _, lv in rows])
         gate.set_set_scales(sets, scale)
 
