@@ -150,6 +150,12 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_wide",
            dict(PAIRED_DARK_TEXT, search_by_set="refine", search_windows=True, search_text_by_set=True,
                 search_text_strengths="1.5,2,2.5,2.9")),
+    # and every refinement also scored on a held-back noise draw (kept only when it raises that too): seed 0's
+    # refinement of purple + star kept purple only in up2-up3 (0.86, other seeds 0.97-1.00), a change of the kind
+    # that fits one draw's 16 samples
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_draws",
+           dict(PAIRED_DARK_TEXT, search_by_set="refine", search_windows=True, search_text_by_set=True,
+                search_draws=2)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
