@@ -13,6 +13,7 @@ OBJECTIVES = ("denoise", "clip", "compose")
 DTYPES = ("fp32", "bf16")
 MAX_RESOLUTION = 8192
 MAX_STEPS = 1_000_000  # gate training converges in hundreds
+AGGREGATES = ("mean", "wins")  # block search: how a change's paired samples are weighed (see block_search)
 BY_SET = ("off", "own", "refine")  # block search: one stage choice for every set, or per set (see block_search)
 _KINDS = ((bool, bool, "true or false"), (int, int, "a whole number"), (float, (int, float), "a number"),
           (str, str, "text"))  # bool first: a bool is an int too
@@ -113,6 +114,10 @@ class TrainConfig:
     search_draws: int = _opt(1, "block search: noise draws each change is scored on; a change is kept only when it "
                              "raises the guide's score on every draw (the later draws are sampled only for changes "
                              "that raise the first's; 1: one draw)")
+    search_aggregate: str = _opt("mean", "block search: how a change is judged from its samples (every candidate "
+                                 "sees the same prompts and noise): mean — the guide's mean score rises; wins — more "
+                                 "samples score higher than lower (a few samples that fall a lot cannot outvote "
+                                 "most that rise a little)", choices=AGGREGATES)
     search_dark_view: float = _opt(0.0, "block search: also score each image with its near-black pixels (summed RGB "
                                    "below this share of the image's bright level) set to its border colour, and "
                                    "keep the worse score: detail that only shows as near-black merges with a dark "
@@ -192,6 +197,8 @@ class TrainConfig:
                             f"with block_search {self.block_search}")
         if self.search_windows and not self.block_search:
             raise MoleError("`search_windows` needs `block_search`")
+        if self.search_aggregate != "mean" and not self.block_search:
+            raise MoleError(f"`search_aggregate` {self.search_aggregate!r} needs `block_search`")
         if self.search_by_set != "off" and not self.block_search:
             raise MoleError("`search_by_set` needs `block_search`")
         if self.search_text_by_set and (self.search_by_set == "off" or not self.search_text_strengths):

@@ -13,15 +13,18 @@ import torch
 import mole_core as mole
 from tests.train._toy import load_compose_toy
 from train.block_search import (
+    GAINS,
     OFF_LOGIT,
     greedy_search,
     greedy_strengths,
     greedy_windows,
+    mean_gain,
     set_text_strengths,
     stage_of,
     switch_off,
     text_scopes,
     unet_stages,
+    win_gain,
     write_set_text_scales,
 )
 from train.compose import ComposeObjective
@@ -178,6 +181,47 @@ def test_greedy_windows_reaches_a_window_single_flips_do_not():
     assert off == {0: frozenset()} and not complete
 
 
+def test_win_gain_is_the_share_of_paired_samples_that_rise_less_the_share_that_fall():
+    now = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5])
+    trial = torch.tensor([0.6, 0.6, 0.5, -1.0, 0.4])  # 2 rise, 1 ties, 2 fall
+    assert win_gain(trial, now) == 0.0
+    assert win_gain(trial + torch.tensor([0, 0, 0.1, 0, 0]), now) == pytest.approx(1 / 5)
+    assert win_gain(now, trial) == 0.0 and win_gain(now, now) == 0.0
+    assert mean_gain(trial, now) == pytest.approx(float(trial.mean()) - 0.5)
+    assert mean_gain(0.75, 0.25) == 0.5  # plain numbers (a set's mean) work too
+
+
+def test_the_wins_aggregate_keeps_a_change_most_samples_prefer_where_the_mean_falls():
+    """Switching the expert off in ``a`` raises three of four paired samples by 0.1 and drops one by 1 (mean −0.175);
+    in ``b`` it raises one by 1 and drops three by 0.1 (mean +0.175); in ``c`` it changes nothing. By the mean only
+    ``b`` is kept, by wins only ``a``, in single flips, windows and text levels alike; the totals stay the mean's."""
+    base = torch.zeros(4)
+    delta = {"a": torch.tensor([0.1, 0.1, 0.1, -1.0]), "b": torch.tensor([-0.1, -0.1, -0.1, 1.0]), "c": base}
+
+    def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> torch.Tensor:
+        return base + sum((delta[st] for st in off[0]), torch.zeros(4))
+
+    sets, stages = [frozenset({0})], ["a", "b", "c"]
+    off, start, total, _ = greedy_search([0], stages, sets, score)
+    assert off == {0: frozenset("b")} and start == 0.0 and total == pytest.approx(0.175)
+    off, _, total, _ = greedy_search([0], stages, sets, score, compare=win_gain)
+    assert off == {0: frozenset("a")} and total == pytest.approx(-0.175)
+    off, _, _, _ = greedy_windows([0], stages, sets, score, compare=win_gain)
+    assert off == {0: frozenset("a")}  # the start moves to ``b`` (runs in b–c); no end then wins more
+    off, _, _, _ = greedy_windows([0], stages, sets, score)
+    assert off == {0: frozenset("bc")}  # no start raises the mean; the end moves to ``a`` (runs in a only)
+    levels = {2.0: delta["a"], 3.0: delta["b"]}
+
+    def level_score(named: frozenset[int], lv: dict[int, float]) -> torch.Tensor:
+        return levels.get(lv[0], base)
+
+    assert greedy_strengths([0], [2.0, 3.0], sets, level_score)[0] == {0: 3.0}
+    assert greedy_strengths([0], [2.0, 3.0], sets, level_score, compare=win_gain)[0] == {0: 2.0}
+    held = lambda named, off: base - sum((delta[st] for st in off[0]), torch.zeros(4))  # noqa: E731
+    off, _, _, _ = greedy_search([0], stages, sets, score, confirm=[held], compare=win_gain)
+    assert off == {0: frozenset()}  # the held-back scorer is asked by wins too: it disagrees
+
+
 @pytest.fixture(scope="module")
 def toy():  # noqa: ANN201
     _, _, backend, experts, refs, prompts, guide = load_compose_toy(CONCEPTS, (1, 2), 2)
@@ -230,12 +274,21 @@ def test_set_text_strengths_sets_text_encoder_magnitudes_exactly_and_undoes(toy)
                 m.detach()
 
 
-@pytest.mark.parametrize("windows", [False, True])
-def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path, windows):
+@pytest.mark.parametrize(("windows", "aggregate"), [(False, "mean"), (True, "mean"), (False, "wins")])
+def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path, monkeypatch, windows, aggregate):
     """The gate file carries exactly the switches the record reports; the progress counts every candidate
-    (``search_windows``: 2 × stages per LoRA, and each LoRA then runs in one contiguous window of stages)."""
+    (``search_windows``: 2 × stages per LoRA, and each LoRA then runs in one contiguous window of stages);
+    ``search_aggregate wins`` judges every candidate by its paired samples' wins (the mean may then fall)."""
     backend, experts, refs, prompts, guide = toy
-    cfg = TrainConfig(**RECIPE, steps=2, block_search=True, search_prompts=2, search_steps=2, search_windows=windows)
+    cfg = TrainConfig(**RECIPE, steps=2, block_search=True, search_prompts=2, search_steps=2, search_windows=windows,
+                      search_aggregate=aggregate)
+    compared = []
+
+    def spy(trial, now):  # noqa: ANN001, ANN202 — records the samples compared, then compares as the search would
+        compared.append(len(trial))
+        return win_gain(trial, now)
+
+    monkeypatch.setitem(GAINS, "wins", spy)
     seen = []
     result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
                    out_path=str(tmp_path / "g.safetensors"))
@@ -244,7 +297,8 @@ def test_training_with_block_search_writes_the_switches_it_reports(toy, tmp_path
     n = len(experts) * len(stages) * (2 if windows else 1)
     assert record["candidates"] == n
     assert [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, n + 1))
-    assert record["score"] >= record["start_score"]
+    assert record["score"] >= record["start_score"] or aggregate == "wins"
+    assert (set(compared) == {2}) if aggregate == "wins" else not compared  # 2 prompts per set, paired
     if windows:
         for name, off in record["off"].items():
             on = [k for k, st in enumerate(stages) if st.removeprefix("unet:") not in off]
@@ -457,6 +511,10 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
         TrainConfig(**RECIPE, block_search=True, search_dark_view=1.5)
     with pytest.raises(mole.MoleError, match="`search_windows` needs `block_search`"):
         TrainConfig(**RECIPE, search_windows=True)
+    with pytest.raises(mole.MoleError, match="`search_aggregate` 'wins' needs `block_search`"):
+        TrainConfig(**RECIPE, search_aggregate="wins")
+    with pytest.raises(mole.MoleError, match=r"`search_aggregate` must be one of \('mean', 'wins'\), got 'median'"):
+        TrainConfig(**RECIPE, block_search=True, search_aggregate="median")
     with pytest.raises(mole.MoleError, match="`search_text_by_set` needs `search_by_set` own or refine and "
                                              "`search_text_strengths`, got search_by_set 'off'"):
         TrainConfig(**RECIPE, m_max=3.0, block_search=True, search_text_strengths="2", search_text_by_set=True)
