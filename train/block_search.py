@@ -43,8 +43,9 @@ scores lower, so a few samples whose score falls a lot cannot outvote most that 
 striped + star (nine hand-set assignments scored offline on the training templates) the mean separated the best
 known one (probes 0.64) from two worse ones (0.48, 0.39) by 0.001 and put a third (0.45) 0.025 above it; head to
 head the best known one scores higher on 58–88 % of the samples than four of the five other plausible ones (47 %
-against that third). Measured in the bench (refine recipe): pairs 0.87 instead of 0.84, triple 0.77 instead of
-0.86.
+against that third). Measured in the bench: with per-set refinement (``by_set refine``, windows, per-set text)
+pairs 0.87 instead of 0.84, triple 0.77 instead of 0.86; with one shared choice worse (pairs 0.75 instead of 0.79,
+triple 0.85 instead of 0.97), so ``mean`` stays the default.
 
 With ``draws`` > 1 every pass also scores each change that raises the score on held-back noise draws (the same
 prompts, the seeded generator's next noise) and keeps it only when it raises those too: the first draw's 16
