@@ -117,12 +117,12 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # view (near-black pixels set to the background colour) and keeping the worse score: on block_routing's
     # candidates the guide then picks striped + star's best (0.88 against 0.25)
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text", PAIRED_DARK_TEXT),
-    # and a second stage pass with the chosen text-encoder magnitudes, free to switch a stage back on
     # the same judging each change by its paired samples' wins (search_aggregate wins): does the refine recipe's gain
     # from wins (pairs 0.84 → 0.87) carry over to the shared stage and text choice? Measured: no (pairs 0.75 vs 0.79,
     # triple 0.85 vs 0.97; routing 0.81 / 0.66 / 0.76 vs 0.40 / 0.72 / 0.66)
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_wins",
            dict(PAIRED_DARK_TEXT, search_aggregate="wins")),
+    # and a second stage pass with the chosen text-encoder magnitudes, free to switch a stage back on
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_rounds", dict(PAIRED_DARK_TEXT, search_rounds=2)),
     # the dark-view recipe with each set of named concepts choosing its own stages (per-set scales): a pair's
     # choice no longer has to serve the triple (on block_routing's candidates the dark-view guide's pick per pair
