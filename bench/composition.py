@@ -174,6 +174,12 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # mean), triple 0.77 (0.86)
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_wins",
            dict(REFINE_WINDOWS_TEXT, search_aggregate="wins")),
+    # the same never switching a named LoRA fully off (search_min_strength 0.7, the routing target's level): its
+    # switched-off stages run it at the lowest strength that keeps its mean UNet magnitude at 0.7, and the search
+    # chooses knowing that. Offline (seed 0, hand-set assignments) such floors cost striped + star ~0.08 and gave
+    # named gates ≥ 0.7: does the search find choices that keep pairs ≥ 0.85 and routing ≥ 0.7 at once?
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_wins_min07",
+           dict(REFINE_WINDOWS_TEXT, search_aggregate="wins", search_min_strength=0.7)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

@@ -93,12 +93,15 @@ class SearchResult:
     text: dict[str, float] = field(default_factory=dict)  # expert name → its text-encoder magnitude, when changed
     by_set: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # "a+b" → expert name → stages (by set)
     text_by_set: dict[str, dict[str, float]] = field(default_factory=dict)  # "a+b" → expert name → level (by set)
+    floors: dict[str, dict[str, float]] = field(default_factory=dict)  # "a+b" → expert name → its switched-off
+    # stages' strength, when ``min_strength`` gives it one (a shared choice: every set's entry)
 
     def to_dict(self) -> dict:
         out = {"off": self.off, "text": self.text, "start_score": round(self.start_score, 5),
                "score": round(self.score, 5), "candidates": self.candidates, "complete": self.complete}
         out = {**out, "by_set": self.by_set} if self.by_set else out
-        return {**out, "text_by_set": self.text_by_set} if self.text_by_set else out
+        out = {**out, "text_by_set": self.text_by_set} if self.text_by_set else out
+        return {**out, "floors": self.floors} if self.floors else out
 
 
 Samples = float | torch.Tensor
@@ -295,22 +298,55 @@ def _set_logits(changes: list[tuple[torch.Tensor, int, float]]) -> Callable[[], 
     return undo
 
 
-def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]]) -> Callable[[], None]:
-    """Set each expert's magnitude to ~0 in the scopes of its switched-off stages; returns the undo."""
-    return _set_logits([(mix.scope_gate(scope).magnitude_logit, e, OFF_LOGIT)
-                        for e, sts in off.items() for st in sts for scope in stages[st]])
+def floors(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]],
+           min_strength: float) -> dict[int, float]:
+    """Each expert's strength in its switched-off stages: the lowest at which its mean magnitude over the UNet's
+    gated scopes (``stages``) stays ≥ ``min_strength``, and never above ``min_strength`` (0: switched off; always
+    0 when ``min_strength`` is 0). The magnitudes are read from ``mix`` as they are."""
+    out = {e: 0.0 for e in off}
+    if min_strength <= 0:
+        return out
+    for e, sts in off.items():
+        if not sts:
+            continue
+        n_off = sum(len(stages[st]) for st in sts)
+        on = sum(float(mix.scope_gate(scope).magnitude[e]) for st, scopes in stages.items() if st not in sts
+                 for scope in scopes)
+        needed = (min_strength * sum(map(len, stages.values())) - on) / n_off
+        out[e] = min(max(needed, 0.0), min_strength)
+    return out
 
 
-def write_set_scales(mix: Mixture, stages: dict[str, list[str]], offs: dict[frozenset[int], Switches]) -> None:
+def _magnitude_logit(m_max: float, strength: float) -> float:
+    """The magnitude logit giving ``strength`` (``OFF_LOGIT`` for 0)."""
+    return OFF_LOGIT if strength <= 0 else math.log(strength / (m_max - strength))
+
+
+def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]],
+               min_strength: float = 0.0) -> Callable[[], None]:
+    """Set each expert's magnitude to ~0 in the scopes of its switched-off stages (or to its floor, :func:`floors`,
+    with ``min_strength``); returns the undo."""
+    floor = floors(mix, stages, off, min_strength)
+    return _set_logits([(gate.magnitude_logit, e, _magnitude_logit(gate.m_max, floor[e]))
+                        for e, sts in off.items() for st in sts for scope in stages[st]
+                        for gate in (mix.scope_gate(scope),)])
+
+
+def write_set_scales(mix: Mixture, stages: dict[str, list[str]], offs: dict[frozenset[int], Switches],
+                     min_strength: float = 0.0) -> None:
     """Store each named set's switched-off stages as per-set scales (:meth:`ScopeGate.set_set_scales`): in every
-    scope of a stage, one row per set that switches a LoRA off there (its on-pattern; factor 0 for those LoRAs,
-    1 for the others). Scopes no set switches anything in keep none."""
+    scope of a stage, one row per set that switches a LoRA off there (its on-pattern; factor 0 for those LoRAs —
+    or its floor over the scope's magnitude with ``min_strength``, :func:`floors` — and 1 for the others). Scopes
+    no set switches anything in keep none."""
+    floor = {named: floors(mix, stages, off, min_strength) for named, off in offs.items()}
     for st, scopes in stages.items():
         rows = [(named, frozenset(e for e, sts in off.items() if st in sts)) for named, off in offs.items()]
         rows = [(named, gone) for named, gone in rows if gone]
         sets = torch.tensor([[float(e in named) for e in range(mix.n)] for named, _ in rows]).reshape(-1, mix.n)
-        scale = torch.tensor([[float(e not in gone) for e in range(mix.n)] for _, gone in rows]).reshape(-1, mix.n)
         for scope in scopes:
+            magnitude = mix.scope_gate(scope).magnitude.detach().float().tolist()
+            scale = torch.tensor([[floor[named][e] / magnitude[e] if e in gone else 1.0 for e in range(mix.n)]
+                                  for named, gone in rows]).reshape(-1, mix.n)
             mix.scope_gate(scope).set_set_scales(sets, scale)
 
 
@@ -352,7 +388,7 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
                   text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off", draws: int = 1,
                   windows: bool = False, text_by_set: bool = False, aggregate: str = "mean",
-                  progress: Callable[[int, int], None] | None = None,
+                  min_strength: float = 0.0, progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
     switched off in ``mix``. ``per_set``: composition prompts scored per set of named concepts, each sampled
@@ -369,7 +405,11 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     of flipping one stage at a time. ``text_by_set`` (with ``by_set`` and ``text_strengths``): each set chooses its
     own text-encoder levels, stored as per-set scales of the text-encoder scopes. ``aggregate``: how a change's
     samples are weighed (:data:`GAINS`: ``mean`` — the mean score's rise; ``wins`` — the share of paired samples
-    scored higher less the share scored lower)."""
+    scored higher less the share scored lower). ``min_strength`` > 0: a LoRA is never switched fully off — its
+    switched-off stages run it at the lowest strength (:func:`floors`) that keeps its mean magnitude over the
+    UNet's gated scopes at ``min_strength``, and every candidate is scored so."""
+    if not 0.0 <= min_strength <= 1.0:
+        raise MoleError(f"block search min_strength must be in [0, 1], got {min_strength}")
     if aggregate not in GAINS:
         raise MoleError(f"block search aggregate must be one of {sorted(GAINS)}, got {aggregate!r}")
     compare = GAINS[aggregate]
@@ -408,7 +448,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         """The guide's score of each of a set's prompts, sampled from the ``draw``-th noise of the seeded
         generator."""
         def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> torch.Tensor:
-            undo = switch_off(mix, stages, off)
+            undo = switch_off(mix, stages, off, min_strength)
             undo_text = set_text_strengths(mix, te, set_levels.get(named, {}))
             try:
                 mix.clear_live_gates()
@@ -456,7 +496,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         return {e: off.get(e, frozenset()) for e in named}
 
     offs, start, total, complete = stage_pass(groups, 0, None)
-    undo_off = (lambda: None) if groups is own else switch_off(mix, stages, offs[0])
+    undo_off = (lambda: None) if groups is own else switch_off(mix, stages, offs[0], min_strength)
     chosen: Strengths = {}
     if text_strengths and complete:
         def text_score(draw_score: Score) -> Callable[[frozenset[int], Strengths], float]:
@@ -488,7 +528,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
             break
         undo_off()  # the pass scores each switch from the mix without any: a stage may come back on
         offs, _, total, complete = stage_pass(groups, n_pass * r + n_text, offs)
-        undo_off = (lambda: None) if groups is own else switch_off(mix, stages, offs[0])
+        undo_off = (lambda: None) if groups is own else switch_off(mix, stages, offs[0], min_strength)
     if by_set == "refine" and complete:  # each set from the shared choice, flipping stages either way
         undo_off()
         offs, _, total, complete = stage_pass(own, n_pass * rounds + n_text, [off_of(offs, s) for s in sets])
@@ -497,17 +537,23 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     def named_stages(off: Switches) -> dict[str, list[str]]:
         return {names[e]: sorted(st.removeprefix("unet:") for st in sts) for e, sts in off.items() if sts}
 
+    set_floors = {"+".join(names[e] for e in sorted(named)): {names[e]: round(f, 5) for e, f in
+                                                              floors(mix, stages, off_of(offs, named),
+                                                                     min_strength).items() if f > 0}
+                  for named in sets}
     if by_set != "off":
-        write_set_scales(mix, stages, {named: off_of(offs, named) for named in sets})
+        write_set_scales(mix, stages, {named: off_of(offs, named) for named in sets}, min_strength)
         write_set_text_scales(mix, te, set_levels)
     result = SearchResult({} if by_set != "off" else named_stages(offs[0]), start, total, n_all, complete,
                           {names[e]: lv for e, lv in chosen.items() if lv != 1.0},
                           {"+".join(names[e] for e in sorted(named)): named_stages(off_of(offs, named))
                            for named in sets} if by_set != "off" else {},
                           {"+".join(names[e] for e in sorted(named)): {names[e]: lv for e, lv in levels.items()}
-                           for named, levels in set_levels.items() if levels})
+                           for named, levels in set_levels.items() if levels},
+                          {k: v for k, v in set_floors.items() if v})
     text = result.text or result.text_by_set
-    log.info("block search: %s%s (guide score %.4f → %.4f)",
+    log.info("block search: %s%s%s (guide score %.4f → %.4f)",
              (result.by_set if by_set != "off" else result.off) or "every LoRA in every stage",
-             f", text-encoder magnitudes {text}" if text else "", start, total)
+             f", text-encoder magnitudes {text}" if text else "",
+             f", switched-off stages at {result.floors}" if result.floors else "", start, total)
     return result

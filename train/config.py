@@ -122,6 +122,10 @@ class TrainConfig:
                                    "below this share of the image's bright level) set to its border colour, and "
                                    "keep the worse score: detail that only shows as near-black merges with a dark "
                                    "background (0: off; the benchmark's recipe: 0.25)")
+    search_min_strength: float = _opt(0.0, "block search: a LoRA the prompt names is never switched fully off: "
+                                      "its switched-off stages run it at the lowest strength that keeps its mean "
+                                      "magnitude over the UNet's gated scopes at this value, and the search scores "
+                                      "every choice so (0: off means off; in [0, 1])")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -210,6 +214,11 @@ class TrainConfig:
         if self.search_dark_view and not (self.block_search and 0.0 < self.search_dark_view < 1.0):
             raise MoleError(f"`search_dark_view` must be in (0, 1) and needs `block_search`, got "
                             f"{self.search_dark_view} with block_search {self.block_search}")
+        if self.search_min_strength and not (self.block_search and 0.0 < self.search_min_strength <= 1.0
+                                             and self.search_min_strength < self.m_max):
+            raise MoleError(f"`search_min_strength` must be in [0, 1] and below m_max {self.m_max}, and above 0 "
+                            f"needs `block_search`, got {self.search_min_strength} with block_search "
+                            f"{self.block_search}")
         for level in self.text_strengths:
             if not 0 < level < self.m_max:
                 raise MoleError(f"`search_text_strengths` values must be in (0, m_max {self.m_max}), got {level}")

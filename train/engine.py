@@ -332,7 +332,8 @@ def _block_search(run: _Run, io: _Io) -> SearchResult:
                          seed=cfg.seed + 1, batch=cfg.search_batch, text_strengths=cfg.text_strengths,
                          rounds=cfg.search_rounds, by_set=cfg.search_by_set, draws=cfg.search_draws,
                          windows=cfg.search_windows, text_by_set=cfg.search_text_by_set,
-                         aggregate=cfg.search_aggregate, progress=progress,
+                         aggregate=cfg.search_aggregate, min_strength=cfg.search_min_strength,
+                         progress=progress,
                          should_stop=io.should_stop)
 
 

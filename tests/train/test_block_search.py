@@ -15,6 +15,7 @@ from tests.train._toy import load_compose_toy
 from train.block_search import (
     GAINS,
     OFF_LOGIT,
+    floors,
     greedy_search,
     greedy_strengths,
     greedy_windows,
@@ -248,6 +249,94 @@ def test_switch_off_zeroes_one_experts_magnitude_in_one_stage_and_undoes_exactly
         for m in (gated, static):
             if m is not None:
                 m.detach()
+
+
+def test_min_strength_runs_switched_off_stages_at_the_floor_that_keeps_the_mean_magnitude(toy):
+    """``min_strength`` g: an expert switched off in stages holding ``n_off`` of the UNet's ``n`` gated scopes (every
+    magnitude 1) runs there at (g·n − n_on) / n_off, clamped to [0, g] — hand-computed here from the scope counts —
+    so its mean UNet magnitude is g; where the stages it keeps already give g, it is switched off (~0) as without."""
+    backend, experts, _, _, _ = toy
+    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE))
+    try:
+        stages = unet_stages(gated)
+        order = list(stages)
+        n = sum(map(len, stages.values()))
+        most = frozenset(order[1:])  # every stage but the first
+        small = frozenset({"unet:mid_block"})
+        n_off = sum(len(stages[st]) for st in most)
+        want = (0.7 * n - (n - n_off)) / n_off
+        assert 0 < want < 0.7 and len(stages["unet:mid_block"]) < 0.3 * n  # both cases below are exercised
+        assert floors(gated, stages, {0: most, 2: small, 1: frozenset()}, 0.7) == \
+            pytest.approx({0: want, 2: 0.0, 1: 0.0}, abs=1e-9)
+        assert floors(gated, stages, {0: most, 2: small}, 0.0) == {0: 0.0, 2: 0.0}
+        before = {s: gated.scope_gate(s).magnitude.detach().clone() for s in gated.scopes}
+        undo = switch_off(gated, stages, {0: most, 2: small}, 0.7)
+        unet = [s for sts in stages.values() for s in sts]
+        mean0 = sum(float(gated.scope_gate(s).magnitude[0]) for s in unet) / n
+        assert mean0 == pytest.approx(0.7, abs=1e-6)
+        for s in gated.scopes:
+            m = gated.scope_gate(s).magnitude.detach()
+            if stage_of(s) in most:
+                assert float(m[0]) == pytest.approx(want, abs=1e-6), s
+            if s in stages["unet:mid_block"]:
+                assert float(gated.scope_gate(s).magnitude_logit[2]) == OFF_LOGIT, s
+            assert torch.equal(m[1], before[s][1]), s
+        undo()
+        assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
+    finally:
+        for m in (gated, static):
+            if m is not None:
+                m.detach()
+
+
+@pytest.mark.parametrize("by_set", ["off", "refine"])
+def test_block_search_with_min_strength_writes_the_floors_it_reports(toy, tmp_path, by_set):
+    """``search_min_strength`` 0.9: the record's floors are the hand-computed ones for the switches it reports (none
+    where the kept stages give 0.9 already), and the gate file runs each switched-off stage at that floor — as its
+    magnitude (one shared choice) or as the set's per-set scale (``refine``; magnitudes stay 1)."""
+    backend, experts, refs, prompts, guide = toy
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set=by_set, search_prompts=2, search_steps=2,
+                      search_min_strength=0.9)
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide,
+                   out_path=str(tmp_path / "g.safetensors"))
+    record = result.gates.info["training"]["block_search_result"]
+    names = [e.name for e in experts]
+    scopes = {}
+    for s in result.gates.scopes:
+        if stage_of(s) is not None:
+            scopes.setdefault(stage_of(s).removeprefix("unet:"), []).append(s)
+    n = sum(map(len, scopes.values()))
+    choices = record["by_set"] if by_set == "refine" else {
+        label: {x: record["off"][x] for x in label.split("+") if x in record["off"]} for label in record["floors"]}
+    want = {}
+    for label, off in choices.items():
+        for name, sts in off.items():
+            n_off = sum(len(scopes[st]) for st in sts)
+            f = min(max((0.9 * n - (n - n_off)) / n_off, 0.0), 0.9) if n_off else 0.0
+            if f > 0:
+                want.setdefault(label, {})[name] = pytest.approx(f, abs=1e-5)
+    assert want and record["floors"] == want  # the toy search switches stages off that need a floor
+    loaded = mole.read_gate_file(tmp_path / "g.safetensors")
+    for scope in loaded.scopes:
+        st = stage_of(scope) and stage_of(scope).removeprefix("unet:")
+        m = 2.0 * torch.sigmoid(loaded.tensors[f"gates.{scope}.magnitude_logit"])
+        if by_set == "off":
+            for e, name in enumerate(names):
+                off = st in record["off"].get(name, [])
+                f = next((v[name] for v in record["floors"].values() if name in v), 0.0)
+                assert float(m[e]) == pytest.approx(f if off else 1.0, abs=1e-5), (scope, name)
+            continue
+        assert torch.equal(m, torch.ones(len(names)))
+        rows = loaded.tensors.get(f"gates.{scope}.sets")
+        got = {} if rows is None else dict(zip(map(tuple, rows.tolist()),
+                                               loaded.tensors[f"gates.{scope}.set_scale"].tolist()))
+        for label, off in record["by_set"].items():
+            named = [name in label.split("+") for name in names]
+            gone = [name for name in names if st in off.get(name, [])]
+            if gone:
+                assert got[tuple(map(float, named))] == pytest.approx(
+                    [record["floors"].get(label, {}).get(name, 0.0) if name in gone else 1.0 for name in names],
+                    abs=1e-5), (scope, label)
 
 
 def test_set_text_strengths_sets_text_encoder_magnitudes_exactly_and_undoes(toy):
@@ -520,6 +609,13 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
         TrainConfig(**RECIPE, m_max=3.0, block_search=True, search_text_strengths="2", search_text_by_set=True)
     with pytest.raises(mole.MoleError, match="`search_text_by_set` needs .*search_text_strengths ''"):
         TrainConfig(**RECIPE, block_search=True, search_by_set="own", search_text_by_set=True)
+    with pytest.raises(mole.MoleError, match=r"`search_min_strength` must be in \[0, 1\] and below m_max 2.0, and "
+                                             "above 0 needs `block_search`, got 0.5 with block_search False"):
+        TrainConfig(**RECIPE, search_min_strength=0.5)
+    with pytest.raises(mole.MoleError, match="`search_min_strength` must be in .*got 1.5 with block_search True"):
+        TrainConfig(**RECIPE, block_search=True, search_min_strength=1.5)
+    with pytest.raises(mole.MoleError, match="`search_min_strength` must be in .*got -0.1 with block_search True"):
+        TrainConfig(**RECIPE, block_search=True, search_min_strength=-0.1)
     with pytest.raises(mole.MoleError, match="`search_by_set` needs `block_search`"):
         TrainConfig(**RECIPE, search_by_set="own")
     with pytest.raises(mole.MoleError, match=r"`search_by_set` must be one of \('off', 'own', 'refine'\), got 'yes'"):
