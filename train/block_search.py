@@ -50,6 +50,11 @@ triple 0.85 instead of 0.97), so ``mean`` stays the default.
 With ``draws`` > 1 every pass also scores each change that raises the score on held-back noise draws (the same
 prompts, the seeded generator's next noise) and keeps it only when it raises those too: the first draw's 16
 samples per set are few, and a search free to fit them raises the guide's score while the probes fall.
+
+With ``min_strength`` > 0 a named LoRA is never switched fully off: its switched-off stages run it at the lowest
+strength that keeps its mean UNet magnitude at ``min_strength`` (:func:`floors`), and every candidate is scored
+so. Whole-stage switches left purple at 0.17–0.36 of its strength on average on the prompts naming it; with 0.7
+the benchmark's refine recipe keeps every named LoRA ≥ 0.73 there, pairs 0.86, triple 0.68 (0.86 without floors).
 """
 
 from __future__ import annotations
@@ -319,6 +324,8 @@ def floors(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[
 
 def _magnitude_logit(m_max: float, strength: float) -> float:
     """The magnitude logit giving ``strength`` (``OFF_LOGIT`` for 0)."""
+    if strength >= m_max:
+        raise MoleError(f"block search floor {strength} must be below the gates' m_max {m_max}")
     return OFF_LOGIT if strength <= 0 else math.log(strength / (m_max - strength))
 
 

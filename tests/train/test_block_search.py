@@ -289,6 +289,22 @@ def test_min_strength_runs_switched_off_stages_at_the_floor_that_keeps_the_mean_
                 m.detach()
 
 
+def test_a_floor_at_or_above_m_max_is_a_one_line_error(toy):
+    """Gates with m_max 0.5 (magnitudes 0.25) cannot hold a 0.7 floor: one line naming both, nothing changed."""
+    backend, experts, _, _, _ = toy
+    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE, m_max=0.5, init_gate=0.1))
+    try:
+        stages = unet_stages(gated)
+        before = {s: gated.scope_gate(s).magnitude.detach().clone() for s in gated.scopes}
+        with pytest.raises(mole.MoleError, match=r"^block search floor 0.7 must be below the gates' m_max 0.5$"):
+            switch_off(gated, stages, {0: frozenset(list(stages)[1:])}, 0.7)
+        assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
+    finally:
+        for m in (gated, static):
+            if m is not None:
+                m.detach()
+
+
 @pytest.mark.parametrize("by_set", ["off", "refine"])
 def test_block_search_with_min_strength_writes_the_floors_it_reports(toy, tmp_path, by_set):
     """``search_min_strength`` 0.9: the record's floors are the hand-computed ones for the switches it reports (none
