@@ -188,6 +188,7 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # measured: pairs 0.86, routing 0.74 / 0.81 / 0.73, held-out 0.85 / 1.00, base 0.65, but the triple 0.68 (seeds
     # 0.64 / 0.72 / 0.67; 0.86 without the floors). The same with each change confirmed on a held-back noise draw:
     # without floors the draws kept pairs and triple (0.84 / 0.87 vs 0.84 / 0.86); do they lift the triple here?
+    # Measured: triple 0.72, routing 0.77 / 0.81 / 0.76, held-out 0.84 / 1.00, base 0.65, but pairs 0.84.
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_draws_min07",
            dict(REFINE_WINDOWS_TEXT, search_draws=2, search_min_strength=0.7)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
