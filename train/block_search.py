@@ -323,7 +323,7 @@ def floors(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[
 
 
 def _magnitude_logit(m_max: float, strength: float) -> float:
-    """The magnitude logit giving ``strength`` (``OFF_LOGIT`` for 0)."""
+    """The magnitude logit giving ``strength`` (m_max·σ(ρ) = strength; ``OFF_LOGIT`` for 0)."""
     if strength >= m_max:
         raise MoleError(f"block search floor {strength} must be below the gates' m_max {m_max}")
     return OFF_LOGIT if strength <= 0 else math.log(strength / (m_max - strength))
@@ -388,7 +388,7 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
             gate = mix.scope_gate(scope)
             if not 0 < level < gate.m_max:
                 raise MoleError(f"text strength {level} must be in (0, m_max {gate.m_max})")
-            changes.append((gate.magnitude_logit, e, math.log(level / (gate.m_max - level))))  # m_max·σ(ρ) = level
+            changes.append((gate.magnitude_logit, e, _magnitude_logit(gate.m_max, level)))
     return _set_logits(changes)
 
 
