@@ -192,10 +192,17 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_draws_min07",
            dict(REFINE_WINDOWS_TEXT, search_draws=2, search_min_strength=0.7)),
     # the mean + floors recipe with lower floors (0.65): its named gates had 0.03–0.11 above the routing target;
-    # does spending that slack give the triple back (0.68 at 0.7, 0.86 without floors)? Not measured yet: its first
-    # run was stopped unfinished (started too late in the session to file)
+    # does spending that slack give the triple back (0.68 at 0.7, 0.86 without floors)? Measured: triple 0.73 ± 0.17,
+    # held-out 0.85 / 1.00, base 0.65, but pairs 0.847 (striped + star 0.57) and purple's named gate 0.68 (striped
+    # 0.82, star 0.73): the slack was not spread evenly
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min065",
            dict(REFINE_WINDOWS_TEXT, search_min_strength=0.65)),
+    # the mean + floors recipe with a last pass that places each floor (search_place_floors): a switched-off stage
+    # may run the LoRA at 0, its share going to the LoRA's other switched-off stages (up to full strength; the mean
+    # stays 0.7). The triple lost most (0.86 → 0.68) where purple's 0.52 floor runs in every switched-off stage;
+    # offline, star's floor in striped + star costs little in the down stages and much in up2–up3
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place",
+           dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

@@ -55,6 +55,9 @@ With ``min_strength`` > 0 a named LoRA is never switched fully off: its switched
 strength that keeps its mean UNet magnitude at ``min_strength`` (:func:`floors`), and every candidate is scored
 so. Whole-stage switches left purple at 0.17–0.36 of its strength on average on the prompts naming it; with 0.7
 the benchmark's refine recipe keeps every named LoRA ≥ 0.73 there, pairs 0.86, triple 0.68 (0.86 without floors).
+With ``place_floors`` a last pass chooses where each floor goes: one switched-off stage at a time may run the LoRA
+at 0, the LoRA's other switched-off stages carrying its share (up to full strength, :func:`can_zero`), so the
+strength the mean needs goes where the guide sees it hurt least.
 """
 
 from __future__ import annotations
@@ -100,13 +103,16 @@ class SearchResult:
     text_by_set: dict[str, dict[str, float]] = field(default_factory=dict)  # "a+b" → expert name → level (by set)
     floors: dict[str, dict[str, float]] = field(default_factory=dict)  # "a+b" → expert name → its switched-off
     # stages' strength, when ``min_strength`` gives it one (a shared choice: every set's entry)
+    zeroed: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # "a+b" → expert name → the switched-off
+    # stages the floor placement runs it at 0 in (its floor goes to its other switched-off stages)
 
     def to_dict(self) -> dict:
         out = {"off": self.off, "text": self.text, "start_score": round(self.start_score, 5),
                "score": round(self.score, 5), "candidates": self.candidates, "complete": self.complete}
         out = {**out, "by_set": self.by_set} if self.by_set else out
         out = {**out, "text_by_set": self.text_by_set} if self.text_by_set else out
-        return {**out, "floors": self.floors} if self.floors else out
+        out = {**out, "floors": self.floors} if self.floors else out
+        return {**out, "zeroed": self.zeroed} if self.zeroed else out
 
 
 Samples = float | torch.Tensor
@@ -171,10 +177,12 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   start_off: Switches | None = None,
-                  confirm: Sequence[Score] = (), compare: Compare = mean_gain) -> tuple[Switches, float, float, bool]:
+                  confirm: Sequence[Score] = (), compare: Compare = mean_gain,
+                  allowed: Callable[[int, frozenset[str]], bool] | None = None) -> tuple[Switches, float, float, bool]:
     """One greedy pass: for each expert and stage, flip it (on → off, or off → on when ``start_off`` has it off)
     when the summed score of the expert sets that contain the expert rises (``compare``: by the mean, or by the
-    paired samples' win share, :func:`win_gain`). ``score(named, off)`` scores one set
+    paired samples' win share, :func:`win_gain`); ``allowed(e, stages)`` says which switched-off stages an expert
+    may have (default: any but every stage), others are not scored. ``score(named, off)`` scores one set
     given each of its experts' switched-off stages; each scorer of ``confirm`` (e.g. another noise draw) is asked
     only about flips that raise ``score``, and the flip is kept only when it raises theirs too. Returns the
     switched-off stages per expert, the start and the final total mean score (of ``score``), and whether every
@@ -189,9 +197,9 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
             return off, start, total, False
         if progress is not None:
             progress(i, len(todo))
-        if st not in off[e] and len(off[e]) + 1 == len(stages):  # never switch a LoRA off everywhere in the UNet
-            continue
         trial = {**off, e: off[e] ^ {st}}
+        if not (allowed(e, trial[e]) if allowed is not None else len(trial[e]) < len(stages)):
+            continue  # by default: never switch a LoRA off everywhere in the UNet
         if _gain(one, sets, e, trial, off, compare) > 0 and _holds(held, sets, e, trial, off, compare):
             off, total = trial, total + _gain(one, sets, e, trial, off)
     return off, start, total, True
@@ -303,23 +311,41 @@ def _set_logits(changes: list[tuple[torch.Tensor, int, float]]) -> Callable[[], 
     return undo
 
 
+def _needed(mix: Mixture, stages: dict[str, list[str]], e: int, off: frozenset[str], carry: frozenset[str],
+            min_strength: float) -> float:
+    """The strength expert ``e`` needs in the scopes of its switched-off stages ``carry`` (⊆ ``off``; the rest of
+    ``off`` at 0) for its mean magnitude over the UNet's gated scopes to reach ``min_strength``."""
+    on = sum(float(mix.scope_gate(scope).magnitude[e]) for st, scopes in stages.items() if st not in off
+             for scope in scopes)
+    return (min_strength * sum(map(len, stages.values())) - on) / sum(len(stages[st]) for st in carry)
+
+
 def floors(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]],
-           min_strength: float) -> dict[int, float]:
+           min_strength: float, zero: Switches | None = None) -> dict[int, float]:
     """Each expert's strength in its switched-off stages: the lowest at which its mean magnitude over the UNet's
     gated scopes (``stages``) stays ≥ ``min_strength``, and never above ``min_strength`` (0: switched off; always
-    0 when ``min_strength`` is 0). The magnitudes are read from ``mix`` as they are."""
+    0 when ``min_strength`` is 0). With ``zero`` (per expert, switched-off stages run at 0 instead) that strength
+    is carried by its other switched-off stages alone, up to full strength (1). The magnitudes are read from
+    ``mix`` as they are."""
     out = {e: 0.0 for e in off}
     if min_strength <= 0:
         return out
     for e, sts in off.items():
-        if not sts:
-            continue
-        n_off = sum(len(stages[st]) for st in sts)
-        on = sum(float(mix.scope_gate(scope).magnitude[e]) for st, scopes in stages.items() if st not in sts
-                 for scope in scopes)
-        needed = (min_strength * sum(map(len, stages.values())) - on) / n_off
-        out[e] = min(max(needed, 0.0), min_strength)
+        zeroed = (zero or {}).get(e, frozenset())
+        if sts - zeroed:
+            needed = _needed(mix, stages, e, sts, sts - zeroed, min_strength)
+            out[e] = min(max(needed, 0.0), 1.0 if zeroed else min_strength)
     return out
+
+
+def can_zero(mix: Mixture, stages: dict[str, list[str]], e: int, off: frozenset[str], zeroed: frozenset[str],
+             min_strength: float) -> bool:
+    """Whether expert ``e`` can run at 0 in its switched-off stages ``zeroed`` (⊆ ``off``) and still reach its mean
+    UNet magnitude ``min_strength``: it has a floor above 0, and its other switched-off stages carry the floor at
+    full strength (1) or less."""
+    if not zeroed <= off or not min_strength > 0 or not _needed(mix, stages, e, off, off, min_strength) > 0:
+        return False
+    return bool(off - zeroed) and _needed(mix, stages, e, off, off - zeroed, min_strength) <= 1.0
 
 
 def _magnitude_logit(m_max: float, strength: float) -> float:
@@ -330,29 +356,33 @@ def _magnitude_logit(m_max: float, strength: float) -> float:
 
 
 def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]],
-               min_strength: float = 0.0) -> Callable[[], None]:
+               min_strength: float = 0.0, zero: Switches | None = None) -> Callable[[], None]:
     """Set each expert's magnitude to ~0 in the scopes of its switched-off stages (or to its floor, :func:`floors`,
-    with ``min_strength``); returns the undo."""
-    floor = floors(mix, stages, off, min_strength)
-    return _set_logits([(gate.magnitude_logit, e, _magnitude_logit(gate.m_max, floor[e]))
+    with ``min_strength``; still ~0 in its ``zero`` stages); returns the undo."""
+    floor, zero = floors(mix, stages, off, min_strength, zero), zero or {}
+    return _set_logits([(gate.magnitude_logit, e,
+                         _magnitude_logit(gate.m_max, 0.0 if st in zero.get(e, ()) else floor[e]))
                         for e, sts in off.items() for st in sts for scope in stages[st]
                         for gate in (mix.scope_gate(scope),)])
 
 
 def write_set_scales(mix: Mixture, stages: dict[str, list[str]], offs: dict[frozenset[int], Switches],
-                     min_strength: float = 0.0) -> None:
+                     min_strength: float = 0.0, zeros: dict[frozenset[int], Switches] | None = None) -> None:
     """Store each named set's switched-off stages as per-set scales (:meth:`ScopeGate.set_set_scales`): in every
     scope of a stage, one row per set that switches a LoRA off there (its on-pattern; factor 0 for those LoRAs —
-    or its floor over the scope's magnitude with ``min_strength``, :func:`floors` — and 1 for the others). Scopes
-    no set switches anything in keep none."""
-    floor = {named: floors(mix, stages, off, min_strength) for named, off in offs.items()}
+    or its floor over the scope's magnitude with ``min_strength``, :func:`floors`, unless the set's ``zeros`` run
+    it at 0 there — and 1 for the others). Scopes no set switches anything in keep none."""
+    zeros = zeros or {}
+    floor = {named: floors(mix, stages, off, min_strength, zeros.get(named)) for named, off in offs.items()}
     for st, scopes in stages.items():
         rows = [(named, frozenset(e for e, sts in off.items() if st in sts)) for named, off in offs.items()]
         rows = [(named, gone) for named, gone in rows if gone]
         sets = torch.tensor([[float(e in named) for e in range(mix.n)] for named, _ in rows]).reshape(-1, mix.n)
+        level = {named: {e: 0.0 if st in zeros.get(named, {}).get(e, ()) else floor[named][e] for e in gone}
+                 for named, gone in rows}
         for scope in scopes:
             magnitude = mix.scope_gate(scope).magnitude.detach().float().tolist()
-            scale = torch.tensor([[floor[named][e] / magnitude[e] if e in gone else 1.0 for e in range(mix.n)]
+            scale = torch.tensor([[level[named][e] / magnitude[e] if e in gone else 1.0 for e in range(mix.n)]
                                   for named, gone in rows]).reshape(-1, mix.n)
             mix.scope_gate(scope).set_set_scales(sets, scale)
 
@@ -395,7 +425,8 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
                   text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off", draws: int = 1,
                   windows: bool = False, text_by_set: bool = False, aggregate: str = "mean",
-                  min_strength: float = 0.0, progress: Callable[[int, int], None] | None = None,
+                  min_strength: float = 0.0, place_floors: bool = False,
+                  progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
     switched off in ``mix``. ``per_set``: composition prompts scored per set of named concepts, each sampled
@@ -414,9 +445,14 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     samples are weighed (:data:`GAINS`: ``mean`` — the mean score's rise; ``wins`` — the share of paired samples
     scored higher less the share scored lower). ``min_strength`` > 0: a LoRA is never switched fully off — its
     switched-off stages run it at the lowest strength (:func:`floors`) that keeps its mean magnitude over the
-    UNet's gated scopes at ``min_strength``, and every candidate is scored so."""
+    UNet's gated scopes at ``min_strength``, and every candidate is scored so. ``place_floors`` (with
+    ``min_strength``): a last pass (per set with ``by_set``) where each switched-off stage of a LoRA with a floor
+    may run it at 0 instead, its share going to the LoRA's other switched-off stages (up to full strength; the
+    mean stays at ``min_strength``), kept when the score rises (:func:`can_zero`)."""
     if not 0.0 <= min_strength <= 1.0:
         raise MoleError(f"block search min_strength must be in [0, 1], got {min_strength}")
+    if place_floors and not min_strength > 0:
+        raise MoleError("block search place_floors needs min_strength above 0 (it moves the floors)")
     if aggregate not in GAINS:
         raise MoleError(f"block search aggregate must be one of {sorted(GAINS)}, got {aggregate!r}")
     compare = GAINS[aggregate]
@@ -454,8 +490,9 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     def score_on(draw: int) -> Score:
         """The guide's score of each of a set's prompts, sampled from the ``draw``-th noise of the seeded
         generator."""
-        def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> torch.Tensor:
-            undo = switch_off(mix, stages, off, min_strength)
+        def score(named: frozenset[int], off: dict[int, frozenset[str]], zero: Switches | None = None
+                  ) -> torch.Tensor:
+            undo = switch_off(mix, stages, off, min_strength, zero)
             undo_text = set_text_strengths(mix, te, set_levels.get(named, {}))
             try:
                 mix.clear_live_gates()
@@ -475,7 +512,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     n_pass = sum(len(es) for es, _ in groups) * per_expert
     n_text = (sum(map(len, sets)) if text_by_set else len(experts)) * len(text_strengths)
     n_refine = sum(len(es) for es, _ in own) * per_expert if by_set == "refine" else 0
-    n_all = n_pass * rounds + n_text + n_refine
+    n_place = (sum(len(es) for es, _ in (shared if by_set == "off" else own)) * len(stages)) if place_floors else 0
+    n_all = n_pass * rounds + n_text + n_refine + n_place
 
     def progress_from(done: int) -> Callable[[int, int], None]:
         def report(i: int, n: int) -> None:
@@ -501,6 +539,24 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         """A set's switches: its own (one entry per set) or the shared one (a single entry)."""
         off = offs[0] if len(offs) == 1 and len(sets) > 1 else offs[sets.index(named)]
         return {e: off.get(e, frozenset()) for e in named}
+
+    def place(offs: list[Switches], total: float, done: int) -> tuple[list[Switches], float, bool]:
+        """The floor placement pass (``place_floors``), per entry of ``offs`` over its own experts: the zeroed
+        stages per entry, the total score after it, completeness."""
+        out: list[Switches] = []
+        for off, (es, group_sets) in zip(offs, shared if len(offs) == 1 and len(sets) > 1 else own):
+            def zero_score(draw_score: Score) -> Score:
+                return lambda named, zero: draw_score(named, off_of(offs, named), zero)
+
+            placed, s0, s1, complete = greedy_search(
+                es, list(stages), group_sets, zero_score(score), progress_from(done), should_stop, None,
+                [zero_score(h) for h in held], compare,
+                allowed=lambda e, zs, off=off: can_zero(mix, stages, e, off.get(e, frozenset()), zs, min_strength))
+            out.append(placed)
+            total, done = total + s1 - s0, done + len(es) * len(stages)
+            if not complete:
+                return out + [{} for _ in offs[len(out):]], total, False
+        return out, total, True
 
     offs, start, total, complete = stage_pass(groups, 0, None)
     undo_off = (lambda: None) if groups is own else switch_off(mix, stages, offs[0], min_strength)
@@ -539,17 +595,28 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     if by_set == "refine" and complete:  # each set from the shared choice, flipping stages either way
         undo_off()
         offs, _, total, complete = stage_pass(own, n_pass * rounds + n_text, [off_of(offs, s) for s in sets])
+    zeros: list[Switches] = [{} for _ in offs]  # place_floors: per entry of offs, the stages run at 0
+    if place_floors and complete:
+        undo_off()  # a shared choice is scored from the mix without its switches
+        zeros, total, complete = place(offs, total, n_all - n_place)
+        if by_set == "off":
+            switch_off(mix, stages, offs[0], min_strength, zeros[0])
     names = [e.name for e in mix.experts]
+
+    def zero_of(named: frozenset[int]) -> Switches:
+        """A set's zeroed stages (one entry per set, or the shared one)."""
+        return {e: zs for e, zs in off_of(zeros, named).items() if zs}
 
     def named_stages(off: Switches) -> dict[str, list[str]]:
         return {names[e]: sorted(st.removeprefix("unet:") for st in sts) for e, sts in off.items() if sts}
 
     set_floors = {"+".join(names[e] for e in sorted(named)): {names[e]: round(f, 5) for e, f in
                                                               floors(mix, stages, off_of(offs, named),
-                                                                     min_strength).items() if f > 0}
+                                                                     min_strength, zero_of(named)).items() if f > 0}
                   for named in sets}
     if by_set != "off":
-        write_set_scales(mix, stages, {named: off_of(offs, named) for named in sets}, min_strength)
+        write_set_scales(mix, stages, {named: off_of(offs, named) for named in sets}, min_strength,
+                         {named: zero_of(named) for named in sets})
         write_set_text_scales(mix, te, set_levels)
     result = SearchResult({} if by_set != "off" else named_stages(offs[0]), start, total, n_all, complete,
                           {names[e]: lv for e, lv in chosen.items() if lv != 1.0},
@@ -557,10 +624,13 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
                            for named in sets} if by_set != "off" else {},
                           {"+".join(names[e] for e in sorted(named)): {names[e]: lv for e, lv in levels.items()}
                            for named, levels in set_levels.items() if levels},
-                          {k: v for k, v in set_floors.items() if v})
+                          {k: v for k, v in set_floors.items() if v},
+                          {"+".join(names[e] for e in sorted(named)): named_stages(zero_of(named))
+                           for named in sets if zero_of(named)})
     text = result.text or result.text_by_set
-    log.info("block search: %s%s%s (guide score %.4f → %.4f)",
+    log.info("block search: %s%s%s%s (guide score %.4f → %.4f)",
              (result.by_set if by_set != "off" else result.off) or "every LoRA in every stage",
              f", text-encoder magnitudes {text}" if text else "",
-             f", switched-off stages at {result.floors}" if result.floors else "", start, total)
+             f", switched-off stages at {result.floors}" if result.floors else "",
+             f", at 0 in {result.zeroed}" if result.zeroed else "", start, total)
     return result

@@ -126,6 +126,10 @@ class TrainConfig:
                                       "its switched-off stages run it at the lowest strength that keeps its mean "
                                       "magnitude over the UNet's gated scopes at this value, and the search scores "
                                       "every choice so (0: off means off; in [0, 1])")
+    search_place_floors: bool = _opt(False, "block search with search_min_strength: a last pass where each "
+                                     "switched-off stage of a LoRA may run it at 0 instead of its floor, the other "
+                                     "switched-off stages carrying the strength (up to full; the mean stays at "
+                                     "search_min_strength), kept when the guide's score rises")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -219,6 +223,8 @@ class TrainConfig:
             raise MoleError(f"`search_min_strength` must be in [0, 1] and below m_max {self.m_max}, and above 0 "
                             f"needs `block_search`, got {self.search_min_strength} with block_search "
                             f"{self.block_search}")
+        if self.search_place_floors and not self.search_min_strength:
+            raise MoleError("`search_place_floors` needs `search_min_strength` above 0 (it moves the floors)")
         for level in self.text_strengths:
             if not 0 < level < self.m_max:
                 raise MoleError(f"`search_text_strengths` values must be in (0, m_max {self.m_max}), got {level}")

@@ -7,6 +7,9 @@ whose gate file carries exactly the switches its training record reports."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -15,11 +18,13 @@ from tests.train._toy import load_compose_toy
 from train.block_search import (
     GAINS,
     OFF_LOGIT,
+    can_zero,
     floors,
     greedy_search,
     greedy_strengths,
     greedy_windows,
     mean_gain,
+    search_blocks,
     set_text_strengths,
     stage_of,
     switch_off,
@@ -36,6 +41,19 @@ CONCEPTS = ["purple", "striped", "star"]
 RECIPE = dict(resolution=32, batch_size=4, seed=0, checkpoint_every=0, objective="compose", gate_family="sigmoid",
               gate_input="trigger", granularity="block", text_pool="max", train_text_gates=True, rollout_steps=2,
               lr=3e-2, route_weight=1.0, train_magnitudes=False, alpha=0.0)
+
+
+@contextlib.contextmanager
+def attached(backend, experts, cfg: TrainConfig) -> Iterator[tuple]:
+    """The trainable and static mixtures :func:`attach_for_training` attaches, detached after the block however it
+    ends (a failed assertion must not leave LoRA patches on the shared toy model)."""
+    gated, static = attach_for_training(backend, experts, cfg)
+    try:
+        yield gated, static
+    finally:
+        for m in (gated, static):
+            if m is not None:
+                m.detach()
 
 
 def test_stage_of_groups_unet_scopes_by_resolution_stage():
@@ -231,8 +249,7 @@ def toy():  # noqa: ANN201
 
 def test_switch_off_zeroes_one_experts_magnitude_in_one_stage_and_undoes_exactly(toy):
     backend, experts, _, _, _ = toy
-    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE))
-    try:
+    with attached(backend, experts, TrainConfig(**RECIPE)) as (gated, static):
         stages = unet_stages(gated)
         assert "unet:mid_block" in stages and len(stages) >= 5
         before = {s: gated.scope_gate(s).magnitude.detach().clone() for s in gated.scopes}
@@ -245,10 +262,6 @@ def test_switch_off_zeroes_one_experts_magnitude_in_one_stage_and_undoes_exactly
                 assert torch.equal(m, before[s]), s
         undo()
         assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
-    finally:
-        for m in (gated, static):
-            if m is not None:
-                m.detach()
 
 
 def test_min_strength_runs_switched_off_stages_at_the_floor_that_keeps_the_mean_magnitude(toy):
@@ -256,8 +269,7 @@ def test_min_strength_runs_switched_off_stages_at_the_floor_that_keeps_the_mean_
     magnitude 1) runs there at (g·n − n_on) / n_off, clamped to [0, g] — hand-computed here from the scope counts —
     so its mean UNet magnitude is g; where the stages it keeps already give g, it is switched off (~0) as without."""
     backend, experts, _, _, _ = toy
-    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE))
-    try:
+    with attached(backend, experts, TrainConfig(**RECIPE)) as (gated, static):
         stages = unet_stages(gated)
         order = list(stages)
         n = sum(map(len, stages.values()))
@@ -283,26 +295,128 @@ def test_min_strength_runs_switched_off_stages_at_the_floor_that_keeps_the_mean_
             assert torch.equal(m[1], before[s][1]), s
         undo()
         assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
-    finally:
-        for m in (gated, static):
-            if m is not None:
-                m.detach()
 
 
 def test_a_floor_at_or_above_m_max_is_a_one_line_error(toy):
     """Gates with m_max 0.5 (magnitudes 0.25) cannot hold a 0.7 floor: one line naming both, nothing changed."""
     backend, experts, _, _, _ = toy
-    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE, m_max=0.5, init_gate=0.1))
-    try:
+    with attached(backend, experts, TrainConfig(**RECIPE, m_max=0.5, init_gate=0.1)) as (gated, static):
         stages = unet_stages(gated)
         before = {s: gated.scope_gate(s).magnitude.detach().clone() for s in gated.scopes}
         with pytest.raises(mole.MoleError, match=r"^block search floor 0.7 must be below the gates' m_max 0.5$"):
             switch_off(gated, stages, {0: frozenset(list(stages)[1:])}, 0.7)
         assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
-    finally:
-        for m in (gated, static):
-            if m is not None:
-                m.detach()
+
+
+def test_zeroed_stages_move_the_floor_to_the_other_switched_off_stages(toy):
+    """With ``zero``, an expert's switched-off stages outside ``zero`` carry its whole floor, (g·n − n_on) /
+    (n_off − n_zero) — hand-computed from the scope counts, up to 1 — its ``zero`` stages run at ~0, its mean UNet
+    magnitude stays g; :func:`can_zero` allows exactly the zeroings whose carried floor stays ≤ 1."""
+    backend, experts, _, _, _ = toy
+    with attached(backend, experts, TrainConfig(**RECIPE)) as (gated, _):
+        stages = unet_stages(gated)
+        order = list(stages)
+        n = sum(map(len, stages.values()))
+        most = frozenset(order[1:])  # every stage but the first
+        n_off = sum(len(stages[st]) for st in most)
+        zero = frozenset(order[1:3])
+        n_zero = sum(len(stages[st]) for st in zero)
+        want = (0.7 * n - (n - n_off)) / (n_off - n_zero)
+        assert 0.7 * n - (n - n_off) > 0 and 0 < want <= 1  # a floor above 0 that two zeroed stages raise
+        assert floors(gated, stages, {0: most}, 0.7, {0: zero}) == pytest.approx({0: want}, abs=1e-9)
+        assert floors(gated, stages, {0: most}, 0.7, {0: frozenset()}) == floors(gated, stages, {0: most}, 0.7)
+        before = {s: gated.scope_gate(s).magnitude.detach().clone() for s in gated.scopes}
+        undo = switch_off(gated, stages, {0: most}, 0.7, {0: zero})
+        unet = [s for sts in stages.values() for s in sts]
+        assert sum(float(gated.scope_gate(s).magnitude[0]) for s in unet) / n == pytest.approx(0.7, abs=1e-6)
+        for s in unet:
+            logit = float(gated.scope_gate(s).magnitude_logit[0])
+            if stage_of(s) in zero:
+                assert logit == OFF_LOGIT, s
+            elif stage_of(s) in most:
+                assert float(gated.scope_gate(s).magnitude[0]) == pytest.approx(want, abs=1e-6), s
+        undo()
+        assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
+        need = 0.7 * n - (n - n_off)  # what the switched-off stages must carry in all
+        for k in range(1, len(order) - 1):
+            zs = frozenset(order[1:1 + k])
+            carry = n_off - sum(len(stages[st]) for st in zs)
+            assert can_zero(gated, stages, 0, most, zs, 0.7) == (carry > 0 and need / carry <= 1), k
+        assert not can_zero(gated, stages, 0, most, most, 0.7)  # nothing left to carry it
+        assert not can_zero(gated, stages, 0, most, frozenset(order[:1]), 0.7)  # not a switched-off stage
+        assert not can_zero(gated, stages, 0, frozenset({"unet:mid_block"}), frozenset({"unet:mid_block"}), 0.7)
+        assert not can_zero(gated, stages, 0, most, zero, 0.0)  # no floor to move
+
+
+def test_greedy_search_scores_no_flip_its_allowed_rule_forbids():
+    """``allowed``: a flip it refuses is neither scored nor kept, however much it would raise the score."""
+    calls = []
+
+    def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
+        calls.append(dict(off))
+        return float(len(off[0]))  # every stage off raises the score
+
+    off, _, total, complete = greedy_search([0], ["a", "b", "c"], [frozenset({0})], score,
+                                            allowed=lambda e, sts: sts <= {"a", "c"})
+    assert off == {0: frozenset({"a", "c"})} and total == 2.0 and complete
+    assert all(c[0] <= {"a", "c"} for c in calls)
+
+
+@pytest.mark.parametrize("by_set", ["off", "own"])
+def test_floor_placement_zeroes_the_stages_it_reports_and_writes_the_carried_floors(toy, tmp_path, monkeypatch,
+                                                                                 by_set):
+    """``search_place_floors``: with a judge that takes every change, every pass's result is hand-computable — the
+    stage pass switches each LoRA off in every stage but the last, the placement zeroes its switched-off stages in
+    order while the rest can carry the 0.9 floor at ≤ 1. The record's zeroed stages and floors, the progress count
+    and the gate file (magnitudes, or per-set scales with ``own``) equal that."""
+    backend, experts, refs, prompts, guide = toy
+    monkeypatch.setitem(GAINS, "mean", lambda trial, now: 1.0)
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set=by_set, search_prompts=2, search_steps=2,
+                      search_min_strength=0.9, search_place_floors=True)
+    seen = []
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
+                   out_path=str(tmp_path / "g.safetensors"))
+    record = result.gates.info["training"]["block_search_result"]
+    names = [e.name for e in experts]
+    scopes: dict[str, list[str]] = {}
+    for sc in result.gates.scopes:
+        if stage_of(sc) is not None:
+            scopes.setdefault(stage_of(sc).removeprefix("unet:"), []).append(sc)
+    order, n = list(scopes), sum(map(len, scopes.values()))
+    n_off = n - len(scopes[order[-1]])
+    need = 0.9 * n - len(scopes[order[-1]])
+    zeroed, carry = [], n_off
+    for st in order[:-1]:
+        if carry - len(scopes[st]) > 0 and need / (carry - len(scopes[st])) <= 1:
+            zeroed, carry = zeroed + [st], carry - len(scopes[st])
+    assert zeroed and need / carry > 0.9  # the placement moves the floor (the test exercises it)
+    labels = ["+".join(names[e] for e in sorted(named)) for named in
+              [frozenset(names.index(x) for x in lb.split("+")) for lb in record["floors"]]]
+    assert len(labels) >= 2
+    assert record["zeroed"] == {lb: {x: sorted(zeroed) for x in lb.split("+")} for lb in labels}
+    assert record["floors"] == {lb: {x: pytest.approx(need / carry, abs=1e-5) for x in lb.split("+")}
+                                for lb in labels}
+    per_pass = len(names) * len(order) if by_set == "off" else sum(len(lb.split("+")) for lb in labels) * len(order)
+    assert record["candidates"] == 2 * per_pass and \
+        [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, 2 * per_pass + 1))
+    loaded = mole.read_gate_file(tmp_path / "g.safetensors")
+    for st, sts in scopes.items():
+        level = 0.0 if st in zeroed else 1.0 if st == order[-1] else need / carry
+        for sc in sts:
+            m = 2.0 * torch.sigmoid(loaded.tensors[f"gates.{sc}.magnitude_logit"])
+            if by_set == "off":
+                assert m.tolist() == pytest.approx([level] * len(names), abs=1e-5), sc
+                continue
+            assert torch.equal(m, torch.ones(len(names)))
+            if st == order[-1]:
+                assert f"gates.{sc}.sets" not in loaded.tensors or loaded.tensors[f"gates.{sc}.sets"].shape[0] == 0
+                continue
+            rows = dict(zip(map(tuple, loaded.tensors[f"gates.{sc}.sets"].tolist()),
+                            loaded.tensors[f"gates.{sc}.set_scale"].tolist()))
+            for lb in labels:
+                named = tuple(float(x in lb.split("+")) for x in names)
+                assert rows[named] == pytest.approx([level if x in lb.split("+") else 1.0 for x in names],
+                                                    abs=1e-5), (sc, lb)
 
 
 @pytest.mark.parametrize("by_set", ["off", "refine"])
@@ -357,8 +471,7 @@ def test_block_search_with_min_strength_writes_the_floors_it_reports(toy, tmp_pa
 
 def test_set_text_strengths_sets_text_encoder_magnitudes_exactly_and_undoes(toy):
     backend, experts, _, _, _ = toy
-    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE, m_max=3.0))
-    try:
+    with attached(backend, experts, TrainConfig(**RECIPE, m_max=3.0)) as (gated, static):
         te = text_scopes(gated)
         assert te and all(not s.startswith("unet:") for s in te)
         before = {s: gated.scope_gate(s).magnitude.detach().clone() for s in gated.scopes}
@@ -373,10 +486,6 @@ def test_set_text_strengths_sets_text_encoder_magnitudes_exactly_and_undoes(toy)
         assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
         with pytest.raises(mole.MoleError, match=r"text strength 3.0 must be in \(0, m_max 3.0\)"):
             set_text_strengths(gated, te, {1: 3.0})
-    finally:
-        for m in (gated, static):
-            if m is not None:
-                m.detach()
 
 
 @pytest.mark.parametrize(("windows", "aggregate"), [(False, "mean"), (True, "mean"), (False, "wins")])
@@ -487,8 +596,7 @@ def test_per_set_text_scales_run_the_set_s_prompts_as_its_levels_and_leave_other
     (:func:`set_text_strengths`, what the search scores). A prompt naming exactly the set encodes the same with the
     per-set scales; a prompt naming another set encodes as with no scales at all."""
     backend, experts, _, _, _ = toy
-    gated, static = attach_for_training(backend, experts, TrainConfig(**RECIPE, m_max=3.0))
-    try:
+    with attached(backend, experts, TrainConfig(**RECIPE, m_max=3.0)) as (gated, static):
         te = text_scopes(gated)
         pair, other = ["a red striped star on grey"], ["a purple striped circle on grey"]
         mole.calibrate_triggers(gated, backend.encode_prompts, pair + other, CONCEPTS)
@@ -514,10 +622,6 @@ def test_per_set_text_scales_run_the_set_s_prompts_as_its_levels_and_leave_other
         assert rows.set_scale[0].tolist() == pytest.approx([1.0, 2.5 / 2.0, 1.0], abs=1e-6)
         torch.testing.assert_close(encoded(pair), at_level, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(encoded(other), plain[1], atol=1e-5, rtol=1e-5)
-    finally:
-        for m in (gated, static):
-            if m is not None:
-                m.detach()
 
 
 def test_block_search_text_by_set_writes_each_set_s_levels_as_per_set_text_scales(toy, tmp_path):
@@ -632,10 +736,23 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
         TrainConfig(**RECIPE, block_search=True, search_min_strength=1.5)
     with pytest.raises(mole.MoleError, match="`search_min_strength` must be in .*got -0.1 with block_search True"):
         TrainConfig(**RECIPE, block_search=True, search_min_strength=-0.1)
+    with pytest.raises(mole.MoleError, match=r"^`search_place_floors` needs `search_min_strength` above 0 \(it "
+                                             r"moves the floors\)$"):
+        TrainConfig(**RECIPE, block_search=True, search_place_floors=True)
     with pytest.raises(mole.MoleError, match="`search_by_set` needs `block_search`"):
         TrainConfig(**RECIPE, search_by_set="own")
     with pytest.raises(mole.MoleError, match=r"`search_by_set` must be one of \('off', 'own', 'refine'\), got 'yes'"):
         TrainConfig(**RECIPE, block_search=True, search_by_set="yes")
+
+
+def test_search_blocks_refuses_bad_floor_options_before_touching_anything():
+    """Through the API too (no config in between): one line each, raised before the objective or the mixture is
+    read (both ``None`` here)."""
+    with pytest.raises(mole.MoleError, match=r"^block search place_floors needs min_strength above 0 \(it moves "
+                                             r"the floors\)$"):
+        search_blocks(None, None, per_set=1, steps=1, seed=0, batch=1, place_floors=True)
+    with pytest.raises(mole.MoleError, match=r"^block search min_strength must be in \[0, 1\], got 1.5$"):
+        search_blocks(None, None, per_set=1, steps=1, seed=0, batch=1, min_strength=1.5)
 
 
 def test_a_stop_during_the_block_search_keeps_the_gates_partial_and_the_checkpoint_before_it(toy, tmp_path):
@@ -667,8 +784,7 @@ def test_guidance_scores_the_same_images_in_any_batch_split(toy):
 
     backend, experts, refs, prompts, guide = toy
     cfg = TrainConfig(**RECIPE)
-    gated, static = attach_for_training(backend, experts, cfg)
-    try:
+    with attached(backend, experts, cfg) as (gated, static):
         emb = reference_embeddings(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
         shape = latent_shape(backend, 32)
         objective = ComposeObjective(cfg, backend, [gated, static], guide, prompts, emb, shape)
@@ -678,10 +794,6 @@ def test_guidance_scores_the_same_images_in_any_batch_split(toy):
         split = torch.cat([objective.guidance(pair[i:i + 1], noise[i:i + 1], 3) for i in range(2)])
         torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
         assert (objective.guidance(pair, torch.randn_like(noise), 3) - whole).abs().max() > 1e-3
-    finally:
-        for m in (gated, static):
-            if m is not None:
-                m.detach()
 
 
 def test_guidance_with_the_dark_view_keeps_each_image_s_worse_score(toy):
@@ -693,8 +805,7 @@ def test_guidance_with_the_dark_view_keeps_each_image_s_worse_score(toy):
 
     backend, experts, refs, prompts, guide = toy
     plain_cfg, dark_cfg = TrainConfig(**RECIPE), TrainConfig(**RECIPE, block_search=True, search_dark_view=0.5)
-    gated, static = attach_for_training(backend, experts, plain_cfg)
-    try:
+    with attached(backend, experts, plain_cfg) as (gated, static):
         emb = reference_embeddings(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
         shape = latent_shape(backend, 32)
         plain, dark = (ComposeObjective(cfg, backend, [gated, static], guide, prompts, emb, shape)
@@ -706,7 +817,3 @@ def test_guidance_with_the_dark_view_keeps_each_image_s_worse_score(toy):
         torch.testing.assert_close(plain.guidance(four, noise, 3), own, atol=1e-5, rtol=0)
         torch.testing.assert_close(dark.guidance(four, noise, 3), torch.minimum(own, view), atol=1e-5, rtol=0)
         assert (own - view).abs().max() > 1e-4  # the view changed what the guide sees
-    finally:
-        for m in (gated, static):
-            if m is not None:
-                m.detach()
