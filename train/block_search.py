@@ -55,9 +55,11 @@ With ``min_strength`` > 0 a named LoRA is never switched fully off: its switched
 strength that keeps its mean UNet magnitude at ``min_strength`` (:func:`floors`), and every candidate is scored
 so. Whole-stage switches left purple at 0.17–0.36 of its strength on average on the prompts naming it; with 0.7
 the benchmark's refine recipe keeps every named LoRA ≥ 0.73 there, pairs 0.86, triple 0.68 (0.86 without floors).
-With ``place_floors`` a last pass chooses where each floor goes: one switched-off stage at a time may run the LoRA
-at 0, the LoRA's other switched-off stages carrying its share (up to full strength, :func:`can_zero`), so the
-strength the mean needs goes where the guide sees it hurt least.
+With ``place_floors`` a last pass chooses where each floor goes: switched-off stages may run the LoRA at 0, the
+LoRA's other switched-off stages carrying its share (up to full strength, :func:`can_zero`), one stage at a time —
+each round the one whose zeroing raises the score most — so the strength the mean needs goes where the guide sees
+it hurt least. (A first version zeroed them in stage order, first improvement: on the toy world it zeroed star's
+down stages first, moving its floor into ``up2``–``up3``, where it hurts most offline.)
 """
 
 from __future__ import annotations
@@ -203,6 +205,44 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
         if _gain(one, sets, e, trial, off, compare) > 0 and _holds(held, sets, e, trial, off, compare):
             off, total = trial, total + _gain(one, sets, e, trial, off)
     return off, start, total, True
+
+
+def greedy_additions(experts: Sequence[int], stages: Sequence[str], sets: Sequence[frozenset[int]], score: Score,
+                     progress: Callable[[int, int], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None,
+                     confirm: Sequence[Score] = (), compare: Compare = mean_gain,
+                     allowed: Callable[[int, frozenset[str]], bool] | None = None
+                     ) -> tuple[Switches, float, float, bool]:
+    """Best improvement from no stage chosen: for each expert, each round scores adding every stage ``allowed``
+    permits (default: any) and keeps the one that raises the summed score of the sets naming the expert most (and,
+    with ``confirm``, each held-back scorer's); the expert's rounds end when none raises it. Unlike
+    :func:`greedy_search`'s first improvement, the result does not depend on the order of ``stages``. ``progress``
+    counts one step per possible round (``stages`` per expert). Returns as :func:`greedy_search`."""
+    chosen: Switches = {e: frozenset() for e in experts}
+    one, held = _cached(score), [_cached(c) for c in confirm]
+    total = start = sum(_mean(one(s, chosen)) for s in sets)
+    n = len(stages)
+    for k, e in enumerate(experts):
+        for r in range(n):
+            if progress is not None:
+                progress(k * n + r, n * len(experts))
+            best: tuple[float, Switches] | None = None
+            for st in stages:
+                if should_stop is not None and should_stop():
+                    return chosen, start, total, False
+                trial = {**chosen, e: chosen[e] | {st}}
+                if st in chosen[e] or (allowed is not None and not allowed(e, trial[e])):
+                    continue
+                gain = _gain(one, sets, e, trial, chosen, compare)
+                if gain > 0 and (best is None or gain > best[0]) and _holds(held, sets, e, trial, chosen, compare):
+                    best = (gain, trial)
+            if best is None:
+                for rest in range(r + 1, n):  # the rounds it did not need
+                    if progress is not None:
+                        progress(k * n + rest, n * len(experts))
+                break
+            chosen, total = best[1], total + _gain(one, sets, e, best[1], chosen)
+    return chosen, start, total, True
 
 
 def _window(stages: Sequence[str], first: int, last: int) -> frozenset[str]:
@@ -446,9 +486,10 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     scored higher less the share scored lower). ``min_strength`` > 0: a LoRA is never switched fully off — its
     switched-off stages run it at the lowest strength (:func:`floors`) that keeps its mean magnitude over the
     UNet's gated scopes at ``min_strength``, and every candidate is scored so. ``place_floors`` (with
-    ``min_strength``): a last pass (per set with ``by_set``) where each switched-off stage of a LoRA with a floor
-    may run it at 0 instead, its share going to the LoRA's other switched-off stages (up to full strength; the
-    mean stays at ``min_strength``), kept when the score rises (:func:`can_zero`)."""
+    ``min_strength``): a last pass (per set with ``by_set``) where the switched-off stages of a LoRA with a floor
+    may run it at 0 instead, their share going to the LoRA's other switched-off stages (up to full strength; the
+    mean stays at ``min_strength``, :func:`can_zero`): one stage at a time, the one that raises the score most
+    (:func:`greedy_additions`), until none does."""
     if not 0.0 <= min_strength <= 1.0:
         raise MoleError(f"block search min_strength must be in [0, 1], got {min_strength}")
     if place_floors and not min_strength > 0:
@@ -548,8 +589,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
             def zero_score(draw_score: Score) -> Score:
                 return lambda named, zero: draw_score(named, off_of(offs, named), zero)
 
-            placed, s0, s1, complete = greedy_search(
-                es, list(stages), group_sets, zero_score(score), progress_from(done), should_stop, None,
+            placed, s0, s1, complete = greedy_additions(
+                es, list(stages), group_sets, zero_score(score), progress_from(done), should_stop,
                 [zero_score(h) for h in held], compare,
                 allowed=lambda e, zs, off=off: can_zero(mix, stages, e, off.get(e, frozenset()), zs, min_strength))
             out.append(placed)

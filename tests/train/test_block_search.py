@@ -20,6 +20,7 @@ from train.block_search import (
     OFF_LOGIT,
     can_zero,
     floors,
+    greedy_additions,
     greedy_search,
     greedy_strengths,
     greedy_windows,
@@ -362,12 +363,43 @@ def test_greedy_search_scores_no_flip_its_allowed_rule_forbids():
     assert all(c[0] <= {"a", "c"} for c in calls)
 
 
+def test_greedy_additions_keeps_each_rounds_best_addition_whatever_the_stage_order():
+    """Adding ``a`` raises the score by 1, ``b`` by 2, at most one fits (``allowed``): first improvement in stage
+    order keeps ``a``, best improvement ``b`` in either order; a held-back scorer on which ``b`` does not raise the
+    score leaves ``a``. Expert 1's additions stack (``c`` then ``a``: +3, then +1 more) until none raises it;
+    progress steps through every possible round once."""
+    table = {frozenset({"a"}): 1.0, frozenset({"b"}): 2.0, frozenset({"c"}): 3.0, frozenset({"a", "c"}): 4.0}
+
+    def score(named: frozenset[int], chosen: dict[int, frozenset[str]]) -> float:
+        return sum(table.get(chosen[e], 0.0) for e in named)
+
+    def one_stage(e: int, sts: frozenset[str]) -> bool:
+        return len(sts) <= 1 if e == 0 else True
+
+    sets = [frozenset({0}), frozenset({1})]
+    first, _, _, _ = greedy_search([0], ["a", "b", "c"], sets[:1], score, allowed=lambda e, sts: sts <= {"a", "b"}
+                                   and len(sts) <= 1)
+    assert first == {0: frozenset({"a"})}
+    for order in (["a", "b"], ["b", "a"]):
+        chosen, start, total, complete = greedy_additions([0], order, sets[:1], score, allowed=one_stage)
+        assert chosen == {0: frozenset({"b"})} and (start, total, complete) == (0.0, 2.0, True), order
+    veto = greedy_additions([0], ["a", "b"], sets[:1], score, allowed=one_stage,
+                            confirm=[lambda named, ch: -1.0 if ch[0] == {"b"} else score(named, ch)])[0]
+    assert veto == {0: frozenset({"a"})}
+    steps = []
+    chosen, _, total, _ = greedy_additions([0, 1], ["a", "b", "c"], sets, score, allowed=one_stage,
+                                           progress=lambda i, n: steps.append((i, n)))
+    assert chosen == {0: frozenset({"c"}), 1: frozenset({"a", "c"})} and total == 7.0
+    assert steps == [(i, 6) for i in range(6)]
+
+
 @pytest.mark.parametrize("by_set", ["off", "own"])
 def test_floor_placement_zeroes_the_stages_it_reports_and_writes_the_carried_floors(toy, tmp_path, monkeypatch,
                                                                                  by_set):
     """``search_place_floors``: with a judge that takes every change, every pass's result is hand-computable — the
     stage pass switches each LoRA off in every stage but the last, the placement zeroes its switched-off stages in
-    order while the rest can carry the 0.9 floor at ≤ 1. The record's zeroed stages and floors, the progress count
+    order while the rest can carry the 0.9 floor at ≤ 1 (every gain ties, so each round's best is its first
+    allowed stage). The record's zeroed stages and floors, the progress count
     and the gate file (magnitudes, or per-set scales with ``own``) equal that."""
     backend, experts, refs, prompts, guide = toy
     monkeypatch.setitem(GAINS, "mean", lambda trial, now: 1.0)
