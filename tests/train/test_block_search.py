@@ -265,18 +265,23 @@ def test_switch_off_zeroes_one_experts_magnitude_in_one_stage_and_undoes_exactly
         assert all(torch.equal(gated.scope_gate(s).magnitude.detach(), before[s]) for s in gated.scopes)
 
 
+def _all_but_the_first_stage(gated: mole.Mixture) -> tuple[dict[str, list[str]], list[str], int, frozenset[str], int]:
+    """The UNet's stages of ``gated`` (scopes per stage), their order, the number of gated UNet scopes, every stage
+    but the first, and the number of scopes in those."""
+    stages = unet_stages(gated)
+    order = list(stages)
+    most = frozenset(order[1:])
+    return stages, order, sum(map(len, stages.values())), most, sum(len(stages[st]) for st in most)
+
+
 def test_min_strength_runs_switched_off_stages_at_the_floor_that_keeps_the_mean_magnitude(toy):
     """``min_strength`` g: an expert switched off in stages holding ``n_off`` of the UNet's ``n`` gated scopes (every
     magnitude 1) runs there at (g·n − n_on) / n_off, clamped to [0, g] — hand-computed here from the scope counts —
     so its mean UNet magnitude is g; where the stages it keeps already give g, it is switched off (~0) as without."""
     backend, experts, _, _, _ = toy
     with attached(backend, experts, TrainConfig(**RECIPE)) as (gated, static):
-        stages = unet_stages(gated)
-        order = list(stages)
-        n = sum(map(len, stages.values()))
-        most = frozenset(order[1:])  # every stage but the first
+        stages, order, n, most, n_off = _all_but_the_first_stage(gated)
         small = frozenset({"unet:mid_block"})
-        n_off = sum(len(stages[st]) for st in most)
         want = (0.7 * n - (n - n_off)) / n_off
         assert 0 < want < 0.7 and len(stages["unet:mid_block"]) < 0.3 * n  # both cases below are exercised
         assert floors(gated, stages, {0: most, 2: small, 1: frozenset()}, 0.7) == \
@@ -315,11 +320,7 @@ def test_zeroed_stages_move_the_floor_to_the_other_switched_off_stages(toy):
     magnitude stays g; :func:`can_zero` allows exactly the zeroings whose carried floor stays ≤ 1."""
     backend, experts, _, _, _ = toy
     with attached(backend, experts, TrainConfig(**RECIPE)) as (gated, _):
-        stages = unet_stages(gated)
-        order = list(stages)
-        n = sum(map(len, stages.values()))
-        most = frozenset(order[1:])  # every stage but the first
-        n_off = sum(len(stages[st]) for st in most)
+        stages, order, n, most, n_off = _all_but_the_first_stage(gated)
         zero = frozenset(order[1:3])
         n_zero = sum(len(stages[st]) for st in zero)
         want = (0.7 * n - (n - n_off)) / (n_off - n_zero)
