@@ -203,7 +203,8 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # offline, star's floor in striped + star costs little in the down stages and much in up2–up3. The first
     # version (zeroing in stage order, first improvement; history row `…_min07_place_first`): triple 0.79, routing
     # 0.74 / 0.81 / 0.73, held-out 0.84 / 0.98, base 0.65, pairs 0.845 — and it zeroed star's down stages first,
-    # moving its floor into up2–up3. Now each round zeroes the stage that raises the score most
+    # moving its floor into up2–up3. Now each round zeroes the stage that raises the score most. Measured: pairs
+    # 0.86 (striped + star 0.60), routing 0.74 / 0.81 / 0.73, held-out 0.84 / 0.99, base 0.65 — but triple 0.693
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place",
            dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
