@@ -179,12 +179,10 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   start_off: Switches | None = None,
-                  confirm: Sequence[Score] = (), compare: Compare = mean_gain,
-                  allowed: Callable[[int, frozenset[str]], bool] | None = None) -> tuple[Switches, float, float, bool]:
+                  confirm: Sequence[Score] = (), compare: Compare = mean_gain) -> tuple[Switches, float, float, bool]:
     """One greedy pass: for each expert and stage, flip it (on → off, or off → on when ``start_off`` has it off)
     when the summed score of the expert sets that contain the expert rises (``compare``: by the mean, or by the
-    paired samples' win share, :func:`win_gain`); ``allowed(e, stages)`` says which switched-off stages an expert
-    may have (default: any but every stage), others are not scored. ``score(named, off)`` scores one set
+    paired samples' win share, :func:`win_gain`). ``score(named, off)`` scores one set
     given each of its experts' switched-off stages; each scorer of ``confirm`` (e.g. another noise draw) is asked
     only about flips that raise ``score``, and the flip is kept only when it raises theirs too. Returns the
     switched-off stages per expert, the start and the final total mean score (of ``score``), and whether every
@@ -199,9 +197,9 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
             return off, start, total, False
         if progress is not None:
             progress(i, len(todo))
+        if st not in off[e] and len(off[e]) + 1 == len(stages):  # never switch a LoRA off everywhere in the UNet
+            continue
         trial = {**off, e: off[e] ^ {st}}
-        if not (allowed(e, trial[e]) if allowed is not None else len(trial[e]) < len(stages)):
-            continue  # by default: never switch a LoRA off everywhere in the UNet
         if _gain(one, sets, e, trial, off, compare) > 0 and _holds(held, sets, e, trial, off, compare):
             off, total = trial, total + _gain(one, sets, e, trial, off)
     return off, start, total, True
@@ -382,10 +380,13 @@ def can_zero(mix: Mixture, stages: dict[str, list[str]], e: int, off: frozenset[
              min_strength: float) -> bool:
     """Whether expert ``e`` can run at 0 in its switched-off stages ``zeroed`` (⊆ ``off``) and still reach its mean
     UNet magnitude ``min_strength``: it has a floor above 0, and its other switched-off stages carry the floor at
-    full strength (1) or less."""
+    full strength (1) or less, and below the gates' ``m_max``."""
     if not zeroed <= off or not min_strength > 0 or not _needed(mix, stages, e, off, off, min_strength) > 0:
         return False
-    return bool(off - zeroed) and _needed(mix, stages, e, off, off - zeroed, min_strength) <= 1.0
+    if not off - zeroed:
+        return False
+    carried = _needed(mix, stages, e, off, off - zeroed, min_strength)
+    return carried <= 1.0 and carried < mix.config.m_max
 
 
 def _magnitude_logit(m_max: float, strength: float) -> float:

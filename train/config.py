@@ -126,10 +126,11 @@ class TrainConfig:
                                       "its switched-off stages run it at the lowest strength that keeps its mean "
                                       "magnitude over the UNet's gated scopes at this value, and the search scores "
                                       "every choice so (0: off means off; in [0, 1])")
-    search_place_floors: bool = _opt(False, "block search with search_min_strength: a last pass where each "
-                                     "switched-off stage of a LoRA may run it at 0 instead of its floor, the other "
+    search_place_floors: bool = _opt(False, "block search with search_min_strength: a last pass where a LoRA's "
+                                     "switched-off stages may run it at 0 instead of its floor, its other "
                                      "switched-off stages carrying the strength (up to full; the mean stays at "
-                                     "search_min_strength), kept when the guide's score rises")
+                                     "search_min_strength): one stage at a time, the one whose zeroing raises the "
+                                     "guide's score most, until none does")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")

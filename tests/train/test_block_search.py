@@ -350,40 +350,46 @@ def test_zeroed_stages_move_the_floor_to_the_other_switched_off_stages(toy):
         assert not can_zero(gated, stages, 0, most, zero, 0.0)  # no floor to move
 
 
-def test_greedy_search_scores_no_flip_its_allowed_rule_forbids():
-    """``allowed``: a flip it refuses is neither scored nor kept, however much it would raise the score."""
-    calls = []
-
-    def score(named: frozenset[int], off: dict[int, frozenset[str]]) -> float:
-        calls.append(dict(off))
-        return float(len(off[0]))  # every stage off raises the score
-
-    off, _, total, complete = greedy_search([0], ["a", "b", "c"], [frozenset({0})], score,
-                                            allowed=lambda e, sts: sts <= {"a", "c"})
-    assert off == {0: frozenset({"a", "c"})} and total == 2.0 and complete
-    assert all(c[0] <= {"a", "c"} for c in calls)
+def test_can_zero_refuses_a_carried_floor_the_gates_cannot_hold(toy):
+    """Gates with ``m_max`` 0.9: a zeroing whose other switched-off stages would have to carry the floor at 0.9 or
+    more (≤ 1, so allowed with the default ``m_max`` 2) is refused — the search never writes a magnitude its gates
+    cannot hold. Hand-computed from the gates' own magnitudes and the scope counts."""
+    backend, experts, _, _, _ = toy
+    with attached(backend, experts, TrainConfig(**RECIPE, m_max=0.9, init_gate=0.3)) as (gated, _):
+        stages, order, n, most, n_off = _all_but_the_first_stage(gated)
+        unet = [s for sts in stages.values() for s in sts]
+        m = {s: float(gated.scope_gate(s).magnitude[0]) for s in unet}
+        need = 0.7 * n - sum(m[s] for s in stages[order[0]])
+        seen = set()
+        for k in range(1, len(order) - 1):
+            zs = frozenset(order[1:1 + k])
+            carried = need / (n_off - sum(len(stages[st]) for st in zs))
+            assert can_zero(gated, stages, 0, most, zs, 0.7) == (carried <= 1.0 and carried < 0.9), k
+            seen.add(carried < 0.9)
+        assert seen == {True, False}  # both sides of the bound are exercised
 
 
 def test_greedy_additions_keeps_each_rounds_best_addition_whatever_the_stage_order():
-    """Adding ``a`` raises the score by 1, ``b`` by 2, at most one fits (``allowed``): first improvement in stage
-    order keeps ``a``, best improvement ``b`` in either order; a held-back scorer on which ``b`` does not raise the
-    score leaves ``a``. Expert 1's additions stack (``c`` then ``a``: +3, then +1 more) until none raises it;
-    progress steps through every possible round once."""
+    """Adding ``a`` raises the score by 1, ``b`` by 2, at most one fits (``allowed``): best improvement keeps ``b``
+    in either stage order (first improvement in the order a, b would keep ``a``), and never scores what ``allowed``
+    refuses; a held-back scorer on which ``b`` does not raise the score leaves ``a``. Expert 1's additions stack
+    (``c`` then ``a``: +3, then +1 more) until none raises it; progress steps through every possible round once."""
     table = {frozenset({"a"}): 1.0, frozenset({"b"}): 2.0, frozenset({"c"}): 3.0, frozenset({"a", "c"}): 4.0}
 
+    scored = []
+
     def score(named: frozenset[int], chosen: dict[int, frozenset[str]]) -> float:
+        scored.append(chosen)
         return sum(table.get(chosen[e], 0.0) for e in named)
 
     def one_stage(e: int, sts: frozenset[str]) -> bool:
         return len(sts) <= 1 if e == 0 else True
 
     sets = [frozenset({0}), frozenset({1})]
-    first, _, _, _ = greedy_search([0], ["a", "b", "c"], sets[:1], score, allowed=lambda e, sts: sts <= {"a", "b"}
-                                   and len(sts) <= 1)
-    assert first == {0: frozenset({"a"})}
     for order in (["a", "b"], ["b", "a"]):
         chosen, start, total, complete = greedy_additions([0], order, sets[:1], score, allowed=one_stage)
         assert chosen == {0: frozenset({"b"})} and (start, total, complete) == (0.0, 2.0, True), order
+    assert scored and all(len(ch[0]) <= 1 for ch in scored)  # {a, b} was never sampled
     veto = greedy_additions([0], ["a", "b"], sets[:1], score, allowed=one_stage,
                             confirm=[lambda named, ch: -1.0 if ch[0] == {"b"} else score(named, ch)])[0]
     assert veto == {0: frozenset({"a"})}
