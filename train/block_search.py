@@ -349,13 +349,17 @@ def _set_logits(changes: list[tuple[torch.Tensor, int, float]]) -> Callable[[], 
     return undo
 
 
-def _needed(mix: Mixture, stages: dict[str, list[str]], e: int, off: frozenset[str], carry: frozenset[str],
-            min_strength: float) -> float:
-    """The strength expert ``e`` needs in the scopes of its switched-off stages ``carry`` (⊆ ``off``; the rest of
-    ``off`` at 0) for its mean magnitude over the UNet's gated scopes to reach ``min_strength``."""
+def _shortfall(mix: Mixture, stages: dict[str, list[str]], e: int, off: frozenset[str], min_strength: float) -> float:
+    """How much magnitude, summed over the UNet's gated scopes, expert ``e``'s switched-off stages ``off`` must
+    carry for its mean to reach ``min_strength`` (the stages it keeps give the rest)."""
     on = sum(float(mix.scope_gate(scope).magnitude[e]) for st, scopes in stages.items() if st not in off
              for scope in scopes)
-    return (min_strength * sum(map(len, stages.values())) - on) / sum(len(stages[st]) for st in carry)
+    return min_strength * sum(map(len, stages.values())) - on
+
+
+def _scopes_in(stages: dict[str, list[str]], sts: frozenset[str]) -> int:
+    """The number of gated scopes in the stages ``sts``."""
+    return sum(len(stages[st]) for st in sts)
 
 
 def floors(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]],
@@ -371,7 +375,7 @@ def floors(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[
     for e, sts in off.items():
         zeroed = (zero or {}).get(e, frozenset())
         if sts - zeroed:
-            needed = _needed(mix, stages, e, sts, sts - zeroed, min_strength)
+            needed = _shortfall(mix, stages, e, sts, min_strength) / _scopes_in(stages, sts - zeroed)
             out[e] = min(max(needed, 0.0), 1.0 if zeroed else min_strength)
     return out
 
@@ -381,12 +385,11 @@ def can_zero(mix: Mixture, stages: dict[str, list[str]], e: int, off: frozenset[
     """Whether expert ``e`` can run at 0 in its switched-off stages ``zeroed`` (⊆ ``off``) and still reach its mean
     UNet magnitude ``min_strength``: it has a floor above 0, and its other switched-off stages carry the floor at
     full strength (1) or less, and below the gates' ``m_max``."""
-    if not zeroed <= off or not min_strength > 0 or not _needed(mix, stages, e, off, off, min_strength) > 0:
+    if not (zeroed <= off and off - zeroed and min_strength > 0):
         return False
-    if not off - zeroed:
-        return False
-    carried = _needed(mix, stages, e, off, off - zeroed, min_strength)
-    return carried <= 1.0 and carried < mix.config.m_max
+    shortfall = _shortfall(mix, stages, e, off, min_strength)
+    carried = shortfall / _scopes_in(stages, off - zeroed)
+    return shortfall > 0 and carried <= 1.0 and carried < mix.config.m_max
 
 
 def _magnitude_logit(m_max: float, strength: float) -> float:
@@ -554,7 +557,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     n_pass = sum(len(es) for es, _ in groups) * per_expert
     n_text = (sum(map(len, sets)) if text_by_set else len(experts)) * len(text_strengths)
     n_refine = sum(len(es) for es, _ in own) * per_expert if by_set == "refine" else 0
-    n_place = (sum(len(es) for es, _ in (shared if by_set == "off" else own)) * len(stages)) if place_floors else 0
+    placed_groups = shared if by_set == "off" else own  # the placement's groups: one per entry of the final offs
+    n_place = sum(len(es) for es, _ in placed_groups) * len(stages) if place_floors else 0
     n_all = n_pass * rounds + n_text + n_refine + n_place
 
     def progress_from(done: int) -> Callable[[int, int], None]:
@@ -585,11 +589,11 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     def place(offs: list[Switches], total: float, done: int) -> tuple[list[Switches], float, bool]:
         """The floor placement pass (``place_floors``), per entry of ``offs`` over its own experts: the zeroed
         stages per entry, the total score after it, completeness."""
-        out: list[Switches] = []
-        for off, (es, group_sets) in zip(offs, shared if len(offs) == 1 and len(sets) > 1 else own):
-            def zero_score(draw_score: Score) -> Score:
-                return lambda named, zero: draw_score(named, off_of(offs, named), zero)
+        def zero_score(draw_score: Score) -> Score:
+            return lambda named, zero: draw_score(named, off_of(offs, named), zero)
 
+        out: list[Switches] = []
+        for off, (es, group_sets) in zip(offs, placed_groups):
             placed, s0, s1, complete = greedy_additions(
                 es, list(stages), group_sets, zero_score(score), progress_from(done), should_stop,
                 [zero_score(h) for h in held], compare,
