@@ -207,6 +207,15 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # 0.86 (striped + star 0.60), routing 0.74 / 0.81 / 0.73, held-out 0.84 / 0.99, base 0.65 — but triple 0.693
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place",
            dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True)),
+    # the placement recipe judged on twice the prompts per set (search_prompts 32): its two versions chose differently
+    # from the same 16-prompt scores and moved pairs and triple in opposite directions (0.845 / 0.79 and 0.86 /
+    # 0.693), and each miss is smaller than one seed's spread: does a less noisy judge keep both?
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_p32",
+           dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True, search_prompts=32)),
+    # the placement recipe with every change confirmed on a held-back noise draw (search_draws 2): without placement
+    # the draws lifted the triple (0.68 → 0.72) and cost the pairs 0.02
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_draws_min07_place",
+           dict(REFINE_WINDOWS_TEXT, search_draws=2, search_min_strength=0.7, search_place_floors=True)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
