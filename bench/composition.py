@@ -216,6 +216,12 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # the draws lifted the triple (0.68 → 0.72) and cost the pairs 0.02
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_draws_min07_place",
            dict(REFINE_WINDOWS_TEXT, search_draws=2, search_min_strength=0.7, search_place_floors=True)),
+    # the placement recipe with each LoRA's floor shared among the sets naming it (search_share_floors): the 0.7
+    # floors cost the triple most (0.86 → 0.68–0.79) and the pairs little (0.84 → 0.86), and the routing target is a
+    # mean over every prompt naming the LoRA (pairs and triple alike): may the triple keep less of a floor where the
+    # pairs keep more?
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_share",
+           dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True, search_share_floors=True)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

@@ -59,7 +59,9 @@ With ``place_floors`` a last pass chooses where each floor goes: switched-off st
 LoRA's other switched-off stages carrying its share (up to full strength, :func:`can_zero`), one stage at a time —
 each round the one whose zeroing raises the score most — so the strength the mean needs goes where the guide sees
 it hurt least. (A first version zeroed them in stage order, first improvement: on the toy world it zeroed star's
-down stages first, moving its floor into ``up2``–``up3``, where it hurts most offline.)
+down stages first, moving its floor into ``up2``–``up3``, where it hurts most offline.) With ``share_floors`` (per
+set of named LoRAs) a last pass lets those sets share each LoRA's floor (:func:`greedy_shares`): the routing target
+is a mean over every prompt naming the LoRA, and the floors cost the triple much more than the pairs.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +109,8 @@ class SearchResult:
     # stages' strength, when ``min_strength`` gives it one (a shared choice: every set's entry)
     zeroed: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # "a+b" → expert name → the switched-off
     # stages the floor placement runs it at 0 in (its floor goes to its other switched-off stages)
+    shares: dict[str, dict[str, float]] = field(default_factory=dict)  # "a+b" → expert name → the mean UNet
+    # magnitude the set keeps of it, where the floor sharing moved it from ``min_strength``
 
     def to_dict(self) -> dict:
         out = {"off": self.off, "text": self.text, "start_score": round(self.start_score, 5),
@@ -114,7 +118,8 @@ class SearchResult:
         out = {**out, "by_set": self.by_set} if self.by_set else out
         out = {**out, "text_by_set": self.text_by_set} if self.text_by_set else out
         out = {**out, "floors": self.floors} if self.floors else out
-        return {**out, "zeroed": self.zeroed} if self.zeroed else out
+        out = {**out, "zeroed": self.zeroed} if self.zeroed else out
+        return {**out, "shares": self.shares} if self.shares else out
 
 
 Samples = float | torch.Tensor
@@ -324,6 +329,65 @@ def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequ
     return chosen, start, total, True
 
 
+SHARE_STEPS = (0.1, 0.2, 0.3)  # how far :func:`greedy_shares` may lower one set's floor need
+
+
+def share_moves(experts: Sequence[int], sets: Sequence[frozenset[int]], steps: Sequence[float] = SHARE_STEPS
+                ) -> list[tuple[int, frozenset[int], float]]:
+    """The candidates of :func:`greedy_shares`: (expert, the set whose need falls, by how much), for each expert
+    named by two or more of ``sets``."""
+    return [(e, donor, step) for e in experts if sum(e in s for s in sets) > 1
+            for donor in sets if e in donor for step in steps]
+
+
+def greedy_shares(experts: Sequence[int], sets: Sequence[frozenset[int]], base: float,
+                  score: Callable[[frozenset[int], dict[int, float]], Samples],
+                  feasible: Callable[[frozenset[int], int, float], bool],
+                  progress: Callable[[int, int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None,
+                  confirm: Sequence[Callable[[frozenset[int], dict[int, float]], Samples]] = (),
+                  compare: Compare = mean_gain, steps: Sequence[float] = SHARE_STEPS
+                  ) -> tuple[dict[frozenset[int], dict[int, float]], float, float, bool]:
+    """Share each expert's floor among the sets naming it: every set starts needing ``base`` of it (the mean UNet
+    magnitude it keeps there); a candidate (:func:`share_moves`) lowers one set's need by a step and raises the
+    others' equally, so the mean over the sets stays ``base`` — the mean the routing target measures — and each
+    raised need must be ≤ 1 and ``feasible(set, expert, need)``. ``score(named, needs)`` scores one set given its
+    experts' needs; per expert the candidate that raises the summed score of its sets most is kept (with
+    ``confirm``, only when it raises each held-back scorer's too; ``compare`` as in :func:`greedy_search`), or
+    none. Returns each set's needs, the start and final total mean score, and whether every candidate was tried."""
+    needs = {s: {e: base for e in s} for s in sets}
+    one, held = _cached(score), [_cached(c) for c in confirm]
+    total = start = sum(_mean(one(s, needs[s])) for s in sets)
+    todo = share_moves(experts, sets, steps)
+
+    def gain(scorer: Callable[[frozenset[int], dict], Samples], trial: dict, how: Compare = compare) -> float:
+        return sum(how(scorer(s, trial[s]), scorer(s, needs[s])) for s in trial)
+
+    best: tuple[float, dict] | None = None  # (gain, trial) of the current expert
+    for i, (e, donor, step) in enumerate(todo):
+        if should_stop is not None and should_stop():
+            return needs, start, total, False
+        if progress is not None:
+            progress(i, len(todo))
+        others = [s for s in sets if e in s and s != donor]
+        low, high = base - step, base + step / len(others)
+        if low >= 0 and high <= 1 and all(feasible(s, e, high) for s in others):
+            trial = {s: {**needs[s], e: low if s == donor else high} for s in [donor, *others]}
+            g = gain(one, trial)
+            if g > 0 and (best is None or g > best[0]):
+                if all(gain(h, trial) > 0 for h in held):
+                    best = (g, trial)
+                else:
+                    log.info("block search: a floor share of LoRA %d raised the score but not on every held-back "
+                             "draw; not kept", e)
+        if i + 1 == len(todo) or todo[i + 1][0] != e:  # the expert's last candidate: keep its best
+            if best is not None:
+                total += gain(one, best[1], mean_gain)
+                needs.update(best[1])
+            best = None
+    return needs, start, total, True
+
+
 def unet_stages(mix: Mixture) -> dict[str, list[str]]:
     """The gated UNet scopes of ``mix`` grouped by stage, in execution order."""
     out: dict[str, list[str]] = {}
@@ -362,21 +426,27 @@ def _scopes_in(stages: dict[str, list[str]], sts: frozenset[str]) -> int:
     return sum(len(stages[st]) for st in sts)
 
 
+Needs = float | Mapping[int, float]
+"""The mean UNet magnitude each expert must keep (``min_strength``): one value for every expert, or one per expert
+(a set's own, after :func:`greedy_shares`)."""
+
+
+def _need(min_strength: Needs, e: int) -> float:
+    return float(min_strength) if isinstance(min_strength, (int, float)) else min_strength[e]
+
+
 def floors(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]],
-           min_strength: float, zero: Switches | None = None) -> dict[int, float]:
+           min_strength: Needs, zero: Switches | None = None) -> dict[int, float]:
     """Each expert's strength in its switched-off stages: the lowest at which its mean magnitude over the UNet's
-    gated scopes (``stages``) stays ≥ ``min_strength``, and never above ``min_strength`` (0: switched off; always
-    0 when ``min_strength`` is 0). With ``zero`` (per expert, switched-off stages run at 0 instead) that strength
-    is carried by its other switched-off stages alone, up to full strength (1). The magnitudes are read from
-    ``mix`` as they are."""
+    gated scopes (``stages``) stays ≥ its ``min_strength``, and never above it (0: switched off; always 0 when it
+    is 0). With ``zero`` (per expert, switched-off stages run at 0 instead) that strength is carried by its other
+    switched-off stages alone, up to full strength (1). The magnitudes are read from ``mix`` as they are."""
     out = {e: 0.0 for e in off}
-    if min_strength <= 0:
-        return out
     for e, sts in off.items():
-        zeroed = (zero or {}).get(e, frozenset())
-        if sts - zeroed:
-            needed = _shortfall(mix, stages, e, sts, min_strength) / _scopes_in(stages, sts - zeroed)
-            out[e] = min(max(needed, 0.0), 1.0 if zeroed else min_strength)
+        zeroed, need = (zero or {}).get(e, frozenset()), _need(min_strength, e)
+        if need > 0 and sts - zeroed:
+            needed = _shortfall(mix, stages, e, sts, need) / _scopes_in(stages, sts - zeroed)
+            out[e] = min(max(needed, 0.0), 1.0 if zeroed else need)
     return out
 
 
@@ -388,8 +458,25 @@ def can_zero(mix: Mixture, stages: dict[str, list[str]], e: int, off: frozenset[
     if not (zeroed <= off and off - zeroed and min_strength > 0):
         return False
     shortfall = _shortfall(mix, stages, e, off, min_strength)
-    carried = shortfall / _scopes_in(stages, off - zeroed)
-    return shortfall > 0 and carried <= 1.0 and carried < mix.config.m_max
+    return shortfall > 0 and _carries(mix, stages, off - zeroed, shortfall)
+
+
+def can_carry(mix: Mixture, stages: dict[str, list[str]], e: int, off: frozenset[str], zeroed: frozenset[str],
+              need: float) -> bool:
+    """Whether expert ``e``'s switched-off stages ``off`` other than ``zeroed`` can carry what its mean UNet
+    magnitude lacks of ``need``, at full strength (1) or less and below the gates' ``m_max`` (nothing lacking:
+    yes)."""
+    return _carries(mix, stages, off - zeroed, _shortfall(mix, stages, e, off, need))
+
+
+def _carries(mix: Mixture, stages: dict[str, list[str]], carriers: frozenset[str], shortfall: float) -> bool:
+    """Whether the stages ``carriers`` can carry ``shortfall`` (summed magnitude) at ≤ 1 and below ``m_max``."""
+    if shortfall <= 0:
+        return True
+    if not carriers:
+        return False
+    carried = shortfall / _scopes_in(stages, carriers)
+    return carried <= 1.0 and carried < mix.config.m_max
 
 
 def _magnitude_logit(m_max: float, strength: float) -> float:
@@ -400,7 +487,7 @@ def _magnitude_logit(m_max: float, strength: float) -> float:
 
 
 def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozenset[str]],
-               min_strength: float = 0.0, zero: Switches | None = None) -> Callable[[], None]:
+               min_strength: Needs = 0.0, zero: Switches | None = None) -> Callable[[], None]:
     """Set each expert's magnitude to ~0 in the scopes of its switched-off stages (or to its floor, :func:`floors`,
     with ``min_strength``; still ~0 in its ``zero`` stages); returns the undo."""
     floor, zero = floors(mix, stages, off, min_strength, zero), zero or {}
@@ -411,13 +498,16 @@ def switch_off(mix: Mixture, stages: dict[str, list[str]], off: dict[int, frozen
 
 
 def write_set_scales(mix: Mixture, stages: dict[str, list[str]], offs: dict[frozenset[int], Switches],
-                     min_strength: float = 0.0, zeros: dict[frozenset[int], Switches] | None = None) -> None:
+                     min_strength: float = 0.0, zeros: dict[frozenset[int], Switches] | None = None,
+                     needs: dict[frozenset[int], dict[int, float]] | None = None) -> None:
     """Store each named set's switched-off stages as per-set scales (:meth:`ScopeGate.set_set_scales`): in every
     scope of a stage, one row per set that switches a LoRA off there (its on-pattern; factor 0 for those LoRAs —
-    or its floor over the scope's magnitude with ``min_strength``, :func:`floors`, unless the set's ``zeros`` run
-    it at 0 there — and 1 for the others). Scopes no set switches anything in keep none."""
-    zeros = zeros or {}
-    floor = {named: floors(mix, stages, off, min_strength, zeros.get(named)) for named, off in offs.items()}
+    or its floor over the scope's magnitude with ``min_strength``, or the set's own ``needs``, :func:`floors`,
+    unless the set's ``zeros`` run it at 0 there — and 1 for the others). Scopes no set switches anything in keep
+    none."""
+    zeros, needs = zeros or {}, needs or {}
+    floor = {named: floors(mix, stages, off, needs.get(named, min_strength), zeros.get(named))
+             for named, off in offs.items()}
     for st, scopes in stages.items():
         rows = [(named, frozenset(e for e, sts in off.items() if st in sts)) for named, off in offs.items()]
         rows = [(named, gone) for named, gone in rows if gone]
@@ -469,7 +559,7 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
                   text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off", draws: int = 1,
                   windows: bool = False, text_by_set: bool = False, aggregate: str = "mean",
-                  min_strength: float = 0.0, place_floors: bool = False,
+                  min_strength: float = 0.0, place_floors: bool = False, share_floors: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
@@ -493,11 +583,16 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     ``min_strength``): a last pass (per set with ``by_set``) where the switched-off stages of a LoRA with a floor
     may run it at 0 instead, their share going to the LoRA's other switched-off stages (up to full strength; the
     mean stays at ``min_strength``, :func:`can_zero`): one stage at a time, the one that raises the score most
-    (:func:`greedy_additions`), until none does."""
+    (:func:`greedy_additions`), until none does. ``share_floors`` (with ``min_strength`` and ``by_set``): then a
+    pass where the sets naming a LoRA share its floor — one set keeps less of it and the others more, their mean
+    staying ``min_strength`` (:func:`greedy_shares`)."""
     if not 0.0 <= min_strength <= 1.0:
         raise MoleError(f"block search min_strength must be in [0, 1], got {min_strength}")
     if place_floors and not min_strength > 0:
         raise MoleError("block search place_floors needs min_strength above 0 (it moves the floors)")
+    if share_floors and not (min_strength > 0 and by_set != "off"):
+        raise MoleError("block search share_floors needs min_strength above 0 and by_set own or refine (each set "
+                        "keeps its own share of a floor)")
     if aggregate not in GAINS:
         raise MoleError(f"block search aggregate must be one of {sorted(GAINS)}, got {aggregate!r}")
     compare = GAINS[aggregate]
@@ -535,9 +630,9 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     def score_on(draw: int) -> Score:
         """The guide's score of each of a set's prompts, sampled from the ``draw``-th noise of the seeded
         generator."""
-        def score(named: frozenset[int], off: dict[int, frozenset[str]], zero: Switches | None = None
-                  ) -> torch.Tensor:
-            undo = switch_off(mix, stages, off, min_strength, zero)
+        def score(named: frozenset[int], off: dict[int, frozenset[str]], zero: Switches | None = None,
+                  need: Needs | None = None) -> torch.Tensor:
+            undo = switch_off(mix, stages, off, min_strength if need is None else need, zero)
             undo_text = set_text_strengths(mix, te, set_levels.get(named, {}))
             try:
                 mix.clear_live_gates()
@@ -559,7 +654,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     n_refine = sum(len(es) for es, _ in own) * per_expert if by_set == "refine" else 0
     placed_groups = shared if by_set == "off" else own  # the placement's groups: one per entry of the final offs
     n_place = sum(len(es) for es, _ in placed_groups) * len(stages) if place_floors else 0
-    n_all = n_pass * rounds + n_text + n_refine + n_place
+    n_share = len(share_moves(experts, sets)) if share_floors else 0
+    n_all = n_pass * rounds + n_text + n_refine + n_place + n_share
 
     def progress_from(done: int) -> Callable[[int, int], None]:
         def report(i: int, n: int) -> None:
@@ -644,7 +740,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     zeros: list[Switches] = [{} for _ in offs]  # place_floors: per entry of offs, the stages run at 0
     if place_floors and complete:
         undo_off()  # a shared choice is scored from the mix without its switches
-        zeros, total, complete = place(offs, total, n_all - n_place)
+        zeros, total, complete = place(offs, total, n_all - n_place - n_share)
         if by_set == "off":
             switch_off(mix, stages, offs[0], min_strength, zeros[0])
     names = [e.name for e in mix.experts]
@@ -653,16 +749,30 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         """A set's zeroed stages (one entry per set, or the shared one)."""
         return {e: zs for e, zs in off_of(zeros, named).items() if zs}
 
+    needs: dict[frozenset[int], dict[int, float]] = {}  # share_floors: each set's own floor needs
+    if share_floors and complete:
+        def share_score(draw_score: Score) -> Callable[[frozenset[int], dict[int, float]], Samples]:
+            return lambda named, need: draw_score(named, off_of(offs, named), zero_of(named), need)
+
+        def feasible(named: frozenset[int], e: int, need: float) -> bool:
+            return can_carry(mix, stages, e, off_of(offs, named)[e], zero_of(named).get(e, frozenset()), need)
+
+        needs, s0, s1, complete = greedy_shares(experts, sets, min_strength, share_score(score), feasible,
+                                                progress_from(n_all - n_share), should_stop,
+                                                [share_score(h) for h in held], compare)
+        total += s1 - s0
+
     def named_stages(off: Switches) -> dict[str, list[str]]:
         return {names[e]: sorted(st.removeprefix("unet:") for st in sts) for e, sts in off.items() if sts}
 
     set_floors = {"+".join(names[e] for e in sorted(named)): {names[e]: round(f, 5) for e, f in
                                                               floors(mix, stages, off_of(offs, named),
-                                                                     min_strength, zero_of(named)).items() if f > 0}
+                                                                     needs.get(named, min_strength),
+                                                                     zero_of(named)).items() if f > 0}
                   for named in sets}
     if by_set != "off":
         write_set_scales(mix, stages, {named: off_of(offs, named) for named in sets}, min_strength,
-                         {named: zero_of(named) for named in sets})
+                         {named: zero_of(named) for named in sets}, needs)
         write_set_text_scales(mix, te, set_levels)
     result = SearchResult({} if by_set != "off" else named_stages(offs[0]), start, total, n_all, complete,
                           {names[e]: lv for e, lv in chosen.items() if lv != 1.0},
@@ -672,11 +782,15 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
                            for named, levels in set_levels.items() if levels},
                           {k: v for k, v in set_floors.items() if v},
                           {"+".join(names[e] for e in sorted(named)): named_stages(zero_of(named))
-                           for named in sets if zero_of(named)})
+                           for named in sets if zero_of(named)},
+                          {"+".join(names[e] for e in sorted(named)): {names[e]: round(v, 5) for e, v in need.items()
+                                                                       if v != min_strength}
+                           for named, need in needs.items() if any(v != min_strength for v in need.values())})
     text = result.text or result.text_by_set
-    log.info("block search: %s%s%s%s (guide score %.4f → %.4f)",
+    log.info("block search: %s%s%s%s%s (guide score %.4f → %.4f)",
              (result.by_set if by_set != "off" else result.off) or "every LoRA in every stage",
              f", text-encoder magnitudes {text}" if text else "",
              f", switched-off stages at {result.floors}" if result.floors else "",
-             f", at 0 in {result.zeroed}" if result.zeroed else "", start, total)
+             f", at 0 in {result.zeroed}" if result.zeroed else "",
+             f", floor shares {result.shares}" if result.shares else "", start, total)
     return result

@@ -131,6 +131,11 @@ class TrainConfig:
                                      "switched-off stages carrying the strength (up to full; the mean stays at "
                                      "search_min_strength): one stage at a time, the one whose zeroing raises the "
                                      "guide's score most, until none does")
+    search_share_floors: bool = _opt(False, "block search with search_min_strength and search_by_set: a last pass "
+                                     "where the sets of named LoRAs share each LoRA's floor — one set keeps less of "
+                                     "it (0.1–0.3 less) and the others more, the mean over them staying at "
+                                     "search_min_strength (the mean the routing target measures) — per LoRA the "
+                                     "share that raises the guide's score most, or none")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")
@@ -226,6 +231,9 @@ class TrainConfig:
                             f"{self.block_search}")
         if self.search_place_floors and not self.search_min_strength:
             raise MoleError("`search_place_floors` needs `search_min_strength` above 0 (it moves the floors)")
+        if self.search_share_floors and not (self.search_min_strength and self.search_by_set != "off"):
+            raise MoleError(f"`search_share_floors` needs `search_min_strength` above 0 and `search_by_set` own or "
+                            f"refine, got {self.search_min_strength} and {self.search_by_set!r}")
         for level in self.text_strengths:
             if not 0 < level < self.m_max:
                 raise MoleError(f"`search_text_strengths` values must be in (0, m_max {self.m_max}), got {level}")

@@ -333,7 +333,7 @@ def _block_search(run: _Run, io: _Io) -> SearchResult:
                          rounds=cfg.search_rounds, by_set=cfg.search_by_set, draws=cfg.search_draws,
                          windows=cfg.search_windows, text_by_set=cfg.search_text_by_set,
                          aggregate=cfg.search_aggregate, min_strength=cfg.search_min_strength,
-                         place_floors=cfg.search_place_floors,
+                         place_floors=cfg.search_place_floors, share_floors=cfg.search_share_floors,
                          progress=progress,
                          should_stop=io.should_stop)
 

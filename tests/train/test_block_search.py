@@ -18,15 +18,18 @@ from tests.train._toy import load_compose_toy
 from train.block_search import (
     GAINS,
     OFF_LOGIT,
+    can_carry,
     can_zero,
     floors,
     greedy_additions,
     greedy_search,
+    greedy_shares,
     greedy_strengths,
     greedy_windows,
     mean_gain,
     search_blocks,
     set_text_strengths,
+    share_moves,
     stage_of,
     switch_off,
     text_scopes,
@@ -398,6 +401,110 @@ def test_greedy_additions_keeps_each_rounds_best_addition_whatever_the_stage_ord
                                            progress=lambda i, n: steps.append((i, n)))
     assert chosen == {0: frozenset({"c"}), 1: frozenset({"a", "c"})} and total == 7.0
     assert steps == [(i, 6) for i in range(6)]
+
+
+def test_greedy_shares_keeps_each_experts_best_feasible_share_and_the_mean_need():
+    """Sets {0}, {1}, {0, 1}, floors 0.7. Expert 0: the pair needing 0.2 less (+1.0) and the single 0.2 more (−0.3)
+    nets +0.7, the best of its six shares (0.1: +0.5, 0.3: +0.2, the single as donor: −0.5). Expert 1: 0.2 less in
+    the pair would net +2.0, but the single cannot carry 0.9 (``feasible``) and is never scored so; 0.1 nets +0.2.
+    Each expert's mean need over its sets stays 0.7; a held-back scorer on which expert 0's 0.2 share falls leaves
+    the 0.1 one; progress steps once per candidate of :func:`share_moves`."""
+    pair = frozenset({0, 1})
+    table = {(pair, 0): {0.6: 0.6, 0.5: 1.0, 0.4: 1.2}, (frozenset({0}), 0): {0.8: -0.1, 0.9: -0.3, 1.0: -1.0,
+                                                                             0.6: -0.5, 0.5: -0.5, 0.4: -0.5},
+             (pair, 1): {0.6: 0.2, 0.5: 2.0}, (frozenset({1}), 1): {0.6: -1.0, 0.5: -1.0, 0.4: -1.0}}
+    scored = []
+
+    def score(named: frozenset[int], needs: dict[int, float]) -> float:
+        scored.append((named, dict(needs)))
+        return sum(table.get((named, e), {}).get(round(needs[e], 6), 0.0) for e in named)
+
+    def feasible(named: frozenset[int], e: int, need: float) -> bool:
+        return not (named == frozenset({1}) and need > 0.8 + 1e-9)
+
+    sets = [frozenset({0}), frozenset({1}), pair]
+    steps = []
+    needs, start, total, complete = greedy_shares([0, 1], sets, 0.7, score, feasible,
+                                                  progress=lambda i, n: steps.append((i, n)))
+    assert needs == {frozenset({0}): {0: pytest.approx(0.9)}, frozenset({1}): {1: pytest.approx(0.8)},
+                     pair: {0: pytest.approx(0.5), 1: pytest.approx(0.6)}}
+    assert (start, complete) == (0.0, True) and total == pytest.approx(0.9)
+    assert all(needs[frozenset({e})][e] + needs[pair][e] == pytest.approx(1.4) for e in (0, 1))
+    assert not any(named == frozenset({1}) and n[1] > 0.8 + 1e-9 for named, n in scored)
+    assert len(share_moves([0, 1], sets)) == 12 and steps == [(i, 12) for i in range(12)]
+    veto = greedy_shares([0, 1], sets, 0.7, score, feasible, confirm=[
+        lambda named, n: -5.0 if round(n.get(0, 0.7), 6) == 0.5 else score(named, n)])[0]
+    assert veto[pair][0] == pytest.approx(0.6) and veto[frozenset({0})][0] == pytest.approx(0.8)
+    assert share_moves([0, 1, 2], sets) == share_moves([0, 1], sets)  # an expert named by one set has no share
+
+
+def test_can_carry_matches_the_hand_computed_floor(toy):
+    """:func:`can_carry`: an expert switched off in every stage but the first can reach a need g when its
+    switched-off stages carry (g·n − n_on) / n_off ≤ 1 — hand-computed from the scope counts; with stages zeroed
+    the rest carries it; nothing lacking (the kept stages give g) is always carried."""
+    backend, experts, _, _, _ = toy
+    with attached(backend, experts, TrainConfig(**RECIPE)) as (gated, _):
+        stages, order, n, most, n_off = _all_but_the_first_stage(gated)
+        zero = frozenset(order[1:3])
+        n_zero = sum(len(stages[st]) for st in zero)
+        seen = set()
+        for need in (0.5, 0.7, 0.9, 1.0):
+            lack = need * n - (n - n_off)
+            assert can_carry(gated, stages, 0, most, frozenset(), need) == (lack / n_off <= 1), need
+            ok = lack <= 0 or lack / (n_off - n_zero) <= 1
+            assert can_carry(gated, stages, 0, most, zero, need) == ok, need
+            seen.add(ok)
+        assert seen == {True, False}  # both sides of the bound are exercised
+        assert can_carry(gated, stages, 0, frozenset({"unet:mid_block"}), frozenset({"unet:mid_block"}), 0.5)
+        assert not can_carry(gated, stages, 0, most, most, 0.5)
+
+
+def test_floor_sharing_writes_each_sets_own_needs(toy, tmp_path, monkeypatch):
+    """``search_share_floors`` with ``own`` sets and floors 0.9, with a judge that takes every change: each set
+    switches its LoRAs off in every stage but the last; every share ties, so each LoRA's first candidate is kept —
+    the first set naming it needs 0.1 less (0.8), its two other sets 0.05 more (0.95). The record's shares and
+    floors (g·n − n_on) / n_off, the progress count (the stage passes, then 3 LoRAs × 3 sets × 3 steps) and the gate
+    file's per-set scales equal those hand-computed ones; each LoRA's mean need over its sets stays 0.9."""
+    backend, experts, refs, prompts, guide = toy
+    monkeypatch.setitem(GAINS, "mean", lambda trial, now: 1.0)
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set="own", search_prompts=2, search_steps=2,
+                      search_min_strength=0.9, search_share_floors=True)
+    seen = []
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
+                   out_path=str(tmp_path / "g.safetensors"))
+    record = result.gates.info["training"]["block_search_result"]
+    names = [e.name for e in experts]
+    scopes: dict[str, list[str]] = {}
+    for sc in result.gates.scopes:
+        if stage_of(sc) is not None:
+            scopes.setdefault(stage_of(sc).removeprefix("unet:"), []).append(sc)
+    order, n = list(scopes), sum(map(len, scopes.values()))
+    n_on = len(scopes[order[-1]])
+    labels = list(record["by_set"])
+    assert sorted(map(len, (lb.split("+") for lb in labels))) == [1, 1, 1, 2, 2, 2]
+    first = {x: next(lb for lb in labels if x in lb.split("+")) for x in names}
+    want = {lb: {x: 0.8 if first[x] == lb else 0.95 for x in lb.split("+")} for lb in labels}
+    assert record["shares"] == {lb: {x: pytest.approx(v) for x, v in w.items()} for lb, w in want.items()}
+    assert record["floors"] == {lb: {x: pytest.approx((v * n - n_on) / (n - n_on), abs=1e-5) for x, v in w.items()}
+                                for lb, w in want.items()}
+    assert all(sum(want[lb][x] for lb in labels if x in lb.split("+")) == pytest.approx(2.7) for x in names)
+    total = sum(len(lb.split("+")) for lb in labels) * len(order) + 27
+    assert record["candidates"] == total and \
+        [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, total + 1))
+    loaded = mole.read_gate_file(tmp_path / "g.safetensors")
+    for st, sts in scopes.items():
+        for sc in sts:
+            assert torch.equal(2.0 * torch.sigmoid(loaded.tensors[f"gates.{sc}.magnitude_logit"]),
+                               torch.ones(len(names)))
+            if st == order[-1]:
+                assert f"gates.{sc}.sets" not in loaded.tensors or loaded.tensors[f"gates.{sc}.sets"].shape[0] == 0
+                continue
+            rows = dict(zip(map(tuple, loaded.tensors[f"gates.{sc}.sets"].tolist()),
+                            loaded.tensors[f"gates.{sc}.set_scale"].tolist()))
+            for lb in labels:
+                named = tuple(float(x in lb.split("+")) for x in names)
+                assert rows[named] == pytest.approx([(want[lb][x] * n - n_on) / (n - n_on) if x in lb.split("+")
+                                                     else 1.0 for x in names], abs=1e-5), (sc, lb)
 
 
 @pytest.mark.parametrize("by_set", ["off", "own"])
@@ -778,6 +885,9 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match=r"^`search_place_floors` needs `search_min_strength` above 0 \(it "
                                              r"moves the floors\)$"):
         TrainConfig(**RECIPE, block_search=True, search_place_floors=True)
+    with pytest.raises(mole.MoleError, match=r"^`search_share_floors` needs `search_min_strength` above 0 and "
+                                             r"`search_by_set` own or refine, got 0.7 and 'off'$"):
+        TrainConfig(**RECIPE, block_search=True, search_min_strength=0.7, search_share_floors=True)
     with pytest.raises(mole.MoleError, match="`search_by_set` needs `block_search`"):
         TrainConfig(**RECIPE, search_by_set="own")
     with pytest.raises(mole.MoleError, match=r"`search_by_set` must be one of \('off', 'own', 'refine'\), got 'yes'"):
@@ -790,6 +900,10 @@ def test_search_blocks_refuses_bad_floor_options_before_touching_anything():
     with pytest.raises(mole.MoleError, match=r"^block search place_floors needs min_strength above 0 \(it moves "
                                              r"the floors\)$"):
         search_blocks(None, None, per_set=1, steps=1, seed=0, batch=1, place_floors=True)
+    for kwargs in ({}, {"min_strength": 0.7}, {"by_set": "own"}):
+        with pytest.raises(mole.MoleError, match=r"^block search share_floors needs min_strength above 0 and by_set "
+                                                 r"own or refine \(each set keeps its own share of a floor\)$"):
+            search_blocks(None, None, per_set=1, steps=1, seed=0, batch=1, share_floors=True, **kwargs)
     with pytest.raises(mole.MoleError, match=r"^block search min_strength must be in \[0, 1\], got 1.5$"):
         search_blocks(None, None, per_set=1, steps=1, seed=0, batch=1, min_strength=1.5)
 
