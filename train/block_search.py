@@ -60,8 +60,9 @@ LoRA's other switched-off stages carrying its share (up to full strength, :func:
 each round the one whose zeroing raises the score most — so the strength the mean needs goes where the guide sees
 it hurt least. (A first version zeroed them in stage order, first improvement: on the toy world it zeroed star's
 down stages first, moving its floor into ``up2``–``up3``, where it hurts most offline.) With ``share_floors`` (per
-set of named LoRAs) a last pass lets those sets share each LoRA's floor (:func:`greedy_shares`): the routing target
-is a mean over every prompt naming the LoRA, and the floors cost the triple much more than the pairs.
+set of named LoRAs) a last pass lets the sets that compose a LoRA with others share its floor (:func:`greedy_shares`):
+the routing target is a mean over every composition prompt naming the LoRA, and the floors cost the triple much more
+than the pairs.
 """
 
 from __future__ import annotations
@@ -584,8 +585,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     may run it at 0 instead, their share going to the LoRA's other switched-off stages (up to full strength; the
     mean stays at ``min_strength``, :func:`can_zero`): one stage at a time, the one that raises the score most
     (:func:`greedy_additions`), until none does. ``share_floors`` (with ``min_strength`` and ``by_set``): then a
-    pass where the sets naming a LoRA share its floor — one set keeps less of it and the others more, their mean
-    staying ``min_strength`` (:func:`greedy_shares`)."""
+    pass where the sets naming a LoRA among others share its floor — one set keeps less of it and the others more,
+    their mean staying ``min_strength`` (:func:`greedy_shares`; a set naming one LoRA keeps its floor)."""
     if not 0.0 <= min_strength <= 1.0:
         raise MoleError(f"block search min_strength must be in [0, 1], got {min_strength}")
     if place_floors and not min_strength > 0:
@@ -612,6 +613,11 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         named = frozenset(i for i, c in enumerate(words) if c and c in compose.named[p])
         if named and len(by_named.setdefault(named, [])) < per_set:
             by_named[named].append(p)
+    short = {"+".join(mix.experts[e].name for e in sorted(named)): len(ps) for named, ps in by_named.items()
+             if len(ps) < per_set}
+    if short:
+        log.warning("block search: fewer composition prompts than search_prompts (%d) for %s; those sets are "
+                    "scored on the prompts they have", per_set, short)
     experts = sorted({e for s in by_named for e in s})
     sets = list(by_named)
     shared = [(experts, sets)]  # one search over every set
@@ -654,7 +660,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     n_refine = sum(len(es) for es, _ in own) * per_expert if by_set == "refine" else 0
     placed_groups = shared if by_set == "off" else own  # the placement's groups: one per entry of the final offs
     n_place = sum(len(es) for es, _ in placed_groups) * len(stages) if place_floors else 0
-    n_share = len(share_moves(experts, sets)) if share_floors else 0
+    compositions = [s for s in sets if len(s) > 1]  # the sets that share floors (a single LoRA keeps its own)
+    n_share = len(share_moves(experts, compositions)) if share_floors else 0
     n_all = n_pass * rounds + n_text + n_refine + n_place + n_share
 
     def progress_from(done: int) -> Callable[[int, int], None]:
@@ -757,7 +764,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         def feasible(named: frozenset[int], e: int, need: float) -> bool:
             return can_carry(mix, stages, e, off_of(offs, named)[e], zero_of(named).get(e, frozenset()), need)
 
-        needs, s0, s1, complete = greedy_shares(experts, sets, min_strength, share_score(score), feasible,
+        needs, s0, s1, complete = greedy_shares(experts, compositions, min_strength, share_score(score), feasible,
                                                 progress_from(n_all - n_share), should_stop,
                                                 [share_score(h) for h in held], compare)
         total += s1 - s0

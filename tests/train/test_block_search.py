@@ -438,6 +438,26 @@ def test_greedy_shares_keeps_each_experts_best_feasible_share_and_the_mean_need(
     assert share_moves([0, 1, 2], sets) == share_moves([0, 1], sets)  # an expert named by one set has no share
 
 
+def test_a_search_asked_for_more_prompts_than_a_set_has_says_so(toy, tmp_path, caplog):
+    """The toy world has 2 composition prompts per set: ``search_prompts`` 3 scores those 2 and says so in one
+    warning naming the count asked for and each short set; 2 gives no warning."""
+    backend, experts, refs, prompts, guide = toy
+    for asked in (3, 2):
+        caplog.clear()
+        cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_prompts=asked, search_steps=1)
+        with caplog.at_level("WARNING", logger="mole.train"):
+            train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide,
+                  out_path=str(tmp_path / f"g{asked}.safetensors"))
+        warned = [r.getMessage() for r in caplog.records if "fewer composition prompts" in r.getMessage()]
+        if asked == 2:
+            assert warned == []
+            continue
+        assert len(warned) == 1 and warned[0].startswith("block search: fewer composition prompts than "
+                                                         "search_prompts (3) for {")
+        assert all(f"'{'+'.join(e.name for e in sub)}': 2" in warned[0]
+                   for sub in ([experts[0]], [experts[0], experts[1]], [experts[1], experts[2]]))
+
+
 def test_can_carry_matches_the_hand_computed_floor(toy):
     """:func:`can_carry`: an expert switched off in every stage but the first can reach a need g when its
     switched-off stages carry (g·n − n_on) / n_off ≤ 1 — hand-computed from the scope counts; with stages zeroed
@@ -459,16 +479,17 @@ def test_can_carry_matches_the_hand_computed_floor(toy):
         assert not can_carry(gated, stages, 0, most, most, 0.5)
 
 
-def test_floor_sharing_writes_each_sets_own_needs(toy, tmp_path, monkeypatch):
-    """``search_share_floors`` with ``own`` sets and floors 0.9, with a judge that takes every change: each set
+def test_floor_sharing_writes_each_compositions_own_needs(toy, tmp_path, monkeypatch):
+    """``search_share_floors`` with ``own`` sets and floors 0.8, with a judge that takes every change: each set
     switches its LoRAs off in every stage but the last; every share ties, so each LoRA's first candidate is kept —
-    the first set naming it needs 0.1 less (0.8), its two other sets 0.05 more (0.95). The record's shares and
-    floors (g·n − n_on) / n_off, the progress count (the stage passes, then 3 LoRAs × 3 sets × 3 steps) and the gate
-    file's per-set scales equal those hand-computed ones; each LoRA's mean need over its sets stays 0.9."""
+    the first pair naming it needs 0.1 less (0.7), its other pair 0.1 more (0.9); a set naming one LoRA keeps 0.8.
+    The record's shares and floors (g·n − n_on) / n_off, the progress count (the stage passes, then 3 LoRAs × 2
+    pairs × 3 steps) and the gate file's per-set scales equal those hand-computed ones; each LoRA's mean need over
+    its pairs stays 0.8."""
     backend, experts, refs, prompts, guide = toy
     monkeypatch.setitem(GAINS, "mean", lambda trial, now: 1.0)
     cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set="own", search_prompts=2, search_steps=2,
-                      search_min_strength=0.9, search_share_floors=True)
+                      search_min_strength=0.8, search_share_floors=True)
     seen = []
     result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
                    out_path=str(tmp_path / "g.safetensors"))
@@ -482,13 +503,14 @@ def test_floor_sharing_writes_each_sets_own_needs(toy, tmp_path, monkeypatch):
     n_on = len(scopes[order[-1]])
     labels = list(record["by_set"])
     assert sorted(map(len, (lb.split("+") for lb in labels))) == [1, 1, 1, 2, 2, 2]
-    first = {x: next(lb for lb in labels if x in lb.split("+")) for x in names}
-    want = {lb: {x: 0.8 if first[x] == lb else 0.95 for x in lb.split("+")} for lb in labels}
-    assert record["shares"] == {lb: {x: pytest.approx(v) for x, v in w.items()} for lb, w in want.items()}
+    pairs = [lb for lb in labels if "+" in lb]
+    first = {x: next(lb for lb in pairs if x in lb.split("+")) for x in names}
+    want = {lb: {x: (0.7 if first[x] == lb else 0.9) if lb in pairs else 0.8 for x in lb.split("+")} for lb in labels}
+    assert record["shares"] == {lb: {x: pytest.approx(v) for x, v in want[lb].items()} for lb in pairs}
     assert record["floors"] == {lb: {x: pytest.approx((v * n - n_on) / (n - n_on), abs=1e-5) for x, v in w.items()}
                                 for lb, w in want.items()}
-    assert all(sum(want[lb][x] for lb in labels if x in lb.split("+")) == pytest.approx(2.7) for x in names)
-    total = sum(len(lb.split("+")) for lb in labels) * len(order) + 27
+    assert all(sum(want[lb][x] for lb in pairs if x in lb.split("+")) == pytest.approx(1.6) for x in names)
+    total = sum(len(lb.split("+")) for lb in labels) * len(order) + 18
     assert record["candidates"] == total and \
         [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, total + 1))
     loaded = mole.read_gate_file(tmp_path / "g.safetensors")
