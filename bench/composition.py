@@ -74,6 +74,7 @@ class Recipe:
     name: str
     fields: dict = field(default_factory=dict, hash=False)
     compose: bool = True
+    prompts: int = 16  # composition prompts per set of concepts that training and the block search draw from
 
 
 COMPOSE_COMMON = dict(objective="compose", gate_input="prompt", text_pool="max", train_text_gates=True,
@@ -207,11 +208,13 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # 0.86 (striped + star 0.60), routing 0.74 / 0.81 / 0.73, held-out 0.84 / 0.99, base 0.65 — but triple 0.693
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place",
            dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True)),
-    # the placement recipe judged on twice the prompts per set (search_prompts 32): its two versions chose differently
-    # from the same 16-prompt scores and moved pairs and triple in opposite directions (0.845 / 0.79 and 0.86 /
-    # 0.693), and each miss is smaller than one seed's spread: does a less noisy judge keep both?
+    # the placement recipe judged on twice the prompts per set (32 composition prompts per set, search_prompts 32;
+    # training draws from them too): its two versions chose differently from the same 16-prompt scores and moved
+    # pairs and triple in opposite directions (0.845 / 0.79 and 0.86 / 0.693), each miss smaller than one seed's
+    # spread: does a less noisy judge keep both? (search_prompts 32 alone changes nothing here: a run of it gave the
+    # 16-prompt row exactly, every set having 16)
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_p32",
-           dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True, search_prompts=32)),
+           dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True, search_prompts=32), prompts=32),
     # the placement recipe with every change confirmed on a held-back noise draw (search_draws 2): without placement
     # the draws lifted the triple (0.68 → 0.72) and cost the pairs 0.02
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_draws_min07_place",
@@ -355,7 +358,7 @@ def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log, basel
     for r in recipes:
         cfg = TrainConfig(**{**dict(steps=s.steps, lr=s.lr, resolution=W.SIZE, batch_size=8, seed=seed,
                                     checkpoint_every=0), **r.fields})
-        extra = {"compose_prompts": training_prompts(seed), "guide": load_toy_guide(world.clip_path)} \
+        extra = {"compose_prompts": training_prompts(seed, r.prompts), "guide": load_toy_guide(world.clip_path)} \
             if r.compose else {}
         t0 = time.perf_counter()
         gates = train(cfg, backend, experts, refs, **extra).gates
