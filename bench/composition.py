@@ -222,7 +222,9 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # the placement recipe with each LoRA's floor shared among the sets naming it (search_share_floors): the 0.7
     # floors cost the triple most (0.86 → 0.68–0.79) and the pairs little (0.84 → 0.86), and the routing target is a
     # mean over every prompt naming the LoRA (pairs and triple alike): may the triple keep less of a floor where the
-    # pairs keep more?
+    # pairs keep more? The pass first ran after the placement (history row `…_min07_place_share_after`): the
+    # placement had left the pairs' floors near full strength (0.85–0.98), so most shares could not be carried, and
+    # only seed 2 moved one (purple, out of purple + star): every number as without it. It now runs before.
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_share",
            dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True, search_share_floors=True)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

@@ -585,8 +585,9 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     may run it at 0 instead, their share going to the LoRA's other switched-off stages (up to full strength; the
     mean stays at ``min_strength``, :func:`can_zero`): one stage at a time, the one that raises the score most
     (:func:`greedy_additions`), until none does. ``share_floors`` (with ``min_strength`` and ``by_set``): then a
-    pass where the sets naming a LoRA among others share its floor — one set keeps less of it and the others more,
-    their mean staying ``min_strength`` (:func:`greedy_shares`; a set naming one LoRA keeps its floor)."""
+    pass (before the placement) where the sets naming a LoRA among others share its floor — one set keeps less of it
+    and the others more, their mean staying ``min_strength`` (:func:`greedy_shares`; a set naming one LoRA keeps its
+    floor)."""
     if not 0.0 <= min_strength <= 1.0:
         raise MoleError(f"block search min_strength must be in [0, 1], got {min_strength}")
     if place_floors and not min_strength > 0:
@@ -689,18 +690,22 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         off = offs[0] if len(offs) == 1 and len(sets) > 1 else offs[sets.index(named)]
         return {e: off.get(e, frozenset()) for e in named}
 
-    def place(offs: list[Switches], total: float, done: int) -> tuple[list[Switches], float, bool]:
-        """The floor placement pass (``place_floors``), per entry of ``offs`` over its own experts: the zeroed
-        stages per entry, the total score after it, completeness."""
+    def place(offs: list[Switches], needs: dict[frozenset[int], dict[int, float]], total: float, done: int
+              ) -> tuple[list[Switches], float, bool]:
+        """The floor placement pass (``place_floors``), per entry of ``offs`` over its own experts, each set keeping
+        its ``needs`` (``share_floors``; else ``min_strength``): the zeroed stages per entry, the total score after
+        it, completeness."""
         def zero_score(draw_score: Score) -> Score:
-            return lambda named, zero: draw_score(named, off_of(offs, named), zero)
+            return lambda named, zero: draw_score(named, off_of(offs, named), zero, needs.get(named))
 
         out: list[Switches] = []
         for off, (es, group_sets) in zip(offs, placed_groups):
+            need = needs.get(group_sets[0], {}) if len(group_sets) == 1 else {}  # shared: one need for every set
             placed, s0, s1, complete = greedy_additions(
                 es, list(stages), group_sets, zero_score(score), progress_from(done), should_stop,
                 [zero_score(h) for h in held], compare,
-                allowed=lambda e, zs, off=off: can_zero(mix, stages, e, off.get(e, frozenset()), zs, min_strength))
+                allowed=lambda e, zs, off=off, need=need: can_zero(mix, stages, e, off.get(e, frozenset()), zs,
+                                                                   need.get(e, min_strength)))
             out.append(placed)
             total, done = total + s1 - s0, done + len(es) * len(stages)
             if not complete:
@@ -744,10 +749,22 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     if by_set == "refine" and complete:  # each set from the shared choice, flipping stages either way
         undo_off()
         offs, _, total, complete = stage_pass(own, n_pass * rounds + n_text, [off_of(offs, s) for s in sets])
+    needs: dict[frozenset[int], dict[int, float]] = {}  # share_floors: each set's own floor needs
+    if share_floors and complete:  # before the placement, which then places each set's own share
+        def share_score(draw_score: Score) -> Callable[[frozenset[int], dict[int, float]], Samples]:
+            return lambda named, need: draw_score(named, off_of(offs, named), None, need)
+
+        def feasible(named: frozenset[int], e: int, need: float) -> bool:
+            return can_carry(mix, stages, e, off_of(offs, named)[e], frozenset(), need)
+
+        needs, s0, s1, complete = greedy_shares(experts, compositions, min_strength, share_score(score), feasible,
+                                                progress_from(n_all - n_place - n_share), should_stop,
+                                                [share_score(h) for h in held], compare)
+        total += s1 - s0
     zeros: list[Switches] = [{} for _ in offs]  # place_floors: per entry of offs, the stages run at 0
     if place_floors and complete:
         undo_off()  # a shared choice is scored from the mix without its switches
-        zeros, total, complete = place(offs, total, n_all - n_place - n_share)
+        zeros, total, complete = place(offs, needs, total, n_all - n_place)
         if by_set == "off":
             switch_off(mix, stages, offs[0], min_strength, zeros[0])
     names = [e.name for e in mix.experts]
@@ -756,18 +773,6 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         """A set's zeroed stages (one entry per set, or the shared one)."""
         return {e: zs for e, zs in off_of(zeros, named).items() if zs}
 
-    needs: dict[frozenset[int], dict[int, float]] = {}  # share_floors: each set's own floor needs
-    if share_floors and complete:
-        def share_score(draw_score: Score) -> Callable[[frozenset[int], dict[int, float]], Samples]:
-            return lambda named, need: draw_score(named, off_of(offs, named), zero_of(named), need)
-
-        def feasible(named: frozenset[int], e: int, need: float) -> bool:
-            return can_carry(mix, stages, e, off_of(offs, named)[e], zero_of(named).get(e, frozenset()), need)
-
-        needs, s0, s1, complete = greedy_shares(experts, compositions, min_strength, share_score(score), feasible,
-                                                progress_from(n_all - n_share), should_stop,
-                                                [share_score(h) for h in held], compare)
-        total += s1 - s0
 
     def named_stages(off: Switches) -> dict[str, list[str]]:
         return {names[e]: sorted(st.removeprefix("unet:") for st in sts) for e, sts in off.items() if sts}

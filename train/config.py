@@ -131,12 +131,12 @@ class TrainConfig:
                                      "switched-off stages carrying the strength (up to full; the mean stays at "
                                      "search_min_strength): one stage at a time, the one whose zeroing raises the "
                                      "guide's score most, until none does")
-    search_share_floors: bool = _opt(False, "block search with search_min_strength and search_by_set: a last pass "
-                                     "where the compositions naming a LoRA share its floor — one set keeps less of "
-                                     "it (0.1–0.3 less) and the others more, the mean over them staying at "
-                                     "search_min_strength (the mean the routing target measures) — per LoRA the "
-                                     "share that raises the guide's score most, or none (a prompt naming one LoRA "
-                                     "keeps its floor)")
+    search_share_floors: bool = _opt(False, "block search with search_min_strength and search_by_set: a pass (before "
+                                     "search_place_floors) where the compositions naming a LoRA share its floor — "
+                                     "one set keeps less of it (0.1–0.3 less) and the others more, the mean over "
+                                     "them staying at search_min_strength (the mean the routing target measures) — "
+                                     "per LoRA the share that raises the guide's score most, or none (a prompt "
+                                     "naming one LoRA keeps its floor)")
     base_share: float = _opt(0.33, "compose: share of each batch drawn from the base prompts (when given)")
     denoise_weight: float = _opt(1.0, "weight of the denoising loss")
     clip_image_weight: float = _opt(1.0, "weight of the CLIP image–image term")

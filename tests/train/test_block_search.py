@@ -529,6 +529,39 @@ def test_floor_sharing_writes_each_compositions_own_needs(toy, tmp_path, monkeyp
                                                      else 1.0 for x in names], abs=1e-5), (sc, lb)
 
 
+def test_floor_placement_after_sharing_keeps_each_sets_own_share(toy, tmp_path, monkeypatch):
+    """Sharing, then placement (judge takes every change): the placement zeroes stages under each set's own need, so
+    in the gate file every LoRA's mean UNet level in every set (1 where it runs, 0 where zeroed, its floor elsewhere,
+    read from the per-set scales) equals its share — 0.7 / 0.9 in the pairs, 0.8 alone — and some stages are
+    zeroed."""
+    backend, experts, refs, prompts, guide = toy
+    monkeypatch.setitem(GAINS, "mean", lambda trial, now: 1.0)
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set="own", search_prompts=2, search_steps=2,
+                      search_min_strength=0.8, search_share_floors=True, search_place_floors=True)
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide,
+                   out_path=str(tmp_path / "g.safetensors"))
+    record = result.gates.info["training"]["block_search_result"]
+    names = [e.name for e in experts]
+    pairs = [lb for lb in record["by_set"] if "+" in lb]
+    first = {x: next(lb for lb in pairs if x in lb.split("+")) for x in names}
+    assert record["shares"] == {lb: {x: pytest.approx(0.7 if first[x] == lb else 0.9) for x in lb.split("+")}
+                                for lb in pairs}
+    assert record["zeroed"]  # the placement moved floors
+    loaded = mole.read_gate_file(tmp_path / "g.safetensors")
+    unet = [sc for sc in loaded.scopes if stage_of(sc) is not None]
+    for lb in record["by_set"]:
+        named = tuple(float(x in lb.split("+")) for x in names)
+        for x in lb.split("+"):
+            e, levels = names.index(x), []
+            for sc in unet:
+                rows = loaded.tensors.get(f"gates.{sc}.sets")
+                got = {} if rows is None else dict(zip(map(tuple, rows.tolist()),
+                                                       loaded.tensors[f"gates.{sc}.set_scale"].tolist()))
+                levels.append(got.get(named, [1.0] * len(names))[e])
+            want = record["shares"].get(lb, {}).get(x, 0.8)
+            assert sum(levels) / len(unet) == pytest.approx(want, abs=1e-5), (lb, x)
+
+
 @pytest.mark.parametrize("by_set", ["off", "own"])
 def test_floor_placement_zeroes_the_stages_it_reports_and_writes_the_carried_floors(toy, tmp_path, monkeypatch,
                                                                                  by_set):
