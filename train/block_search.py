@@ -60,9 +60,9 @@ LoRA's other switched-off stages carrying its share (up to full strength, :func:
 each round the one whose zeroing raises the score most — so the strength the mean needs goes where the guide sees
 it hurt least. (A first version zeroed them in stage order, first improvement: on the toy world it zeroed star's
 down stages first, moving its floor into ``up2``–``up3``, where it hurts most offline.) With ``share_floors`` (per
-set of named LoRAs) a last pass lets the sets that compose a LoRA with others share its floor (:func:`greedy_shares`):
-the routing target is a mean over every composition prompt naming the LoRA, and the floors cost the triple much more
-than the pairs.
+set of named LoRAs) a pass before the placement lets the sets that compose a LoRA with others share its floor
+(:func:`greedy_shares`): the routing target is a mean over every composition prompt naming the LoRA, and the floors
+cost the triple much more than the pairs.
 """
 
 from __future__ import annotations
