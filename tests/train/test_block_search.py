@@ -403,6 +403,30 @@ def test_greedy_additions_keeps_each_rounds_best_addition_whatever_the_stage_ord
     assert steps == [(i, 6) for i in range(6)]
 
 
+def _search_taking_every_change(toy, tmp_path, monkeypatch, **search) -> tuple:  # noqa: ANN001
+    """One training step, then the block search with ``search`` options and a judge that takes every change (so
+    every pass is hand-computable); the gate file goes to ``tmp_path/g.safetensors``. Returns the search record,
+    the expert names, the gated UNet scopes per stage (``unet:`` dropped) and the progress records."""
+    backend, experts, refs, prompts, guide = toy
+    monkeypatch.setitem(GAINS, "mean", lambda trial, now: 1.0)
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_prompts=2, search_steps=2, **search)
+    seen: list[dict] = []
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
+                   out_path=str(tmp_path / "g.safetensors"))
+    scopes: dict[str, list[str]] = {}
+    for sc in result.gates.scopes:
+        if stage_of(sc) is not None:
+            scopes.setdefault(stage_of(sc).removeprefix("unet:"), []).append(sc)
+    return result.gates.info["training"]["block_search_result"], [e.name for e in experts], scopes, seen
+
+
+def _set_rows(loaded: mole.GateFile, scope: str) -> dict[tuple, list[float]]:
+    """A scope's per-set scales in a loaded gate file: the set's on-pattern → its factors (none: empty)."""
+    rows = loaded.tensors.get(f"gates.{scope}.sets")
+    return {} if rows is None else dict(zip(map(tuple, rows.tolist()),
+                                            loaded.tensors[f"gates.{scope}.set_scale"].tolist()))
+
+
 def test_greedy_shares_keeps_each_experts_best_feasible_share_and_the_mean_need():
     """Sets {0}, {1}, {0, 1}, floors 0.7. Expert 0: the pair needing 0.2 less (+1.0) and the single 0.2 more (−0.3)
     nets +0.7, the best of its six shares (0.1: +0.5, 0.3: +0.2, the single as donor: −0.5). Expert 1: 0.2 less in
@@ -486,19 +510,8 @@ def test_floor_sharing_writes_each_compositions_own_needs(toy, tmp_path, monkeyp
     The record's shares and floors (g·n − n_on) / n_off, the progress count (the stage passes, then 3 LoRAs × 2
     pairs × 3 steps) and the gate file's per-set scales equal those hand-computed ones; each LoRA's mean need over
     its pairs stays 0.8."""
-    backend, experts, refs, prompts, guide = toy
-    monkeypatch.setitem(GAINS, "mean", lambda trial, now: 1.0)
-    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set="own", search_prompts=2, search_steps=2,
-                      search_min_strength=0.8, search_share_floors=True)
-    seen = []
-    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
-                   out_path=str(tmp_path / "g.safetensors"))
-    record = result.gates.info["training"]["block_search_result"]
-    names = [e.name for e in experts]
-    scopes: dict[str, list[str]] = {}
-    for sc in result.gates.scopes:
-        if stage_of(sc) is not None:
-            scopes.setdefault(stage_of(sc).removeprefix("unet:"), []).append(sc)
+    record, names, scopes, seen = _search_taking_every_change(toy, tmp_path, monkeypatch, search_by_set="own",
+                                                              search_min_strength=0.8, search_share_floors=True)
     order, n = list(scopes), sum(map(len, scopes.values()))
     n_on = len(scopes[order[-1]])
     labels = list(record["by_set"])
@@ -519,10 +532,9 @@ def test_floor_sharing_writes_each_compositions_own_needs(toy, tmp_path, monkeyp
             assert torch.equal(2.0 * torch.sigmoid(loaded.tensors[f"gates.{sc}.magnitude_logit"]),
                                torch.ones(len(names)))
             if st == order[-1]:
-                assert f"gates.{sc}.sets" not in loaded.tensors or loaded.tensors[f"gates.{sc}.sets"].shape[0] == 0
+                assert _set_rows(loaded, sc) == {}
                 continue
-            rows = dict(zip(map(tuple, loaded.tensors[f"gates.{sc}.sets"].tolist()),
-                            loaded.tensors[f"gates.{sc}.set_scale"].tolist()))
+            rows = _set_rows(loaded, sc)
             for lb in labels:
                 named = tuple(float(x in lb.split("+")) for x in names)
                 assert rows[named] == pytest.approx([(want[lb][x] * n - n_on) / (n - n_on) if x in lb.split("+")
@@ -534,14 +546,9 @@ def test_floor_placement_after_sharing_keeps_each_sets_own_share(toy, tmp_path, 
     in the gate file every LoRA's mean UNet level in every set (1 where it runs, 0 where zeroed, its floor elsewhere,
     read from the per-set scales) equals its share — 0.7 / 0.9 in the pairs, 0.8 alone — and some stages are
     zeroed."""
-    backend, experts, refs, prompts, guide = toy
-    monkeypatch.setitem(GAINS, "mean", lambda trial, now: 1.0)
-    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set="own", search_prompts=2, search_steps=2,
-                      search_min_strength=0.8, search_share_floors=True, search_place_floors=True)
-    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide,
-                   out_path=str(tmp_path / "g.safetensors"))
-    record = result.gates.info["training"]["block_search_result"]
-    names = [e.name for e in experts]
+    record, names, _, _ = _search_taking_every_change(toy, tmp_path, monkeypatch, search_by_set="own",
+                                                      search_min_strength=0.8, search_share_floors=True,
+                                                      search_place_floors=True)
     pairs = [lb for lb in record["by_set"] if "+" in lb]
     first = {x: next(lb for lb in pairs if x in lb.split("+")) for x in names}
     assert record["shares"] == {lb: {x: pytest.approx(0.7 if first[x] == lb else 0.9) for x in lb.split("+")}
@@ -554,10 +561,7 @@ def test_floor_placement_after_sharing_keeps_each_sets_own_share(toy, tmp_path, 
         for x in lb.split("+"):
             e, levels = names.index(x), []
             for sc in unet:
-                rows = loaded.tensors.get(f"gates.{sc}.sets")
-                got = {} if rows is None else dict(zip(map(tuple, rows.tolist()),
-                                                       loaded.tensors[f"gates.{sc}.set_scale"].tolist()))
-                levels.append(got.get(named, [1.0] * len(names))[e])
+                levels.append(_set_rows(loaded, sc).get(named, [1.0] * len(names))[e])
             want = record["shares"].get(lb, {}).get(x, 0.8)
             assert sum(levels) / len(unet) == pytest.approx(want, abs=1e-5), (lb, x)
 
@@ -570,19 +574,8 @@ def test_floor_placement_zeroes_the_stages_it_reports_and_writes_the_carried_flo
     order while the rest can carry the 0.9 floor at ≤ 1 (every gain ties, so each round's best is its first
     allowed stage). The record's zeroed stages and floors, the progress count
     and the gate file (magnitudes, or per-set scales with ``own``) equal that."""
-    backend, experts, refs, prompts, guide = toy
-    monkeypatch.setitem(GAINS, "mean", lambda trial, now: 1.0)
-    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_by_set=by_set, search_prompts=2, search_steps=2,
-                      search_min_strength=0.9, search_place_floors=True)
-    seen = []
-    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide, progress=seen.append,
-                   out_path=str(tmp_path / "g.safetensors"))
-    record = result.gates.info["training"]["block_search_result"]
-    names = [e.name for e in experts]
-    scopes: dict[str, list[str]] = {}
-    for sc in result.gates.scopes:
-        if stage_of(sc) is not None:
-            scopes.setdefault(stage_of(sc).removeprefix("unet:"), []).append(sc)
+    record, names, scopes, seen = _search_taking_every_change(toy, tmp_path, monkeypatch, search_by_set=by_set,
+                                                              search_min_strength=0.9, search_place_floors=True)
     order, n = list(scopes), sum(map(len, scopes.values()))
     n_off = n - len(scopes[order[-1]])
     need = 0.9 * n - len(scopes[order[-1]])
@@ -610,10 +603,9 @@ def test_floor_placement_zeroes_the_stages_it_reports_and_writes_the_carried_flo
                 continue
             assert torch.equal(m, torch.ones(len(names)))
             if st == order[-1]:
-                assert f"gates.{sc}.sets" not in loaded.tensors or loaded.tensors[f"gates.{sc}.sets"].shape[0] == 0
+                assert _set_rows(loaded, sc) == {}
                 continue
-            rows = dict(zip(map(tuple, loaded.tensors[f"gates.{sc}.sets"].tolist()),
-                            loaded.tensors[f"gates.{sc}.set_scale"].tolist()))
+            rows = _set_rows(loaded, sc)
             for lb in labels:
                 named = tuple(float(x in lb.split("+")) for x in names)
                 assert rows[named] == pytest.approx([level if x in lb.split("+") else 1.0 for x in names],
