@@ -8,7 +8,7 @@ whose gate file carries exactly the switches its training record reports."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -427,6 +427,20 @@ def _set_rows(loaded: mole.GateFile, scope: str) -> dict[tuple, list[float]]:
                                             loaded.tensors[f"gates.{scope}.set_scale"].tolist()))
 
 
+def _assert_set_levels(loaded: mole.GateFile, scope: str, runs_all: bool, names: list[str], labels: list[str],
+                       level: Callable[[str, str], float]) -> None:
+    """A scope's per-set scales: none where every LoRA runs (``runs_all``), else one row per set label whose named
+    LoRAs run at ``level(label, name)`` and the others at 1."""
+    rows = _set_rows(loaded, scope)
+    if runs_all:
+        assert rows == {}, scope
+        return
+    for lb in labels:
+        named = tuple(float(x in lb.split("+")) for x in names)
+        assert rows[named] == pytest.approx([level(lb, x) if x in lb.split("+") else 1.0 for x in names],
+                                            abs=1e-5), (scope, lb)
+
+
 def test_greedy_shares_keeps_each_experts_best_feasible_share_and_the_mean_need():
     """Sets {0}, {1}, {0, 1}, floors 0.7. Expert 0: the pair needing 0.2 less (+1.0) and the single 0.2 more (−0.3)
     nets +0.7, the best of its six shares (0.1: +0.5, 0.3: +0.2, the single as donor: −0.5). Expert 1: 0.2 less in
@@ -531,14 +545,8 @@ def test_floor_sharing_writes_each_compositions_own_needs(toy, tmp_path, monkeyp
         for sc in sts:
             assert torch.equal(2.0 * torch.sigmoid(loaded.tensors[f"gates.{sc}.magnitude_logit"]),
                                torch.ones(len(names)))
-            if st == order[-1]:
-                assert _set_rows(loaded, sc) == {}
-                continue
-            rows = _set_rows(loaded, sc)
-            for lb in labels:
-                named = tuple(float(x in lb.split("+")) for x in names)
-                assert rows[named] == pytest.approx([(want[lb][x] * n - n_on) / (n - n_on) if x in lb.split("+")
-                                                     else 1.0 for x in names], abs=1e-5), (sc, lb)
+            _assert_set_levels(loaded, sc, st == order[-1], names, labels,
+                               lambda lb, x: (want[lb][x] * n - n_on) / (n - n_on))
 
 
 def test_floor_placement_after_sharing_keeps_each_sets_own_share(toy, tmp_path, monkeypatch):
@@ -602,14 +610,7 @@ def test_floor_placement_zeroes_the_stages_it_reports_and_writes_the_carried_flo
                 assert m.tolist() == pytest.approx([level] * len(names), abs=1e-5), sc
                 continue
             assert torch.equal(m, torch.ones(len(names)))
-            if st == order[-1]:
-                assert _set_rows(loaded, sc) == {}
-                continue
-            rows = _set_rows(loaded, sc)
-            for lb in labels:
-                named = tuple(float(x in lb.split("+")) for x in names)
-                assert rows[named] == pytest.approx([level if x in lb.split("+") else 1.0 for x in names],
-                                                    abs=1e-5), (sc, lb)
+            _assert_set_levels(loaded, sc, st == order[-1], names, labels, lambda lb, x, level=level: level)
 
 
 @pytest.mark.parametrize("by_set", ["off", "refine"])
