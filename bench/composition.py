@@ -463,13 +463,15 @@ def main(argv: list[str] | None = None) -> int:
                     "steps")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
+    ap.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0): --first-seed 3 --seeds 3 "
+                    "runs seeds 3, 4, 5 (a check of a result's spread on other seeds; --merge needs the saved seeds)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (one thread each)")
     ap.add_argument("--steps", type=int, default=None, help="gate-training steps (default 300; quick 120)")
     ap.add_argument("--recipes", default=None, help=f"comma list of recipes (default all: "
                     f"{','.join(r.name for r in RECIPES)})")
     ap.add_argument("--assets", default=None, help="toy world folder (default mole_toy/assets)")
     ap.add_argument("--baselines", default=None, help=f"comma list of training-free rows (default "
-                    f"{','.join(DEFAULT_BASELINES)}; with --merge none; also: composite)")
+                    f"{','.join(DEFAULT_BASELINES)}; with --merge none; also: composite; none: no baseline)")
     ap.add_argument("--merge", action="store_true", help="judge only --recipes and --baselines and put their rows "
                     "into the saved results of the same settings; the other rows stay as saved")
     ap.add_argument("--into", default=None, help="with --merge: the saved results file (.json; its .md table is "
@@ -487,15 +489,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         ap.error(f"--recipes: unknown {unknown}; choose from {sorted(known)}")
-    baselines = (args.baselines.split(",") if args.baselines else [] if args.merge else DEFAULT_BASELINES)
+    baselines = ([] if args.baselines == "none" else args.baselines.split(",") if args.baselines
+                 else [] if args.merge else DEFAULT_BASELINES)
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         ap.error(f"--baselines: unknown {unknown}; choose from {list(BASELINES)}")
+    if not names and not baselines:
+        ap.error("nothing to run: no recipe and no baseline")
     recipes = [known[n] for n in names]
     s = argparse.Namespace(assets=args.assets, sample_steps=12, guidance=5.0, lr=3e-2,
                            steps=args.steps or (120 if args.quick else 300),
                            prompts=4 if args.quick else 16, images=4, base=32 if args.quick else 64)
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    if args.first_seed < 0:
+        ap.error(f"--first-seed must be ≥ 0, got {args.first_seed}")
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3))))
     log = _log
     t0 = time.perf_counter()
     name = "composition_quick" if args.quick else "composition"

@@ -127,6 +127,28 @@ def test_composite_is_a_baseline_on_request_that_merges_into_its_place(tmp_path,
     assert info.value.code == 2 and "--baselines: unknown ['lora_hub']" in capsys.readouterr().err
 
 
+def test_first_seed_runs_later_seeds_and_baselines_none_runs_only_the_recipes(tmp_path, monkeypatch, capsys):
+    """``--first-seed 3 --seeds 3``: seeds 3, 4, 5 (recorded in the results); ``--baselines none``: no baseline;
+    nothing to run, or a negative first seed, is a usage error before any seed runs."""
+    calls = []
+
+    def run_seed(seed, s, recipes, log, baselines):  # noqa: ANN001, ANN202
+        calls.append((seed, [r.name for r in recipes], baselines))
+        return {r.name: dict(ROW_RUN) for r in recipes}
+
+    monkeypatch.setattr(C, "OUT", tmp_path)
+    monkeypatch.setattr(C, "run_seed", run_seed)
+    assert C.main(["--first-seed", "3", "--seeds", "3", "--baselines", "none", "--recipes", "mole_denoise"]) == 0
+    assert calls == [(seed, ["mole_denoise"], []) for seed in (3, 4, 5)]
+    assert json.loads((tmp_path / "composition.json").read_text())["seeds"] == [3, 4, 5]
+    for bad, message in ((["--first-seed", "-1"], "--first-seed must be ≥ 0, got -1"),
+                         (["--merge", "--baselines", "none"], "nothing to run")):
+        with pytest.raises(SystemExit) as info:
+            C.main(["--quick", *bad])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert len(calls) == 3
+
+
 ROW_RUN = {k: v[0] for k, v in ROW.items()}
 
 
