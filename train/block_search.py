@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mole_core import Mixture, MoleError
+from mole_core import Expert, Mixture, MoleError
 from mole_core.triggers import trigger_words
 
 from .compose import ComposeObjective
@@ -557,11 +557,30 @@ def set_text_strengths(mix: Mixture, scopes: list[str], strengths: Strengths) ->
     return _set_logits(changes)
 
 
+def prompt_sets(compose: ComposeObjective, experts: Sequence[Expert], per_set: int, compositions_only: bool = False
+                ) -> dict[frozenset[int], list[str]]:
+    """The search's sets: the LoRAs (indices into ``experts``) whose trigger words a composition prompt names →
+    the first ``per_set`` such prompts, in prompt order; with ``compositions_only`` the sets of two or more. A
+    one-line error when ``compositions_only`` leaves none (checked before training)."""
+    words = trigger_words(experts, list(compose.ref_emb))
+    by_named: dict[frozenset[int], list[str]] = {}
+    for p in compose.prompts.compositions:
+        named = frozenset(i for i, c in enumerate(words) if c and c in compose.named[p])
+        if named and len(by_named.setdefault(named, [])) < per_set:
+            by_named[named].append(p)
+    if compositions_only:
+        by_named = {named: ps for named, ps in by_named.items() if len(named) > 1}
+        if not by_named:
+            raise MoleError("block search compositions_only: no composition prompt names the trigger words of two or "
+                            "more LoRAs (write each LoRA's trigger word, its file name, into the prompts)")
+    return by_named
+
+
 def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, steps: int, seed: int, batch: int,
                   text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off", draws: int = 1,
                   windows: bool = False, text_by_set: bool = False, aggregate: str = "mean",
                   min_strength: float = 0.0, place_floors: bool = False, share_floors: bool = False,
-                  progress: Callable[[int, int], None] | None = None,
+                  compositions_only: bool = False, progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
     switched off in ``mix``. ``per_set``: composition prompts scored per set of named concepts, each sampled
@@ -587,7 +606,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     (:func:`greedy_additions`), until none does. ``share_floors`` (with ``min_strength`` and ``by_set``): then a
     pass (before the placement) where the sets naming a LoRA among others share its floor — one set keeps less of it
     and the others more, their mean staying ``min_strength`` (:func:`greedy_shares`; a set naming one LoRA keeps its
-    floor)."""
+    floor). ``compositions_only``: only the sets naming two or more LoRAs are scored and chosen for (with
+    ``by_set``, a prompt naming one LoRA then runs it in every stage, as loaded)."""
     if not 0.0 <= min_strength <= 1.0:
         raise MoleError(f"block search min_strength must be in [0, 1], got {min_strength}")
     if place_floors and not min_strength > 0:
@@ -607,13 +627,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         raise MoleError(f"block search needs a UNet with at least 2 gated stages, got {sorted(stages)}")
     if text_by_set and (by_set == "off" or not text_strengths):
         raise MoleError("block search text_by_set needs by_set own or refine and text strengths")
-    concepts = list(compose.ref_emb)
-    words = trigger_words(mix.experts, concepts)
-    by_named: dict[frozenset[int], list[str]] = {}
-    for p in compose.prompts.compositions:
-        named = frozenset(i for i, c in enumerate(words) if c and c in compose.named[p])
-        if named and len(by_named.setdefault(named, [])) < per_set:
-            by_named[named].append(p)
+    by_named = prompt_sets(compose, mix.experts, per_set, compositions_only)
     short = {"+".join(mix.experts[e].name for e in sorted(named)): len(ps) for named, ps in by_named.items()
              if len(ps) < per_set}
     if short:

@@ -25,7 +25,7 @@ from mole_core.gate_file import GateFile
 from mole_core.gates import share_entropy
 
 from .backend import Backend, add_noise
-from .block_search import SearchResult, search_blocks
+from .block_search import SearchResult, prompt_sets, search_blocks
 from .checkpoint import read_checkpoint, restore, save_checkpoint
 from .compose import ComposeObjective, ComposePrompts, ImageTextGuide, latent_shape, reference_embeddings, twin_prompt
 from .config import TrainConfig
@@ -217,6 +217,8 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
                                             [r.concept for r in refs])
             compose = ComposeObjective(cfg, backend, [m for m in (gated, static) if m is not None], guide,
                                        compose_prompts, refs_emb, shape)
+            if cfg.block_search and cfg.search_compositions_only:  # its one-line error before training
+                prompt_sets(compose, experts, cfg.search_prompts, compositions_only=True)
         backend.set_gradient_checkpointing(cfg.gradient_checkpointing)
         return _run(_Run(cfg, backend, experts, cache, gated, objectives, compose, rank, world),
                     _Io(progress, should_stop, checkpoint_path, resume_from, out_path))
@@ -334,6 +336,7 @@ def _block_search(run: _Run, io: _Io) -> SearchResult:
                          windows=cfg.search_windows, text_by_set=cfg.search_text_by_set,
                          aggregate=cfg.search_aggregate, min_strength=cfg.search_min_strength,
                          place_floors=cfg.search_place_floors, share_floors=cfg.search_share_floors,
+                         compositions_only=cfg.search_compositions_only,
                          progress=progress,
                          should_stop=io.should_stop)
 

@@ -37,7 +37,7 @@ from train.block_search import (
     win_gain,
     write_set_text_scales,
 )
-from train.compose import ComposeObjective
+from train.compose import ComposeObjective, ComposePrompts
 from train.config import TrainConfig
 from train.engine import attach_for_training, train
 
@@ -887,6 +887,52 @@ def test_held_back_draws_score_the_same_prompts_on_the_generators_next_noise(toy
             assert float(logit[e]) == (OFF_LOGIT if off else 0.0), (scope, e_name)
 
 
+def test_compositions_only_scores_and_writes_the_sets_of_two_or_more_loras_only(toy, tmp_path, monkeypatch):
+    """``search_compositions_only`` (refine): of the toy world's sets (each LoRA alone, each pair) the guide samples
+    only the pairs' prompts, the progress counts the shared pass over the pairs' LoRAs and each pair's refinement,
+    the record has the pairs only, and no per-set row of the gate file has one LoRA on (a prompt naming one LoRA
+    runs it in every stage)."""
+    backend, experts, refs, prompts, guide = toy
+    sampled: set[str] = set()
+    real = ComposeObjective.guidance
+
+    def spy(self, ps, noise, steps):  # noqa: ANN001, ANN202 — records the prompts, then runs the real guidance
+        sampled.update(ps)
+        return real(self, ps, noise, steps)
+
+    monkeypatch.setattr(ComposeObjective, "guidance", spy)
+    record, _, scopes, seen = _search_taking_every_change(toy, tmp_path, monkeypatch, search_by_set="refine",
+                                                          search_compositions_only=True)
+    named = [[c for c in CONCEPTS if c in p.split()] for p in prompts.compositions]
+    pairs = {"+".join(f"{c}.safetensors" for c in n) for n in named if len(n) == 2}
+    assert len(pairs) == 3 and any(len(n) == 1 for n in named) and set(record["by_set"]) == pairs
+    assert sampled == {p for p, n in zip(prompts.compositions, named) if len(n) == 2}
+    n = len(scopes) * (3 + 2 * len(pairs))  # the shared pass over the pairs' 3 LoRAs, then each pair's 2
+    assert record["candidates"] == n and [r["candidate"] for r in seen if r.get("phase") == "block_search"] == \
+        list(range(1, n + 1))
+    assert any(record["by_set"][lb] for lb in pairs)  # the judge takes every change: something is switched off
+    loaded = mole.read_gate_file(tmp_path / "g.safetensors")
+    for scope in loaded.scopes:
+        assert all(sum(on) == 2 for on in _set_rows(loaded, scope)), scope
+
+
+def test_compositions_only_without_a_composition_is_a_one_line_error_before_training(toy, tmp_path):
+    """Composition prompts that each name one LoRA leave ``search_compositions_only`` nothing to search: one line
+    before the first training step (no progress, no file)."""
+    backend, experts, refs, prompts, guide = toy
+    singles = ComposePrompts([p for p in prompts.compositions if sum(c in p.split() for c in CONCEPTS) == 1],
+                             prompts.base)
+    assert singles.compositions
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_prompts=2, search_compositions_only=True)
+    seen: list[dict] = []
+    with pytest.raises(mole.MoleError, match=r"^block search compositions_only: no composition prompt names the "
+                                             r"trigger words of two or more LoRAs \(write each LoRA's trigger word, "
+                                             r"its file name, into the prompts\)$"):
+        train(cfg, backend, experts, refs, compose_prompts=singles, guide=guide, progress=seen.append,
+              out_path=str(tmp_path / "g.safetensors"))
+    assert seen == [] and not (tmp_path / "g.safetensors").exists()
+
+
 def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match="`block_search` needs objective compose and gate_input trigger"):
         TrainConfig(**{**RECIPE, "gate_input": "prompt", "route_weight": 0.0}, block_search=True)
@@ -936,6 +982,8 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match=r"^`search_share_floors` needs `search_min_strength` above 0 and "
                                              r"`search_by_set` own or refine, got 0.7 and 'off'$"):
         TrainConfig(**RECIPE, block_search=True, search_min_strength=0.7, search_share_floors=True)
+    with pytest.raises(mole.MoleError, match=r"^`search_compositions_only` needs `block_search`$"):
+        TrainConfig(**RECIPE, search_compositions_only=True)
     with pytest.raises(mole.MoleError, match="`search_by_set` needs `block_search`"):
         TrainConfig(**RECIPE, search_by_set="own")
     with pytest.raises(mole.MoleError, match=r"`search_by_set` must be one of \('off', 'own', 'refine'\), got 'yes'"):
