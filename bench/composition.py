@@ -14,11 +14,11 @@ composition. Per seed and method:
   name only other concepts, and that name none — the text encoder's and the UNet's scopes averaged;
 - per-sample gate entropy (of each sample's gate shares, averaged), not the entropy of the mean gate.
 
-Rows: ``stack``, ``nla``, ``switch`` (LoRA Switch, every step), the best ``static λ`` of a sweep (every LoRA at
-λ/3 in UNet and text encoders, picked by 3-concept composition), ``mole_denoise`` (the default recipe of earlier
-releases), the paper's softmax gates with the compose objective and the best compose recipe; ``--recipes`` adds
-the others (``ON_REQUEST``), ``--baselines composite`` LoRA Composite (3 UNet passes per step), both joinable to
-a saved run with ``--merge``. Fixed-weight rows (stack, NLA, the sweep) sample with the LoRAs merged into the
+Rows: ``stack``, ``nla``, the best ``static λ`` of a sweep (every LoRA at λ/3 in UNet and text encoders, picked
+by 3-concept composition), ``mole_denoise`` (the default recipe of earlier releases), the paper's softmax gates with
+the compose objective and the best compose recipe; ``--recipes`` adds the others (``ON_REQUEST``), ``--baselines
+switch,composite`` LoRA Switch (every step) and LoRA Composite (3 UNet passes per step), all joinable to a saved
+run with ``--merge``. Fixed-weight rows (stack, NLA, the sweep) sample with the LoRAs merged into the
 weights, as a LoRA loader applies them.
 Composition is judged twice: the requested concepts, and the whole prompt (every attribute it names).
 ``python bench/composition.py --quick --json`` prints one JSON object as its last line.
@@ -63,8 +63,9 @@ BASELINES = {"stack": {"mode": "static", "weights": [1.0] * 3}, "nla": {"mode": 
              "switch": {"method": "switch"}, "composite": {"method": "composite"},
              **{f"static_{lam:g}": {"mode": "uniform", "strength": lam} for lam in SWEEP}}
 # LoRA Composite runs every sampling step's UNet call once per LoRA (3× a row's cost, ~11 of a full run's minutes
-# on 2 cores): not one of the rows, so on request (--baselines) and joined with --merge
-DEFAULT_BASELINES = [b for b in BASELINES if b != "composite"]
+# on 2 cores), and LoRA Switch costs a row's judging (~3 min): neither is one of the rows, so both are on
+# request (--baselines) and joined with --merge, keeping the full run within its hour
+DEFAULT_BASELINES = [b for b in BASELINES if b not in ("composite", "switch")]
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,16 @@ REFINE_WINDOWS_TEXT = dict(PAIRED_DARK_TEXT, search_by_set="refine", search_wind
 RECIPES = [
     Recipe("mole_denoise", dict(objective="denoise", granularity="block", alpha=0.5, steps=60), compose=False),
     Recipe("mole_softmax_compose", dict(COMPOSE_COMMON, granularity="network", alpha=0.5)),
-    # the best so far (its steps are the first recipes of ON_REQUEST): each LoRA on when its trigger word is in the
-    # prompt (the router trained, every magnitude kept at 1), switched off in the UNet stages where the guide scores
-    # its compositions higher without it (block search), and the negative prompt's UNet rows routed like their
-    # prompt's: the named LoRAs run in both CFG branches (as loaded LoRAs do), not scaled by the CFG scale
-    Recipe("mole_sigmoid_compose_trigger_search_paired", PAIRED),
+    # the best so far (its steps are the recipes of ON_REQUEST up to `…_min07_place_share`): each LoRA on when its
+    # trigger word is in the prompt (the router trained, every magnitude kept at 1); per set of LoRAs a prompt names,
+    # the UNet stages each runs in fully (block search: a shared choice, then each set's windows and text levels),
+    # elsewhere at a floor (its mean UNet level 0.7), the floors shared among the compositions naming the LoRA and
+    # placed in the stages where they spoil least. The search scores the compositions only (a LoRA named alone runs
+    # as loaded): the shared-floor recipe's search over every set cost ~30 min per seed, which put the full run
+    # past its hour
+    Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_share_pairs",
+           dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True, search_share_floors=True,
+                search_compositions_only=True)),
 ]
 ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last recipe, then other hypotheses
     Recipe("mole_sigmoid_compose", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid", alpha=0.0)),
@@ -114,6 +120,11 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
                                                             gate_family="sigmoid", alpha=0.0, route_weight=1.0,
                                                             train_magnitudes=False, block_search=True, m_max=3.0,
                                                             search_text_strengths="1.5,2,2.5")),
+    # the default set's last recipe until the shared-floor one took its place: each LoRA on when its trigger word is
+    # in the prompt (the router trained, every magnitude kept at 1), switched off in the UNet stages where the guide
+    # scores its compositions higher without it (block search), and the negative prompt's UNet rows routed like
+    # their prompt's: the named LoRAs run in both CFG branches (as loaded LoRAs do), not scaled by the CFG scale
+    Recipe("mole_sigmoid_compose_trigger_search_paired", PAIRED),
     # the paired search recipe plus the text-encoder magnitude pass, both passes scoring each image and its dark
     # view (near-black pixels set to the background colour) and keeping the worse score: on block_routing's
     # candidates the guide then picks striped + star's best (0.88 against 0.25)

@@ -102,9 +102,9 @@ def test_merge_needs_saved_results_and_recipes(tmp_path, monkeypatch, capsys):
     assert info.value.code == 2 and "--merge needs --recipes or --baselines" in capsys.readouterr().err
 
 
-def test_composite_is_a_baseline_on_request_that_merges_into_its_place(tmp_path, monkeypatch, capsys):
-    """The default run leaves LoRA Composite out; ``--merge --baselines composite`` judges it alone and files its
-    row among the baselines, before the recipes."""
+def test_switch_and_composite_are_baselines_on_request_that_merge_into_their_places(tmp_path, monkeypatch, capsys):
+    """The default run leaves LoRA Switch and LoRA Composite out; ``--merge --baselines switch,composite`` judges
+    them alone and files their rows among the baselines, before the recipes."""
     calls = []
 
     def run_seed(seed, s, recipes, log, baselines):  # noqa: ANN001, ANN202
@@ -114,14 +114,13 @@ def test_composite_is_a_baseline_on_request_that_merges_into_its_place(tmp_path,
     monkeypatch.setattr(C, "OUT", tmp_path)
     monkeypatch.setattr(C, "run_seed", run_seed)
     assert C.main(["--quick"]) == 0
-    assert calls[-1] == ([r.name for r in C.RECIPES], ["stack", "nla", "switch", "static_1.5", "static_2",
-                                                       "static_2.5"])
-    assert C.main(["--quick", "--merge", "--baselines", "composite"]) == 0
-    assert calls[-1] == ([], ["composite"])
+    assert calls[-1] == ([r.name for r in C.RECIPES], ["stack", "nla", "static_1.5", "static_2", "static_2.5"])
+    assert C.main(["--quick", "--merge", "--baselines", "switch,composite"]) == 0
+    assert calls[-1] == ([], ["switch", "composite"])
     out = json.loads((tmp_path / "composition_quick.json").read_text())
     assert list(out["results"]) == ["stack", "nla", "switch", "composite", "static_1.5", "static_2", "static_2.5",
                                     "static_best", *(r.name for r in C.RECIPES)]
-    assert set(out["elapsed_s"]) == {"all", "composite"}
+    assert set(out["elapsed_s"]) == {"all", "switch,composite"}
     with pytest.raises(SystemExit) as info:
         C.main(["--quick", "--baselines", "stack,lora_hub"])
     assert info.value.code == 2 and "--baselines: unknown ['lora_hub']" in capsys.readouterr().err
