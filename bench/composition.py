@@ -500,8 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         ap.error(f"--recipes: unknown {unknown}; choose from {sorted(known)}")
-    baselines = ([] if args.baselines == "none" else args.baselines.split(",") if args.baselines
-                 else [] if args.merge else DEFAULT_BASELINES)
+    if args.baselines:  # "none": only the recipes
+        baselines = [] if args.baselines == "none" else args.baselines.split(",")
+    else:  # --merge re-judges no baseline unless asked
+        baselines = [] if args.merge else DEFAULT_BASELINES
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         ap.error(f"--baselines: unknown {unknown}; choose from {list(BASELINES)}")
