@@ -333,6 +333,15 @@ def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequ
 SHARE_STEPS = (0.1, 0.2, 0.3)  # how far :func:`greedy_shares` may lower one set's floor need
 
 
+def share_steps_up_to(largest: float) -> tuple[float, ...]:
+    """The steps of :func:`greedy_shares` up to ``largest``: 0.1, 0.2, … (``largest`` a multiple of 0.1 in
+    [0.1, 1]; 0.3 gives :data:`SHARE_STEPS`)."""
+    n = round(largest * 10)
+    if not (1 <= n <= 10 and abs(largest * 10 - n) < 1e-6):
+        raise MoleError(f"block search share_max_step must be a multiple of 0.1 in [0.1, 1], got {largest}")
+    return tuple(k / 10 for k in range(1, n + 1))
+
+
 def share_moves(experts: Sequence[int], sets: Sequence[frozenset[int]], steps: Sequence[float] = SHARE_STEPS
                 ) -> list[tuple[int, frozenset[int], float]]:
     """The candidates of :func:`greedy_shares`: (expert, the set whose need falls, by how much), for each expert
@@ -580,7 +589,8 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
                   text_strengths: Sequence[float] = (), rounds: int = 1, by_set: str = "off", draws: int = 1,
                   windows: bool = False, text_by_set: bool = False, aggregate: str = "mean",
                   min_strength: float = 0.0, place_floors: bool = False, share_floors: bool = False,
-                  compositions_only: bool = False, progress: Callable[[int, int], None] | None = None,
+                  compositions_only: bool = False, share_max_step: float = 0.3,
+                  progress: Callable[[int, int], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Greedy block search on ``mix`` (trigger gates) scored by ``compose``'s guide; the switched-off stages stay
     switched off in ``mix``. ``per_set``: composition prompts scored per set of named concepts, each sampled
@@ -605,9 +615,10 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     mean stays at ``min_strength``, :func:`can_zero`): one stage at a time, the one that raises the score most
     (:func:`greedy_additions`), until none does. ``share_floors`` (with ``min_strength`` and ``by_set``): then a
     pass (before the placement) where the sets naming a LoRA among others share its floor — one set keeps less of it
-    and the others more, their mean staying ``min_strength`` (:func:`greedy_shares`; a set naming one LoRA keeps its
-    floor). ``compositions_only``: only the sets naming two or more LoRAs are scored and chosen for (with
-    ``by_set``, a prompt naming one LoRA then runs it in every stage, as loaded)."""
+    and the others more, their mean staying ``min_strength`` (:func:`greedy_shares`, one set's share lowered by 0.1 …
+    ``share_max_step``; a set naming one LoRA keeps its floor). ``compositions_only``: only the sets naming two or
+    more LoRAs are scored and chosen for (with ``by_set``, a prompt naming one LoRA then runs it in every stage, as
+    loaded)."""
     if not 0.0 <= min_strength <= 1.0:
         raise MoleError(f"block search min_strength must be in [0, 1], got {min_strength}")
     if place_floors and not min_strength > 0:
@@ -615,6 +626,9 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     if share_floors and not (min_strength > 0 and by_set != "off"):
         raise MoleError("block search share_floors needs min_strength above 0 and by_set own or refine (each set "
                         "keeps its own share of a floor)")
+    share_steps = share_steps_up_to(share_max_step)
+    if share_steps != SHARE_STEPS and not share_floors:
+        raise MoleError(f"block search share_max_step {share_max_step} needs share_floors (it bounds the shares)")
     if aggregate not in GAINS:
         raise MoleError(f"block search aggregate must be one of {sorted(GAINS)}, got {aggregate!r}")
     compare = GAINS[aggregate]
@@ -676,7 +690,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     placed_groups = shared if by_set == "off" else own  # the placement's groups: one per entry of the final offs
     n_place = sum(len(es) for es, _ in placed_groups) * len(stages) if place_floors else 0
     compositions = [s for s in sets if len(s) > 1]  # the sets that share floors (a single LoRA keeps its own)
-    n_share = len(share_moves(experts, compositions)) if share_floors else 0
+    n_share = len(share_moves(experts, compositions, share_steps)) if share_floors else 0
     n_all = n_pass * rounds + n_text + n_refine + n_place + n_share
 
     def progress_from(done: int) -> Callable[[int, int], None]:
@@ -773,7 +787,7 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
 
         needs, s0, s1, complete = greedy_shares(experts, compositions, min_strength, share_score(score), feasible,
                                                 progress_from(n_all - n_place - n_share), should_stop,
-                                                [share_score(h) for h in held], compare)
+                                                [share_score(h) for h in held], compare, share_steps)
         total += s1 - s0
     zeros: list[Switches] = [{} for _ in offs]  # place_floors: per entry of offs, the stages run at 0
     if place_floors and complete:

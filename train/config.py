@@ -137,6 +137,9 @@ class TrainConfig:
                                      "them staying at search_min_strength (the mean the routing target measures) — "
                                      "per LoRA the share that raises the guide's score most, or none (a prompt "
                                      "naming one LoRA keeps its floor)")
+    search_share_max_step: float = _opt(0.3, "block search with search_share_floors: the most one set's share of a "
+                                        "floor may fall below search_min_strength (steps of 0.1 up to this; the "
+                                        "others rise by as much in sum, each to at most full strength)")
     search_compositions_only: bool = _opt(False, "block search: score and choose for the sets of two or more LoRAs "
                                           "only; a prompt naming one LoRA runs it in every stage at its own "
                                           "strength, as loaded (with search_by_set; without it the shared choice, "
@@ -240,6 +243,10 @@ class TrainConfig:
         if self.search_share_floors and not (self.search_min_strength and self.search_by_set != "off"):
             raise MoleError(f"`search_share_floors` needs `search_min_strength` above 0 and `search_by_set` own or "
                             f"refine, got {self.search_min_strength} and {self.search_by_set!r}")
+        if self.search_share_max_step != 0.3 and not self.search_share_floors:
+            raise MoleError(f"`search_share_max_step` needs `search_share_floors`, got {self.search_share_max_step}")
+        from .block_search import share_steps_up_to  # the search's own check, before any training
+        share_steps_up_to(self.search_share_max_step)
         if self.search_compositions_only and not self.block_search:
             raise MoleError("`search_compositions_only` needs `block_search`")
         for level in self.text_strengths:

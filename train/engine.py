@@ -336,7 +336,7 @@ def _block_search(run: _Run, io: _Io) -> SearchResult:
                          windows=cfg.search_windows, text_by_set=cfg.search_text_by_set,
                          aggregate=cfg.search_aggregate, min_strength=cfg.search_min_strength,
                          place_floors=cfg.search_place_floors, share_floors=cfg.search_share_floors,
-                         compositions_only=cfg.search_compositions_only,
+                         compositions_only=cfg.search_compositions_only, share_max_step=cfg.search_share_max_step,
                          progress=progress,
                          should_stop=io.should_stop)
 
