@@ -18,6 +18,7 @@ from tests.train._toy import load_compose_toy
 from train.block_search import (
     GAINS,
     OFF_LOGIT,
+    SHARE_STEPS,
     can_carry,
     can_zero,
     floors,
@@ -30,6 +31,7 @@ from train.block_search import (
     search_blocks,
     set_text_strengths,
     share_moves,
+    share_steps_up_to,
     stage_of,
     switch_off,
     text_scopes,
@@ -476,6 +478,37 @@ def test_greedy_shares_keeps_each_experts_best_feasible_share_and_the_mean_need(
     assert share_moves([0, 1, 2], sets) == share_moves([0, 1], sets)  # an expert named by one set has no share
 
 
+def test_larger_share_steps_let_one_composition_keep_less_of_a_floor():
+    """Sets {0}, {0, 1} and {0, 2}, floors 0.7, expert 0 only scored. The pair {0, 1} scores best needing 0.1 (the
+    0.6 step, +2.0), the others lose a little as they rise (0.7 + 0.6 / 2 = 1.0: −0.4 each) — net +1.2, above the
+    0.3 step's +0.6 (0.4: +0.8, the others at 0.85: −0.1 each). With the default steps the 0.3 share is kept; with
+    ``share_steps_up_to(0.6)`` the 0.6 one; the mean need over the three sets stays 0.7 either way. The candidates:
+    3 donors × 3 or × 6 steps."""
+    one, two, three = frozenset({0}), frozenset({0, 1}), frozenset({0, 2})
+    gain = {(two, 0.1): 2.0, (two, 0.4): 0.8, (one, 1.0): -0.4, (three, 1.0): -0.4, (one, 0.85): -0.1,
+            (three, 0.85): -0.1}
+
+    def score(named: frozenset[int], needs: dict[int, float]) -> float:
+        return gain.get((named, round(needs[0], 6)), 0.0)
+
+    sets = [one, two, three]
+    for steps, want in ((SHARE_STEPS, 0.4), (share_steps_up_to(0.6), 0.1)):
+        needs, start, total, complete = greedy_shares([0], sets, 0.7, score, lambda *_: True, steps=steps)
+        assert needs[two][0] == pytest.approx(want) and complete
+        assert sum(needs[s][0] for s in sets) == pytest.approx(2.1)
+        assert total == pytest.approx(1.2 if want == 0.1 else 0.6) and start == 0.0
+        assert len(share_moves([0], sets, steps)) == 3 * len(steps)
+
+
+def test_share_steps_are_tenths_up_to_the_largest_and_anything_else_is_one_line():
+    assert share_steps_up_to(0.3) == SHARE_STEPS == (0.1, 0.2, 0.3)
+    assert share_steps_up_to(0.6) == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6) and share_steps_up_to(1.0)[-1] == 1.0
+    for bad in (0.25, 0.0, -0.1, 1.1):
+        with pytest.raises(mole.MoleError, match=rf"^block search share_max_step must be a multiple of 0.1 in "
+                                                 rf"\[0.1, 1\], got {bad}$"):
+            share_steps_up_to(bad)
+
+
 def test_a_search_asked_for_more_prompts_than_a_set_has_says_so(toy, tmp_path, caplog):
     """The toy world has 2 composition prompts per set: ``search_prompts`` 3 scores those 2 and says so in one
     warning naming the count asked for and each short set; 2 gives no warning."""
@@ -517,15 +550,17 @@ def test_can_carry_matches_the_hand_computed_floor(toy):
         assert not can_carry(gated, stages, 0, most, most, 0.5)
 
 
-def test_floor_sharing_writes_each_compositions_own_needs(toy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("max_step", [0.3, 0.5])
+def test_floor_sharing_writes_each_compositions_own_needs(toy, tmp_path, monkeypatch, max_step):
     """``search_share_floors`` with ``own`` sets and floors 0.8, with a judge that takes every change: each set
     switches its LoRAs off in every stage but the last; every share ties, so each LoRA's first candidate is kept —
     the first pair naming it needs 0.1 less (0.7), its other pair 0.1 more (0.9); a set naming one LoRA keeps 0.8.
     The record's shares and floors (g·n − n_on) / n_off, the progress count (the stage passes, then 3 LoRAs × 2
-    pairs × 3 steps) and the gate file's per-set scales equal those hand-computed ones; each LoRA's mean need over
-    its pairs stays 0.8."""
+    pairs × the steps up to ``search_share_max_step``) and the gate file's per-set scales equal those hand-computed
+    ones; each LoRA's mean need over its pairs stays 0.8."""
     record, names, scopes, seen = _search_taking_every_change(toy, tmp_path, monkeypatch, search_by_set="own",
-                                                              search_min_strength=0.8, search_share_floors=True)
+                                                              search_min_strength=0.8, search_share_floors=True,
+                                                              search_share_max_step=max_step)
     order, n = list(scopes), sum(map(len, scopes.values()))
     n_on = len(scopes[order[-1]])
     labels = list(record["by_set"])
@@ -537,7 +572,7 @@ def test_floor_sharing_writes_each_compositions_own_needs(toy, tmp_path, monkeyp
     assert record["floors"] == {lb: {x: pytest.approx((v * n - n_on) / (n - n_on), abs=1e-5) for x, v in w.items()}
                                 for lb, w in want.items()}
     assert all(sum(want[lb][x] for lb in pairs if x in lb.split("+")) == pytest.approx(1.6) for x in names)
-    total = sum(len(lb.split("+")) for lb in labels) * len(order) + 18
+    total = sum(len(lb.split("+")) for lb in labels) * len(order) + 3 * 2 * round(max_step * 10)
     assert record["candidates"] == total and \
         [r["candidate"] for r in seen if r.get("phase") == "block_search"] == list(range(1, total + 1))
     loaded = mole.read_gate_file(tmp_path / "g.safetensors")
@@ -982,6 +1017,13 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match=r"^`search_share_floors` needs `search_min_strength` above 0 and "
                                              r"`search_by_set` own or refine, got 0.7 and 'off'$"):
         TrainConfig(**RECIPE, block_search=True, search_min_strength=0.7, search_share_floors=True)
+    with pytest.raises(mole.MoleError, match=r"^`search_share_max_step` needs `search_share_floors`, got 0.6$"):
+        TrainConfig(**RECIPE, block_search=True, search_min_strength=0.7, search_by_set="own",
+                    search_share_max_step=0.6)
+    with pytest.raises(mole.MoleError, match=r"^block search share_max_step must be a multiple of 0.1 in \[0.1, "
+                                             r"1\], got 0.35$"):
+        TrainConfig(**RECIPE, block_search=True, search_min_strength=0.7, search_by_set="own",
+                    search_share_floors=True, search_share_max_step=0.35)
     with pytest.raises(mole.MoleError, match=r"^`search_compositions_only` needs `block_search`$"):
         TrainConfig(**RECIPE, search_compositions_only=True)
     with pytest.raises(mole.MoleError, match="`search_by_set` needs `block_search`"):
@@ -1002,6 +1044,9 @@ def test_search_blocks_refuses_bad_floor_options_before_touching_anything():
             search_blocks(None, None, per_set=1, steps=1, seed=0, batch=1, share_floors=True, **kwargs)
     with pytest.raises(mole.MoleError, match=r"^block search min_strength must be in \[0, 1\], got 1.5$"):
         search_blocks(None, None, per_set=1, steps=1, seed=0, batch=1, min_strength=1.5)
+    with pytest.raises(mole.MoleError, match=r"^block search share_max_step 0.5 needs share_floors \(it bounds the "
+                                             r"shares\)$"):
+        search_blocks(None, None, per_set=1, steps=1, seed=0, batch=1, share_max_step=0.5)
 
 
 def test_a_stop_during_the_block_search_keeps_the_gates_partial_and_the_checkpoint_before_it(toy, tmp_path):
