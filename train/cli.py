@@ -16,6 +16,7 @@ from mole_core import METHODS, MoleError
 from mole_core.checks import parse_numbers, parse_switches
 
 from .config import TrainConfig, config_fields
+from .recipes import RECIPES, recipe_fields
 
 EXIT_ERROR = 2
 
@@ -62,10 +63,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+def _add_train_parser(sub: argparse._SubParsersAction, recipe: str) -> None:
     p = sub.add_parser("train", help="train gates from reference images",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
+    p.add_argument("--recipe", default="paper", choices=list(RECIPES),
+                   help="the option defaults to start from (any option given wins): paper — the paper's gates "
+                   "(softmax, denoising objective); compose — the composition benchmark's best recipe (trigger-word "
+                   "gates, compose objective, block search; needs --clip-model, --compose-prompt(s), "
+                   "--base-prompt(s) and one reference sub-folder per concept named after its LoRA's trigger word)")
     p.add_argument("--images", required=True, help="folder of reference images (flat or one sub-folder per concept)")
     p.add_argument("--out", default="gates.safetensors", help="gate file to write")
     p.add_argument("--resume", default=None, help="resume from this training checkpoint")
@@ -82,7 +88,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="objective compose: a prompt naming no concept (prior preservation); repeat")
     p.add_argument("--base-prompts", default=None, metavar="FILE", help="objective compose: a text file, one "
                    "base prompt per line")
+    preset = recipe_fields(recipe)
     for name, default, help_, choices in config_fields():
+        default = preset.get(name, default)
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
@@ -109,13 +117,14 @@ def _add_sample_parser(sub: argparse._SubParsersAction, name: str, help_: str) -
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(recipe: str = "paper") -> argparse.ArgumentParser:
+    """The CLI's parser; ``recipe``: the training options' defaults (:mod:`train.recipes`)."""
     ap = argparse.ArgumentParser(prog="mole-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="log more")
     ap.add_argument("--debug", action="store_true", help="print the traceback of any error (default: one line)")
     sub = ap.add_subparsers(dest="command", required=True)
-    _add_train_parser(sub)
+    _add_train_parser(sub, recipe)
     s = _add_sample_parser(sub, "sample", "generate images with learned gates, static weights, NLA, LoRA Switch "
                            "or LoRA Composite")
     g = s.add_mutually_exclusive_group()
@@ -157,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--recipe", default="paper")
+    recipe = pre.parse_known_args(argv)[0].recipe  # so that `--recipe compose --help` shows its defaults
+    args = build_parser(recipe if recipe in RECIPES else "paper").parse_args(argv)
+    if getattr(args, "recipe", recipe) != recipe:  # an abbreviated flag: again, with the recipe's defaults
+        args = build_parser(args.recipe).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from . import commands
 
