@@ -9,6 +9,8 @@ from mole_core.checks import check_number
 from mole_core.gates import FAMILIES, GATE_INPUTS, NEGATIVE_ROUTING, TEXT_POOLS
 from mole_core.naming import GRANULARITIES
 
+from .greedy import share_steps_up_to
+
 OBJECTIVES = ("denoise", "clip", "compose")
 DTYPES = ("fp32", "bf16")
 MAX_RESOLUTION = 8192
@@ -245,7 +247,6 @@ class TrainConfig:
                             f"refine, got {self.search_min_strength} and {self.search_by_set!r}")
         if self.search_share_max_step != 0.3 and not self.search_share_floors:
             raise MoleError(f"`search_share_max_step` needs `search_share_floors`, got {self.search_share_max_step}")
-        from .block_search import share_steps_up_to  # the search's own check, before any training
         share_steps_up_to(self.search_share_max_step)
         if self.search_compositions_only and not self.block_search:
             raise MoleError("`search_compositions_only` needs `block_search`")

@@ -16,32 +16,34 @@ import torch
 import mole_core as mole
 from tests.train._toy import load_compose_toy
 from train.block_search import (
-    GAINS,
     OFF_LOGIT,
-    SHARE_STEPS,
     can_carry,
     can_zero,
     floors,
+    search_blocks,
+    set_text_strengths,
+    stage_of,
+    switch_off,
+    text_scopes,
+    unet_stages,
+    write_set_text_scales,
+)
+from train.compose import ComposeObjective, ComposePrompts
+from train.config import TrainConfig
+from train.engine import attach_for_training, train
+from train.greedy import (
+    GAINS,
+    SHARE_STEPS,
     greedy_additions,
     greedy_search,
     greedy_shares,
     greedy_strengths,
     greedy_windows,
     mean_gain,
-    search_blocks,
-    set_text_strengths,
     share_moves,
     share_steps_up_to,
-    stage_of,
-    switch_off,
-    text_scopes,
-    unet_stages,
     win_gain,
-    write_set_text_scales,
 )
-from train.compose import ComposeObjective, ComposePrompts
-from train.config import TrainConfig
-from train.engine import attach_for_training, train
 
 CONCEPTS = ["purple", "striped", "star"]
 RECIPE = dict(resolution=32, batch_size=4, seed=0, checkpoint_every=0, objective="compose", gate_family="sigmoid",
