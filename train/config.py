@@ -247,7 +247,7 @@ class TrainConfig:
                             f"refine, got {self.search_min_strength} and {self.search_by_set!r}")
         if self.search_share_max_step != 0.3 and not self.search_share_floors:
             raise MoleError(f"`search_share_max_step` needs `search_share_floors`, got {self.search_share_max_step}")
-        share_steps_up_to(self.search_share_max_step)
+        share_steps_up_to(self.search_share_max_step, "`search_share_max_step`")
         if self.search_compositions_only and not self.block_search:
             raise MoleError("`search_compositions_only` needs `block_search`")
         for level in self.text_strengths:

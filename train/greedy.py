@@ -229,12 +229,12 @@ def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequ
 SHARE_STEPS = (0.1, 0.2, 0.3)  # how far :func:`greedy_shares` may lower one set's floor need
 
 
-def share_steps_up_to(largest: float) -> tuple[float, ...]:
+def share_steps_up_to(largest: float, name: str = "block search share_max_step") -> tuple[float, ...]:
     """The steps of :func:`greedy_shares` up to ``largest``: 0.1, 0.2, … (``largest`` a multiple of 0.1 in
-    [0.1, 1]; 0.3 gives :data:`SHARE_STEPS`)."""
+    [0.1, 1], else a one-line error naming it ``name``; 0.3 gives :data:`SHARE_STEPS`)."""
     n = round(largest * 10)
     if not (1 <= n <= 10 and abs(largest * 10 - n) < 1e-6):
-        raise MoleError(f"block search share_max_step must be a multiple of 0.1 in [0.1, 1], got {largest}")
+        raise MoleError(f"{name} must be a multiple of 0.1 in [0.1, 1], got {largest}")
     return tuple(k / 10 for k in range(1, n + 1))
 
 

@@ -1022,8 +1022,8 @@ def test_block_search_needs_trigger_gates_and_the_compose_objective():
     with pytest.raises(mole.MoleError, match=r"^`search_share_max_step` needs `search_share_floors`, got 0.6$"):
         TrainConfig(**RECIPE, block_search=True, search_min_strength=0.7, search_by_set="own",
                     search_share_max_step=0.6)
-    with pytest.raises(mole.MoleError, match=r"^block search share_max_step must be a multiple of 0.1 in \[0.1, "
-                                             r"1\], got 0.35$"):
+    with pytest.raises(mole.MoleError, match=r"^`search_share_max_step` must be a multiple of 0.1 in \[0.1, 1\], "
+                                             r"got 0.35$"):
         TrainConfig(**RECIPE, block_search=True, search_min_strength=0.7, search_by_set="own",
                     search_share_floors=True, search_share_max_step=0.35)
     with pytest.raises(mole.MoleError, match=r"^`search_compositions_only` needs `block_search`$"):
