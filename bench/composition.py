@@ -50,6 +50,7 @@ from train.config import TrainConfig  # noqa: E402
 from train.data import Reference  # noqa: E402
 from train.diffusers_backend import DiffusersBackend, quiet_libraries  # noqa: E402
 from train.engine import train  # noqa: E402
+from train.recipes import recipe_fields  # noqa: E402
 from train.sampling import attach_merged, attach_mixture, attach_training_free  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -96,8 +97,7 @@ RECIPES = [
     # as loaded): the shared-floor recipe's search over every set cost ~30 min per seed, which put the full run
     # past its hour
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_share_pairs",
-           dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True, search_share_floors=True,
-                search_compositions_only=True)),
+           recipe_fields("compose")),  # = `mole-train train --recipe compose`
 ]
 ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last recipe, then other hypotheses
     Recipe("mole_sigmoid_compose", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid", alpha=0.0)),
@@ -243,8 +243,7 @@ ON_REQUEST = [  # --recipes NAME: the steps that led to the default set's last r
     # the pair that misses (0.41–0.63 on seeds 0–5, the others 0.95–1.00), and it composed at 0.88 among hand-set
     # assignments without floors: may it keep as little as 0.1 of a floor, the other compositions carrying the rest?
     Recipe("mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_share06_pairs",
-           dict(REFINE_WINDOWS_TEXT, search_min_strength=0.7, search_place_floors=True, search_share_floors=True,
-                search_compositions_only=True, search_share_max_step=0.6)),
+           dict(recipe_fields("compose"), search_share_max_step=0.6)),
     Recipe("mole_sigmoid_compose_dropout", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",
                                                 alpha=0.0, word_dropout=0.3, weight_decay=0.05)),
     Recipe("mole_sigmoid_compose_exclude", dict(COMPOSE_COMMON, granularity="network", gate_family="sigmoid",

@@ -54,6 +54,11 @@ def _check_guide_file(path: str | None, objective: str) -> None:
         raise MoleError(f"--clip-model {p.name}: only .safetensors checkpoints are loaded")
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed ``mole-train train`` arguments (every option flag, recipe defaults included)."""
+    return TrainConfig.from_dict({name: getattr(args, name) for name, *_ in config_fields()})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mole_core.viz import heatmap_payload, save_heatmap
 
@@ -63,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .plots import training_curves
     from .worker import Worker
 
-    cfg = TrainConfig.from_dict({name: getattr(args, name) for name, *_ in config_fields()})
+    cfg = train_config(args)
     out = _check_out_file(args.out)
     ckpt = args.checkpoint or str(out.with_name(out.stem + ".state.safetensors"))
     if args.resume:

@@ -13,7 +13,8 @@ import pytest
 
 import mole_core as mole
 from train.cli import build_parser, main
-from train.config import TrainConfig, config_fields
+from train.commands import train_config
+from train.config import TrainConfig
 from train.recipes import RECIPES, recipe_config, recipe_fields
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,17 +23,21 @@ MODEL_ARGS = ["train", "--base", "unused", "--images", "unused"]
 
 
 def _bench_best() -> dict:
+    """The bench's default set's last row, checked against the steps that built it (its on-request ancestor
+    `…_min07_place_share` searched on the compositions only)."""
     sys.path.insert(0, str(ROOT / "bench"))  # as tests/test_composition_bench.py imports it
     import composition
 
+    ancestor = {r.name: r.fields for r in composition.ON_REQUEST}[
+        "mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_share"]
+    assert dict(composition.RECIPES[-1].fields) == {**ancestor, "search_compositions_only": True}
     return dict(composition.RECIPES[-1].fields)
 
 
 def _cli_config(*argv: str) -> TrainConfig:
     """The TrainConfig `mole-train train` builds from ``argv`` (the command's own reading of the flags)."""
     recipe = next((argv[i + 1] for i, a in enumerate(argv) if a == "--recipe"), "paper")
-    args = build_parser(recipe).parse_args([*MODEL_ARGS, *argv])
-    return TrainConfig.from_dict({name: getattr(args, name) for name, *_ in config_fields()})
+    return train_config(build_parser(recipe).parse_args([*MODEL_ARGS, *argv]))
 
 
 def test_the_compose_recipe_is_the_benchmarks_best_row_and_paper_is_the_defaults():
