@@ -31,6 +31,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -360,6 +361,26 @@ def evaluate(world, pipe, backend, experts, method: dict, sets: dict, base: list
     return res
 
 
+def progress_log(seed: int, recipe: str, log: Callable[[str], None], parts: int = 10) -> Callable[[dict], None]:
+    """A training progress callback for the bench's log: one line per ``parts``-th of the training steps and of the
+    block search's candidates (a searched recipe trains and searches for half an hour per seed, and its results
+    arrive only at the end)."""
+    shown: set[tuple[str, int]] = set()
+
+    def report(record: dict) -> None:
+        search = record.get("phase") == "block_search"
+        done, total = (record["candidate"], record["candidates"]) if search else (record["step"], record["steps"])
+        part = done * parts // max(1, total)
+        what = "block search candidate" if search else "step"
+        if part == 0 or (what, part) in shown:
+            return
+        shown.add((what, part))
+        extra = "" if search else f", loss {record['loss']:.4f}"
+        log(f"seed {seed}: {recipe} {what} {done}/{total}{extra}")
+
+    return report
+
+
 def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log, baselines: list[str]  # noqa: ANN001
              ) -> dict:
     torch.set_num_threads(1)
@@ -386,7 +407,7 @@ def run_seed(seed: int, s: argparse.Namespace, recipes: list[Recipe], log, basel
         extra = {"compose_prompts": training_prompts(seed, r.prompts), "guide": load_toy_guide(world.clip_path)} \
             if r.compose else {}
         t0 = time.perf_counter()
-        gates = train(cfg, backend, experts, refs, **extra).gates
+        gates = train(cfg, backend, experts, refs, progress=progress_log(seed, r.name, log), **extra).gates
         methods[r.name] = {"gates": gates, "train_s": round(time.perf_counter() - t0, 1)}
         searched = gates.info.get("training", {}).get("block_search_result")
         log(f"seed {seed}: trained {r.name} in {methods[r.name]['train_s']} s"

@@ -234,3 +234,20 @@ def test_every_recipe_is_a_valid_training_config_with_a_unique_name():
     assert len({r.name for r in recipes}) == len(recipes)
     for r in recipes:
         TrainConfig(**{**dict(steps=300, resolution=32, seed=0), **r.fields})
+
+
+def test_progress_log_reports_each_tenth_of_training_and_of_the_search_once():
+    """A searched recipe runs half an hour per seed before its results: the log says how far it is."""
+    lines: list[str] = []
+    report = C.progress_log(2, "recipe", lines.append)
+    for step in range(1, 31):  # 30 steps: a line at 3, 6, ..., 30
+        report({"step": step, "steps": 30, "loss": 1.0 / step})
+    for i in range(1, 8):  # a search of 7 candidates whose count grows to 14 in its last pass
+        report({"phase": "block_search", "candidate": i, "candidates": 7 if i < 7 else 14})
+    train_lines = [x for x in lines if " step " in x]
+    assert len(train_lines) == 10
+    assert train_lines[0] == "seed 2: recipe step 3/30, loss 0.3333"
+    assert train_lines[-1] == "seed 2: recipe step 30/30, loss 0.0333"
+    search = [x.split()[-1] for x in lines if "block search" in x]
+    # tenths 1, 2, 4, 5, 7, 8 of 7 candidates (int(10 i / 7) for i = 1..6), then 7/14 is tenth 5: already shown
+    assert search == ["1/7", "2/7", "3/7", "4/7", "5/7", "6/7"]
