@@ -364,18 +364,18 @@ def evaluate(world, pipe, backend, experts, method: dict, sets: dict, base: list
 
 def progress_log(seed: int, recipe: str, log: Callable[[str], None], parts: int = 10) -> Callable[[dict], None]:
     """A training progress callback for the bench's log: one line per ``parts``-th of the training steps and of the
-    block search's candidates (a searched recipe trains and searches for half an hour per seed, and its results
-    arrive only at the end)."""
-    shown: set[tuple[str, int]] = set()
+    block search's candidates, never going back when the search's candidate count grows (a searched recipe trains
+    and searches for half an hour per seed, and its results arrive only at the end)."""
+    reached = {"step": 0, "block search candidate": 0}  # the last part logged of each
 
     def report(record: dict) -> None:
         search = record.get("phase") == "block_search"
         done, total = (record["candidate"], record["candidates"]) if search else (record["step"], record["steps"])
         part = done * parts // max(1, total)
         what = "block search candidate" if search else "step"
-        if part == 0 or (what, part) in shown:
+        if part <= reached[what]:
             return
-        shown.add((what, part))
+        reached[what] = part
         extra = "" if search else f", loss {record['loss']:.4f}"
         log(f"seed {seed}: {recipe} {what} {done}/{total}{extra}")
 

@@ -249,5 +249,5 @@ def test_progress_log_reports_each_tenth_of_training_and_of_the_search_once():
     assert train_lines[0] == "seed 2: recipe step 3/30, loss 0.3333"
     assert train_lines[-1] == "seed 2: recipe step 30/30, loss 0.0333"
     search = [x.split()[-1] for x in lines if "block search" in x]
-    # tenths 1, 2, 4, 5, 7, 8 of 7 candidates (int(10 i / 7) for i = 1..6), then 7/14 is tenth 5: already shown
+    # tenths 1, 2, 4, 5, 7, 8 of 7 candidates (int(10 i / 7) for i = 1..6), then 7/14 is tenth 5: below the one reached
     assert search == ["1/7", "2/7", "3/7", "4/7", "5/7", "6/7"]
