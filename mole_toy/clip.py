@@ -30,6 +30,7 @@ from . import world as W
 Log = Callable[[str], None]
 UNK = "<unk>"
 FORMAT = "mole-toy-clip/1"
+CONV_BLOCKS = 5  # image_net's convolutional blocks (then pooling and the projection head)
 
 
 def toy_vocabulary() -> tuple[str, ...]:
@@ -78,12 +79,21 @@ class ToyClip(nn.Module):
         """Word ids per text (lower-cased, punctuation dropped; unknown words → ``<unk>``)."""
         return [[self._index.get(w, 0) for w in re.findall(r"[a-z<>]+", t.lower())] for t in texts]
 
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [-1, 1] → ``(B, D)`` unit vectors; resized (bilinear) to 32×32 if needed."""
+    @staticmethod
+    def _resized(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (W.SIZE, W.SIZE):
             x = F.interpolate(x, size=(W.SIZE, W.SIZE), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > W.SIZE)
-        return F.normalize(self.image_net(x.float()), dim=-1)
+        return x.float()
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] → ``(B, D)`` unit vectors; resized (bilinear) to 32×32 if needed."""
+        return F.normalize(self.image_net(self._resized(x)), dim=-1)
+
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] → the last convolutional block's features ``(B, 4w, 8, 8)`` (resized as
+        :meth:`encode_image` does)."""
+        return self.image_net[:CONV_BLOCKS](self._resized(x))
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Captions → ``(B, D)`` unit vectors."""

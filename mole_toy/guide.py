@@ -22,6 +22,11 @@ class ToyClipGuide:
         """``(B, 3, H, W)`` in [-1, 1] → unit embeddings ``(B, D)`` (differentiable in the images)."""
         return self.model.encode_image(images.float().clamp(-1, 1).to(self._device()))
 
+    def texture_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] → the last convolutional block's features (the texture term's,
+        :mod:`train.texture`)."""
+        return self.model.conv_features(images.float().clamp(-1, 1).to(self._device()))
+
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(texts)

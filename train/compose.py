@@ -35,6 +35,7 @@ from mole_core.triggers import trigger_words
 from .backend import Backend
 from .config import TrainConfig
 from .dark_view import dark_to_background
+from .texture import texture_scores
 
 
 class ImageTextGuide(Protocol):
@@ -109,10 +110,15 @@ class ComposeObjective:
     """The per-step loss of objective ``compose`` (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, backend: Backend, mixtures: list[Mixture], guide: ImageTextGuide,
-                 prompts: ComposePrompts, ref_embeddings: dict[str, torch.Tensor], latent_shape: tuple[int, ...]):
+                 prompts: ComposePrompts, ref_embeddings: dict[str, torch.Tensor], latent_shape: tuple[int, ...],
+                 ref_grams: dict[str, torch.Tensor] | None = None):
+        """``ref_grams`` (:func:`train.texture.reference_grams`): the texture term's references, needed when
+        ``cfg.search_texture_weight`` is above 0."""
+        if cfg.search_texture_weight and ref_grams is None:
+            raise MoleError("`search_texture_weight` needs the references' Gram matrices (train.texture)")
         self.cfg, self.backend, self.mixtures, self.guide = cfg, backend, mixtures, guide
         self.prompts = prompts
-        self.ref_emb = ref_embeddings
+        self.ref_emb, self.ref_grams = ref_embeddings, ref_grams
         self.latent_shape = latent_shape
         self.timesteps = rollout_timesteps(len(backend.alphas_cumprod), cfg.rollout_steps)
         self.text_emb = {p: e for p, e in zip(prompts.compositions,
@@ -219,11 +225,16 @@ class ComposeObjective:
     def guidance(self, prompts: list[str], noise: torch.Tensor, steps: int) -> torch.Tensor:
         """Per composition prompt, the guidance this objective maximises (:meth:`score_images`) of the image a
         ``steps``-step DDIM rollout samples from ``noise`` (one latent per prompt); with ``search_dark_view`` the
-        worse of that image's score and its dark view's (:mod:`train.dark_view`)."""
+        worse of that image's score and its dark view's (:mod:`train.dark_view`); with ``search_texture_weight``
+        plus that weight × the image's texture term (:func:`train.texture.texture_scores`)."""
         images = self.rollout_images(prompts, noise, steps)
         dark = self.cfg.search_dark_view
         views = [images] + ([dark_to_background(images, dark)] if dark else [])
-        return torch.stack([self.score_images(view, prompts) for view in views]).amin(0)
+        score = torch.stack([self.score_images(view, prompts) for view in views]).amin(0)
+        if self.cfg.search_texture_weight:
+            texture = texture_scores(self.guide, images, [self.named[p] for p in prompts], self.ref_grams)
+            score = score + self.cfg.search_texture_weight * texture.to(score.device)
+        return score
 
     @torch.no_grad()
     def rollout_images(self, prompts: list[str], noise: torch.Tensor, steps: int) -> torch.Tensor:

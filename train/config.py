@@ -124,6 +124,12 @@ class TrainConfig:
                                    "below this share of the image's bright level) set to its border colour, and "
                                    "keep the worse score: detail that only shows as near-black merges with a dark "
                                    "background (0: off; the benchmark's recipe: 0.25)")
+    search_texture_weight: float = _opt(0.0, "block search: add this weight × a texture term to each image's score: "
+                                        "minus the distance of the Gram matrix of the guide's convolutional features "
+                                        "to the mean of the named concepts' references' (train.texture); tells "
+                                        "regular stripes from broken ones, which the image-text score barely does "
+                                        "(0: off; measured offline, 0.05-0.2 helps; needs the toy CLIP or an "
+                                        "open_clip guide)")
     search_min_strength: float = _opt(0.0, "block search: a LoRA the prompt names is never switched fully off: "
                                       "its switched-off stages run it at the lowest strength that keeps its mean "
                                       "magnitude over the UNet's gated scopes at this value, and the search scores "
@@ -235,6 +241,9 @@ class TrainConfig:
         if self.search_dark_view and not (self.block_search and 0.0 < self.search_dark_view < 1.0):
             raise MoleError(f"`search_dark_view` must be in (0, 1) and needs `block_search`, got "
                             f"{self.search_dark_view} with block_search {self.block_search}")
+        if self.search_texture_weight and not (self.block_search and self.search_texture_weight > 0):
+            raise MoleError(f"`search_texture_weight` must be ≥ 0 and above 0 needs `block_search`, got "
+                            f"{self.search_texture_weight} with block_search {self.block_search}")
         if self.search_min_strength and not (self.block_search and 0.0 < self.search_min_strength <= 1.0
                                              and self.search_min_strength < self.m_max):
             raise MoleError(f"`search_min_strength` must be in [0, 1] and below m_max {self.m_max}, and above 0 "

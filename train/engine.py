@@ -31,6 +31,7 @@ from .compose import ComposeObjective, ComposePrompts, ImageTextGuide, latent_sh
 from .config import TrainConfig
 from .data import CachedSet, Reference, load_image, to_tensor
 from .objectives import ClipGuide, StepContext, build_objectives
+from .texture import check_textured, reference_grams
 
 ProgressFn = Callable[[dict], None]
 
@@ -191,6 +192,8 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
     guide = guide or clip_guide
     if "compose" in cfg.objectives and (compose_prompts is None or guide is None):
         raise MoleError("objective 'compose' needs composition prompts and an image-text guide (a CLIP model)")
+    if cfg.search_texture_weight:
+        check_textured(guide)
     objectives = build_objectives(cfg, clip_guide)
     frozen = [(p, p.requires_grad) for m in backend.denoiser_modules() for p in m.parameters()]
     for p, _ in frozen:
@@ -213,10 +216,11 @@ def train(cfg: TrainConfig, backend: Backend, experts: list[mole.Expert], refs: 
             mole.calibrate_triggers(gated, backend.encode_prompts, texts, words)
         compose = None
         if "compose" in cfg.objectives:
-            refs_emb = reference_embeddings(guide, [to_tensor(load_image(r), cfg.resolution) for r in refs],
-                                            [r.concept for r in refs])
+            ref_images = [to_tensor(load_image(r), cfg.resolution) for r in refs]
+            refs_emb = reference_embeddings(guide, ref_images, [r.concept for r in refs])
+            grams = reference_grams(guide, ref_images, [r.concept for r in refs]) if cfg.search_texture_weight else None
             compose = ComposeObjective(cfg, backend, [m for m in (gated, static) if m is not None], guide,
-                                       compose_prompts, refs_emb, shape)
+                                       compose_prompts, refs_emb, shape, ref_grams=grams)
             if cfg.block_search and cfg.search_compositions_only:  # its one-line error before training
                 prompt_sets(compose, experts, cfg.search_prompts, compositions_only=True)
         backend.set_gradient_checkpointing(cfg.gradient_checkpointing)

@@ -61,14 +61,25 @@ class ClipGuide:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` in [-1, 1] → unit image embeddings ``(B, D)`` (differentiable)."""
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] → the model's input: resized to its image size, CLIP-normalised."""
         x = (images.float().clamp(-1, 1) + 1) / 2
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
                           antialias=False)
         mean = torch.tensor(_CLIP_MEAN, device=x.device).reshape(1, 3, 1, 1)
         std = torch.tensor(_CLIP_STD, device=x.device).reshape(1, 3, 1, 1)
-        return F.normalize(self.model.encode_image(((x - mean) / std).to(self._device())).float(), dim=-1)
+        return ((x - mean) / std).to(self._device())
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] → unit image embeddings ``(B, D)`` (differentiable)."""
+        return F.normalize(self.model.encode_image(self._pixels(images)).float(), dim=-1)
+
+    def texture_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [-1, 1] → the feature map ``(B, C, h, w)`` of the image tower's block a third of the
+        way in (early enough to keep texture, late enough to see it; the texture term's, :mod:`train.texture`)."""
+        feats = self.model.visual.forward_intermediates(self._pixels(images), intermediates_only=True)
+        layers = feats["image_intermediates"]
+        return layers[len(layers) // 3].float()
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:

@@ -1113,3 +1113,62 @@ def test_guidance_with_the_dark_view_keeps_each_image_s_worse_score(toy):
         torch.testing.assert_close(plain.guidance(four, noise, 3), own, atol=1e-5, rtol=0)
         torch.testing.assert_close(dark.guidance(four, noise, 3), torch.minimum(own, view), atol=1e-5, rtol=0)
         assert (own - view).abs().max() > 1e-4  # the view changed what the guide sees
+
+
+def test_guidance_with_the_texture_weight_adds_the_weighted_texture_term_of_the_image(toy):
+    """``search_texture_weight``: per image, the guidance (here with the dark view too) plus the weight × the
+    texture term of the rollout image (:func:`train.texture.texture_scores` against the named concepts'
+    references), from the same noise; the term moves the score."""
+    from train.compose import ComposeObjective, latent_shape, reference_embeddings
+    from train.data import load_image, to_tensor
+    from train.texture import reference_grams, texture_scores
+
+    backend, experts, refs, prompts, guide = toy
+    dark = dict(RECIPE, block_search=True, search_dark_view=0.25)
+    plain_cfg, texture_cfg = TrainConfig(**dark), TrainConfig(**dark, search_texture_weight=0.5)
+    with attached(backend, experts, plain_cfg) as (gated, static):
+        images = [to_tensor(load_image(r), 32) for r in refs]
+        emb = reference_embeddings(guide, images, [r.concept for r in refs])
+        grams = reference_grams(guide, images, [r.concept for r in refs])
+        shape = latent_shape(backend, 32)
+        plain = ComposeObjective(plain_cfg, backend, [gated, static], guide, prompts, emb, shape)
+        textured = ComposeObjective(texture_cfg, backend, [gated, static], guide, prompts, emb, shape, ref_grams=grams)
+        four = prompts.compositions[:4]
+        noise = torch.randn((4, *shape), generator=torch.Generator().manual_seed(5))
+        term = texture_scores(guide, plain.rollout_images(four, noise, 3), [plain.named[p] for p in four], grams)
+        torch.testing.assert_close(textured.guidance(four, noise, 3), plain.guidance(four, noise, 3) + 0.5 * term,
+                                   atol=1e-5, rtol=0)
+        assert term.abs().min() > 1e-3
+        with pytest.raises(mole.MoleError, match="`search_texture_weight` needs the references' Gram matrices"):
+            ComposeObjective(texture_cfg, backend, [gated, static], guide, prompts, emb, shape)
+
+
+def test_training_with_the_texture_weight_scores_the_search_with_the_references_textures(toy, monkeypatch):
+    """``train`` with ``search_texture_weight``: the block search's every scoring adds the texture term, against
+    Gram matrices of exactly the references' images (one per concept the references name); a guide without texture
+    features is refused before any training step."""
+    import train.compose as compose
+    from train.data import load_image, to_tensor
+    from train.texture import reference_grams
+
+    backend, experts, refs, prompts, guide = toy
+    calls: list[dict] = []
+
+    def spy(guide_, images, named, ref_grams):  # noqa: ANN001, ANN202
+        calls.append(ref_grams)
+        return real(guide_, images, named, ref_grams)
+
+    real = compose.texture_scores
+    monkeypatch.setattr(compose, "texture_scores", spy)
+    cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_prompts=1, search_steps=1, search_texture_weight=0.1)
+    result = train(cfg, backend, experts, refs, compose_prompts=prompts, guide=guide)
+    assert result.gates.info["training"]["block_search_result"]["complete"] and calls
+    want = reference_grams(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
+    assert set(calls[0]) == set(CONCEPTS)
+    for c in CONCEPTS:
+        torch.testing.assert_close(calls[0][c], want[c])
+    steps = []
+    with pytest.raises(mole.MoleError, match="`search_texture_weight` needs a guide with texture features"):
+        train(cfg, backend, experts, refs, compose_prompts=prompts, guide=object(),
+              progress=steps.append)
+    assert steps == []
