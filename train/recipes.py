@@ -7,8 +7,9 @@ last row: sigmoid gates that switch each LoRA on by its trigger word (the word i
 sampled compositions (objective ``compose``: global, local and prior guidance, the negative prompt routed like the
 prompt), then the block search: per set of LoRAs a prompt names, the UNet stages each LoRA runs in fully and its
 text-encoder strength, elsewhere a floor (mean 0.7) shared among the compositions and placed where it spoils least,
-searched on the compositions only. It needs what only the user has: composition prompts naming two or more LoRAs'
-trigger words, base prompts, reference images per concept and a CLIP guide.
+searched on the compositions only, each image scored by the guide (and its dark view) plus a small texture term. It
+needs what only the user has: composition prompts naming two or more LoRAs' trigger words, base prompts, reference
+images per concept and a CLIP guide.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _COMPOSE = dict(
     negative_routing="positive", m_max=3.0, base_share=0.25, prior_weight=0.5, local_weight=1.0,
     block_search=True, search_text_strengths="1.5,2,2.5", search_dark_view=0.25, search_by_set="refine",
     search_windows=True, search_text_by_set=True, search_min_strength=0.7, search_place_floors=True,
-    search_share_floors=True, search_compositions_only=True,
+    search_share_floors=True, search_compositions_only=True, search_texture_weight=0.1,
 )
 RECIPES: dict[str, dict] = {"paper": {}, "compose": _COMPOSE}
 

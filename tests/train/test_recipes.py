@@ -23,14 +23,17 @@ MODEL_ARGS = ["train", "--base", "unused", "--images", "unused"]
 
 
 def _bench_best() -> dict:
-    """The bench's default set's last row, checked against the steps that built it (its on-request ancestor
-    `…_min07_place_share` searched on the compositions only)."""
+    """The bench's default set's last row, checked against the steps that built it (its on-request ancestors:
+    `…_min07_place_share` searched on the compositions only, `…_share_pairs`, plus the texture term)."""
     sys.path.insert(0, str(ROOT / "bench"))  # as tests/test_composition_bench.py imports it
     import composition
 
     ancestor = {r.name: r.fields for r in composition.ON_REQUEST}[
         "mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_share"]
-    assert dict(composition.RECIPES[-1].fields) == {**ancestor, "search_compositions_only": True}
+    parent = {r.name: r.fields for r in composition.ON_REQUEST}[
+        "mole_sigmoid_compose_trigger_search_paired_dark_text_refine_windows_text_min07_place_share_pairs"]
+    assert dict(parent) == {**ancestor, "search_compositions_only": True}
+    assert dict(composition.RECIPES[-1].fields) == {**parent, "search_texture_weight": 0.1}
     return dict(composition.RECIPES[-1].fields)
 
 
