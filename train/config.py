@@ -128,8 +128,8 @@ class TrainConfig:
                                         "minus the distance of the Gram matrix of the guide's convolutional features "
                                         "to the mean of the named concepts' references' (train.texture); tells "
                                         "regular stripes from broken ones, which the image-text score barely does "
-                                        "(0: off; measured offline, 0.05-0.2 helps; needs the toy CLIP or an "
-                                        "open_clip guide)")
+                                        "(0: off; the compose recipe: 0.1; needs the toy CLIP or an open_clip "
+                                        "guide)")
     search_min_strength: float = _opt(0.0, "block search: a LoRA the prompt names is never switched fully off: "
                                       "its switched-off stages run it at the lowest strength that keeps its mean "
                                       "magnitude over the UNet's gated scopes at this value, and the search scores "
@@ -242,7 +242,7 @@ class TrainConfig:
             raise MoleError(f"`search_dark_view` must be in (0, 1) and needs `block_search`, got "
                             f"{self.search_dark_view} with block_search {self.block_search}")
         if self.search_texture_weight and not (self.block_search and self.search_texture_weight > 0):
-            raise MoleError(f"`search_texture_weight` must be ≥ 0 and above 0 needs `block_search`, got "
+            raise MoleError(f"`search_texture_weight` must be ≥ 0, and above 0 it needs `block_search`, got "
                             f"{self.search_texture_weight} with block_search {self.block_search}")
         if self.search_min_strength and not (self.block_search and 0.0 < self.search_min_strength <= 1.0
                                              and self.search_min_strength < self.m_max):

@@ -6,8 +6,10 @@ probes read 0.58-0.83). The Gram matrix of a convolutional layer's features — 
 positions, the texture statistics of Gatys et al. — does tell them apart: its distance to the striped references'
 mean Gram matrix followed the probes (rank correlation 0.64 on those candidates), and added to the dark-view score
 at weight 0.05-0.2 it lifted block_routing's pick for the triple from 0.41 to 0.53 (alone it ignores whether the
-composition is there: 0.20 / 0.00). The term, per image: the mean over the concepts its prompt names of
-``-‖G(image) − Ḡ_c‖_F / ‖Ḡ_c‖_F`` (higher is closer), ``Ḡ_c`` the mean Gram matrix of concept ``c``'s references.
+composition is there: 0.20 / 0.00). In the composition benchmark the compose recipe's search with it at 0.1 lifted
+pairs from 0.845 to 0.87 (striped + star 0.56 → 0.62), every other target kept. The term, per image: the mean over
+the concepts its prompt names of ``-‖G(image) − Ḡ_c‖_F / ‖Ḡ_c‖_F`` (higher is closer), ``Ḡ_c`` the mean Gram matrix
+of concept ``c``'s references.
 """
 
 from __future__ import annotations

@@ -83,9 +83,9 @@ def test_a_guide_without_texture_features_and_a_bad_weight_are_one_line_errors()
                                              "object"):
         check_textured(object())
     base = dict(objective="compose", gate_family="sigmoid", gate_input="trigger", train_text_gates=True)
-    with pytest.raises(mole.MoleError, match="`search_texture_weight` must be ≥ 0 and above 0 needs `block_search`, "
-                                             "got 0.1 with block_search False"):
+    with pytest.raises(mole.MoleError, match="`search_texture_weight` must be ≥ 0, and above 0 it needs "
+                                             "`block_search`, got 0.1 with block_search False"):
         TrainConfig(**base, search_texture_weight=0.1)
-    with pytest.raises(mole.MoleError, match="`search_texture_weight` must be ≥ 0 .* got -0.1 with block_search True"):
+    with pytest.raises(mole.MoleError, match="`search_texture_weight` must be ≥ 0, .* got -0.1 with block_search True"):
         TrainConfig(**base, block_search=True, search_texture_weight=-0.1)
     assert TrainConfig(**base, block_search=True, search_texture_weight=0.1).search_texture_weight == 0.1
