@@ -160,8 +160,15 @@ class ComposeObjective:
 
     def _encode(self, prompts: list[str]) -> tuple[dict, dict]:
         """Conditioning of ``prompts`` and of the empty prompt, through the (gated) text encoders."""
-        cond = self.backend.encode_prompts(prompts)
-        self._route = self.router._route if self.router is not None else None  # the prompts' router logits
+        routes: list[torch.Tensor] = []  # the router's logits of each text-encoder call (a host may encode prompt
+        hook = (self.router.router_module.register_forward_hook(lambda *_: routes.append(self.router._route))
+                if self.router is not None else None)  # by prompt: ComfyUI); runs after the mixture's own hook
+        try:
+            cond = self.backend.encode_prompts(prompts)
+        finally:
+            if hook is not None:
+                hook.remove()
+        self._route = torch.cat(routes) if len(routes) > 1 else self.router._route if self.router is not None else None
         uncond = self.backend.encode_prompts([""] * len(prompts))
         return cond, uncond
 
