@@ -8,7 +8,8 @@ Two halves, one per thread:
   These are ordinary ComfyUI operations, run where ComfyUI runs them.
 * :class:`ComfyBackend` runs in the training thread over a **private copy** of the diffusion model
   (:func:`private_copy`), so the queue and other prompts can load, patch or unload the shared model
-  while the gates train.
+  while the gates train; a job that trains the text encoders' gates re-encodes prompts through a
+  private copy of the CLIP (:class:`.comfy_text.PrivateTextEncoder`).
 
 Maths (VP ↔ VE). The trainer draws integer timesteps ``t`` and thinks in variance-preserving terms,
 ``x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε``. ComfyUI's ``BaseModel.apply_model(x, σ)`` takes k-diffusion inputs
@@ -26,7 +27,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -38,6 +39,9 @@ import mole_core
 from ..train.data import CachedSet
 from .comfy_index import build_index, unet_key_map
 from .injection import holder_of
+
+if TYPE_CHECKING:
+    from .comfy_text import PrivateTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +147,21 @@ def private_copy(patcher: Any, memory_required: int, share_weights: bool = False
     memo: dict[int, Any] = {id(patcher): None}
     if base.current_patcher is not None:
         memo[id(base.current_patcher)] = None
-    with torch.inference_mode(False):
-        if share_weights:
-            for p in base.parameters():
-                memo[id(p)] = nn.Parameter(_alias(p), requires_grad=False)
-            for b in base.buffers():
-                memo[id(b)] = _alias(b)
-        clone = copy.deepcopy(base, memo)
+    clone = _deep_copy(base, memo, share_weights)
     clone.current_patcher = None
     return normalize_copy_(clone).requires_grad_(False)
+
+
+def _deep_copy(module: nn.Module, memo: dict[int, Any], share_weights: bool) -> nn.Module:
+    """``copy.deepcopy`` outside inference mode; with ``share_weights`` the copy's parameters and buffers alias
+    ``module``'s memory (:func:`_alias`)."""
+    with torch.inference_mode(False):
+        if share_weights:
+            for p in module.parameters():
+                memo[id(p)] = nn.Parameter(_alias(p), requires_grad=False)
+            for b in module.buffers():
+                memo[id(b)] = _alias(b)
+        return copy.deepcopy(module, memo)
 
 
 def own_weights(module: nn.Module, device: torch.device) -> bool:
@@ -164,13 +174,13 @@ def own_weights(module: nn.Module, device: torch.device) -> bool:
     return True
 
 
-def private_module(module: nn.Module, patcher: Any | None = None) -> nn.Module:
-    """A normalised deep copy of any module (the VAE decoder for the CLIP objective)."""
+def private_module(module: nn.Module, patcher: Any | None = None, share_weights: bool = False) -> nn.Module:
+    """A normalised deep copy of any module (the VAE decoder for the CLIP objective, a CLIP's text encoders),
+    made after ``patcher`` is loaded in full (its patches applied); ``share_weights`` as in :func:`private_copy`."""
     if patcher is not None:
         mm.load_models_gpu([patcher], force_full_load=True)
-    with torch.inference_mode(False):
-        clone = copy.deepcopy(module)
-    return normalize_copy_(clone).requires_grad_(False)
+    memo: dict[int, Any] = {id(patcher): None} if patcher is not None else {}
+    return normalize_copy_(_deep_copy(module, memo, share_weights)).requires_grad_(False)
 
 
 # ----- prompt thread: encoding -----
@@ -205,21 +215,29 @@ class ComfyEncoder:
 
     def _encode_one(self, text: str) -> dict[str, torch.Tensor]:
         out = self.clip.encode_from_tokens(self.clip.tokenize(text), return_dict=True)
-        cond = out.pop("cond")
-        side = self.resolution // self.vae_scale_factor
-        noise = torch.zeros(1, self.base.latent_format.latent_channels, side, side)
-        conds = self.base.extra_conds(**out, cross_attn=cond, device=self.device, noise=noise, width=self.resolution,
-                                      height=self.resolution, prompt_type="positive")
-        tensors = {k: v.cond for k, v in conds.items() if isinstance(getattr(v, "cond", None), torch.Tensor)}
-        if "c_crossattn" not in tensors:
-            raise mole_core.MoleError("the model produced no cross-attention conditioning from `clip`")
-        return {k: v.to(self.device) for k, v in tensors.items()}
+        return model_conditioning(self.base, out, self.resolution, self.vae_scale_factor, self.device)
 
 
-def unify_lengths_(conds: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """Repeat every context to a common token length in place (ComfyUI's ``CONDCrossAttn`` rule: repetition
-    does not change attention), so prompts of different lengths batch together."""
-    common = math.lcm(*(c["c_crossattn"].shape[1] for c in conds))
+def model_conditioning(base: Any, clip_out: dict[str, Any], resolution: int, vae_scale_factor: int,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """A CLIP's ``encode_from_tokens(..., return_dict=True)`` → the tensors ``base.apply_model`` takes, via the
+    model's own ``extra_conds`` (``c_crossattn``; SDXL's ADM vector ``y`` at ``resolution``)."""
+    out = dict(clip_out)
+    cond = out.pop("cond")
+    side = resolution // vae_scale_factor
+    noise = torch.zeros(1, base.latent_format.latent_channels, side, side)
+    conds = base.extra_conds(**out, cross_attn=cond, device=device, noise=noise, width=resolution, height=resolution,
+                             prompt_type="positive")
+    tensors = {k: v.cond for k, v in conds.items() if isinstance(getattr(v, "cond", None), torch.Tensor)}
+    if "c_crossattn" not in tensors:
+        raise mole_core.MoleError("the model produced no cross-attention conditioning from `clip`")
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def unify_lengths_(conds: list[dict[str, torch.Tensor]], length: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Repeat every context to a common token length (a multiple of ``length``) in place (ComfyUI's
+    ``CONDCrossAttn`` rule: repetition does not change attention), so prompts of different lengths batch together."""
+    common = math.lcm(length, *(c["c_crossattn"].shape[1] for c in conds))
     for c in conds:
         ctx = c["c_crossattn"]
         if ctx.shape[1] != common:
@@ -255,6 +273,12 @@ class PromptTable:
             return PromptTable(*({p: {k: v.detach().clone().to(device) for k, v in c.items()} for p, c in t.items()}
                                  for t in (self.lora, self.base)))
 
+    @property
+    def length(self) -> int:
+        """The token length every context in the table shares."""
+        first = next(iter(self.base.values()), None)
+        return int(first["c_crossattn"].shape[1]) if first is not None else 1
+
     @staticmethod
     def lookup(table: dict[str, dict[str, torch.Tensor]], prompts: list[str]) -> dict[str, torch.Tensor]:
         missing = [p for p in prompts if p not in table]
@@ -279,21 +303,26 @@ class ComfyBackend:
     prediction_type = "epsilon"
 
     def __init__(self, model: Any, vae_model: nn.Module | None = None, vae_scale_factor: int = 8,
-                 prompts: PromptTable | None = None):
+                 prompts: PromptTable | None = None, text: PrivateTextEncoder | None = None, resolution: int = 512):
         self.model = model
         self.vae_model = vae_model
         self.vae_scale_factor = vae_scale_factor
         self.prompts = prompts
+        self.text = text
+        self.resolution = resolution
         self.sigmas, self.alphas_cumprod = schedule(model)
         self.device = next(model.diffusion_model.parameters()).device
         self._sigmas_dev = self.sigmas.to(self.device)
-        self._index = build_index(SimpleNamespace(model=model))[0]
+        clip = SimpleNamespace(cond_stage_model=text.model) if text is not None else None
+        self._index = build_index(SimpleNamespace(model=model), clip)[0]
 
     def mixture_target(self) -> mole_core.ModelIndex:
+        """The private UNet's layers, and the private text encoders' when they are trained too."""
         return self._index
 
     def denoiser_modules(self) -> list[nn.Module]:
         mods: list[nn.Module] = [self.model.diffusion_model]
+        mods += [self.text.model] if self.text is not None else []
         return mods + ([self.vae_model] if self.vae_model is not None else [])
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -304,10 +333,16 @@ class ComfyBackend:
         raise mole_core.MoleError("images are encoded once in the prompt thread (ComfyEncoder)")
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Conditioning from the :class:`PromptTable` encoded in the prompt thread (objective compose)."""
+        """Conditioning of ``prompts``: through the private text encoders (their gates attached) when the job
+        trains them, else from the :class:`PromptTable` encoded in the prompt thread (objective compose)."""
+        if self.text is not None:
+            rows = [model_conditioning(self.model, self.text.encode(p), self.resolution, self.vae_scale_factor,
+                                       self.device) for p in prompts]
+            unify_lengths_(rows, self.prompts.length if self.prompts is not None else 1)
+            return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
         if self.prompts is None:
-            raise mole_core.MoleError("prompts are encoded once in the prompt thread; text-encoder gates are not "
-                                      "trained in ComfyUI")
+            raise mole_core.MoleError("prompts are encoded once in the prompt thread; text-encoder gates are "
+                                      "trained only with the CLIP's private copy (gate_input router or trigger)")
         return PromptTable.lookup(self.prompts.lora, prompts)
 
     def encode_base_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ from ..train.engine import TrainResult, gate_statistics, train
 from ..train.worker import Job, JobContext, Worker
 from . import saved_states
 from .comfy_backend import ComfyBackend, PromptTable, own_weights
+from .comfy_text import PrivateTextEncoder
 from .common import GATES_FOLDER
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class TrainingSpec:
     clip_guide: tuple[str, str] | None = None  # (open_clip .safetensors path, architecture)
     compose_prompts: ComposePrompts | None = None  # objective compose: what the rollouts sample
     prompt_table: PromptTable | None = None  # objective compose: every prompt encoded, on the load device
+    text_encoder: PrivateTextEncoder | None = None  # train_text_gates: the CLIP's private copy the job encodes with
     node: str | None = None
     mode: str = "background"
     resume_from: str | None = None  # a checkpoint of an earlier server run this job continues
@@ -262,7 +264,10 @@ class _Runner:
         done = False
         try:
             spec.model.to(spec.load_device)
-            backend = ComfyBackend(spec.model, spec.vae_model, spec.vae_scale_factor, spec.prompt_table)
+            if spec.text_encoder is not None:
+                spec.text_encoder.to(spec.text_encoder.load_device)
+            backend = ComfyBackend(spec.model, spec.vae_model, spec.vae_scale_factor, spec.prompt_table,
+                                   spec.text_encoder, spec.cfg.resolution)
             resume_from = ctx.resume_from or spec.resume_from
             resume_from = resume_from if resume_from and os.path.isfile(resume_from) else None
             progress = _progress_after_resume(ctx) if resume_from else ctx.progress
@@ -314,7 +319,7 @@ def _progress_after_resume(ctx: JobContext):  # noqa: ANN202
     first = [True]
 
     def progress(info: dict) -> None:
-        if first[0]:
+        if first[0] and "step" in info:  # (a search's phase records carry no step)
             first[0] = False
             ctx.job.history = [h for h in ctx.job.history if h.get("step", 0) < info.get("step", 0)]
         ctx.progress(info)
@@ -353,7 +358,7 @@ def _summary(spec: TrainingSpec, result: TrainResult, saved: bool) -> dict:
 
 def _release(spec: TrainingSpec) -> None:
     """Drop everything heavy a finished (or no longer resumable) job holds; its state stays listed."""
-    spec.model = spec.vae_model = spec._guide = spec.cache = spec.prompt_table = None
+    spec.model = spec.vae_model = spec._guide = spec.cache = spec.prompt_table = spec.text_encoder = None
     spec.experts, spec.refs = [], []
     mm.soft_empty_cache()
 
@@ -364,14 +369,17 @@ def _park(spec: TrainingSpec) -> None:
     or is released when memory is short for that (its checkpoint stays: running the node again continues it)."""
     if spec.model is None:
         return
-    if spec.shares_weights:
-        if not own_weights(spec.model, spec.offload_device):
-            log.warning("MoLE: %s stopped; no memory to keep its model copy for a resume (run the node again to "
-                        "continue from its checkpoint)", spec.file)
-            _release(spec)
-            return
-        spec.shares_weights = False
+    text = spec.text_encoder
+    if (spec.shares_weights and not own_weights(spec.model, spec.offload_device)) or \
+            (text is not None and not text.own_weights()):
+        log.warning("MoLE: %s stopped; no memory to keep its model copy for a resume (run the node again to "
+                    "continue from its checkpoint)", spec.file)
+        _release(spec)
+        return
+    spec.shares_weights = False
     spec.model.to(spec.offload_device)
+    if text is not None:
+        text.to(text.offload_device)
     with _lock:
         if spec not in _parked:
             _parked.append(spec)

@@ -35,6 +35,7 @@ from ..train.config import TrainConfig
 from ..train.data import Reference, references_from_images
 from ..train.engine import prepare_references
 from ..train.plots import training_curves
+from ..train.recipes import recipe_config
 from . import jobs, saved_states
 from .apply import TE, static_clip, static_vector
 from .comfy_backend import (
@@ -48,6 +49,7 @@ from .comfy_backend import (
     unify_context,
 )
 from .comfy_index import build_index
+from .comfy_text import PrivateTextEncoder
 from .common import check_relative_name, node_id
 from .gates import gate_path_for_save
 from .types import ExpertsIO, GatesIO, MoleExperts, MoleGates
@@ -67,6 +69,23 @@ def register_clip_folder() -> None:
                                        is_default=True)
     paths, _ = folder_paths.folder_names_and_paths[CLIP_FOLDER]
     folder_paths.folder_names_and_paths[CLIP_FOLDER] = (paths, {".safetensors"})
+
+
+CUSTOM = "custom"
+RECIPE_CHOICES = (CUSTOM, "compose")
+RECIPE_SETS = ("objective", "gate_family", "gate_input", "granularity", "alpha")  # what a named recipe decides
+
+
+def node_config(recipe: str, **inputs: Any) -> TrainConfig:
+    """The job's :class:`TrainConfig` from the node's inputs: ``custom`` takes them as they are (router and
+    trigger gates train the text encoders' gates too, objective compose centres the gates' features); a named
+    recipe (:mod:`train.recipes`) sets its fields and keeps only the run's size and seed from the inputs."""
+    steps = inputs["steps"]
+    run = {"warmup_steps": min(10, steps // 10), "checkpoint_every": max(1, steps // 20)}
+    if recipe != CUSTOM:
+        return recipe_config(recipe, **{k: v for k, v in inputs.items() if k not in RECIPE_SETS}, **run)
+    return TrainConfig(**inputs, **run, center_features=inputs["objective"] == "compose",
+                       train_text_gates=inputs["gate_input"] in ROUTED_INPUTS)
 
 
 # ----- preparation (prompt thread) -----
@@ -103,6 +122,20 @@ def assign_concepts(refs: list[Reference], concepts: list[str]) -> None:
                                   "reference images whose prompt contains its trigger word)")
 
 
+def check_triggers(refs: list[Reference], experts: MoleExperts, concepts: str) -> None:
+    """gate_input trigger: each LoRA's key is the concept its file is named after; one-line errors when
+    ``concepts`` is empty or names no LoRA file. Sets the references' concepts (objective compose already has)."""
+    names = split_concepts(concepts)
+    if not names:
+        raise mole_core.MoleError("gate_input 'trigger' needs `concepts`: the LoRAs' trigger words, comma-separated")
+    if not any(r.concept for r in refs):
+        assign_concepts(refs, names)
+    if not any(mole_core.trigger_words(experts.experts(), names)):
+        raise mole_core.MoleError(f"gate_input 'trigger': no LoRA file is named after one of `concepts` "
+                                  f"({', '.join(names)}); name each file after its trigger word "
+                                  f"(purple.safetensors ↔ purple), got {', '.join(experts.names)}")
+
+
 def compose_inputs(refs: list[Reference], composition_prompts: str, base_prompts: str, concepts: str
                    ) -> tuple[ComposePrompts, list[str]]:
     """What objective compose samples, and every prompt it can encode (twins, base, references, empty)."""
@@ -137,20 +170,22 @@ def nla_clip(clip: Any, experts: MoleExperts) -> Any:
     return static_clip(clip, experts, static_vector("uniform", None, [e.enabled for e in experts.entries]))
 
 
-def initial_gates(model: Any, experts: MoleExperts, cfg: TrainConfig) -> GateFile:
-    """The untrained gates; building them also checks the experts against the model now."""
-    mix = mole_core.attach(build_index(model=model)[0], experts.experts(), cfg.gate_config(), components=["unet"],
+def initial_gates(model: Any, experts: MoleExperts, cfg: TrainConfig, clip: Any = None) -> GateFile:
+    """The untrained gates (the text encoders' too when ``cfg.train_text_gates``: pass ``clip``); building them
+    also checks the experts against the model now."""
+    text = cfg.train_text_gates and clip is not None
+    index = build_index(model=model, clip=clip if text else None)[0]
+    mix = mole_core.attach(index, experts.experts(), cfg.gate_config(), components=None if text else ["unet"],
                            hooks=False)
     return mole_core.snapshot(mix, training={**cfg.to_dict(), "steps_done": 0})
 
 
 def normal_experts(experts: MoleExperts) -> list[mole_core.Expert]:
-    """Experts whose UNet factors are normal-mode clones (safe to use in autograd in another thread)."""
+    """Experts whose factors are normal-mode clones (safe to use in autograd in another thread)."""
     out = []
     with torch.inference_mode(False):
         for e in experts.experts():
-            factors = {k: dataclasses.replace(f, down=f.down.clone(), up=f.up.clone()) if k.startswith("unet:")
-                       else f for k, f in e.factors.items()}
+            factors = {k: dataclasses.replace(f, down=f.down.clone(), up=f.up.clone()) for k, f in e.factors.items()}
             out.append(dataclasses.replace(e, factors=factors))
     return out
 
@@ -177,12 +212,15 @@ def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch
                                   "needs `clip_guide` (an open_clip .safetensors in models/mole_clip)")
     refs = references_from_images(images, split_prompts(prompts))
     compose_prompts, everything = compose_inputs(refs, *compose) if "compose" in cfg.objectives else (None, [])
-    start = initial_gates(model, experts, cfg)
+    if cfg.gate_input == "trigger":
+        check_triggers(refs, experts, compose[2])
+    start = initial_gates(model, experts, cfg, clip)
     encoder = ComfyEncoder(model.model, vae, nla_clip(clip, experts), cfg.resolution)
     cache = unify_context(prepare_references(encoder, refs, cfg))
     table = (PromptTable.encode(encoder, ComfyEncoder(model.model, vae, clip, cfg.resolution), everything)
              .to(model.load_device) if compose_prompts else None)
     shared = mode == "wait"  # nothing else runs until the job ends: train on the loaded weights, no second copy
+    text = PrivateTextEncoder(clip, shared) if cfg.train_text_gates else None
     copy_ = private_copy(model, training_memory(model, cfg.resolution, cfg.batch_size, not shared), shared)
     vae_model = private_module(vae.first_stage_model, vae.patcher) if needs_guide else None
     normal = normal_experts(experts)
@@ -196,8 +234,8 @@ def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch
         refs=refs, resume_from=earlier.path if earlier else None,
         cache=cache_to(cache, model.load_device), model=copy_, load_device=model.load_device,
         offload_device=model.offload_device, vae_model=vae_model, vae_scale_factor=encoder.vae_scale_factor,
-        clip_guide=clip_guide, compose_prompts=compose_prompts, prompt_table=table, node=node, mode=mode,
-        shares_weights=shared)
+        clip_guide=clip_guide, compose_prompts=compose_prompts, prompt_table=table, text_encoder=text, node=node,
+        mode=mode, shares_weights=shared)
     return spec, start
 
 
@@ -211,7 +249,11 @@ def wait_for(job: Any, steps: int) -> None:
             if mm.processing_interrupted():
                 _stop(job)
                 mm.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(int(job.progress.get("step", 0) or 0), steps)
+            p = job.progress or {}
+            if p.get("phase") == "block_search":  # after the last step: the bar counts the search's candidates
+                pbar.update_absolute(int(p["candidate"]), int(p["candidates"]))
+            else:
+                pbar.update_absolute(int(p.get("step", 0) or 0), steps)
             time.sleep(POLL_S)
     except mm.InterruptProcessingException:
         _stop(job)
@@ -230,7 +272,7 @@ def outcome(job: Any) -> GateFile:
         raise mole_core.MoleError(f"training job {job.id} failed: {job.error}")
     spec = jobs.spec_of(job)
     if job.status != "done" or spec is None or spec.result is None:
-        step = (job.progress or {}).get("step", 0)
+        step = job.history[-1].get("step", 0) if job.history else 0
         raise mole_core.MoleError(f"training job {job.id} was cancelled at step {step}; its checkpoint is kept "
                                   "(Resume in the node's panel continues it)")
     return spec.result.gates
@@ -277,14 +319,14 @@ class MoleTrainGates(io.ComfyNode):
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
                                tooltip="One gate per: matrix (layer), layer (transformer layer), block (attention "
                                        "block; the paper's best) or network (one gate for the whole UNet)."),
-                # "router" and "trigger" train the text encoder's router, which this node does not train (the CLI
-                # does); MoLE Apply runs their gate files
-                io.Combo.Input("gate_input", options=[g for g in GATE_INPUTS if g not in ROUTED_INPUTS],
-                               default="input",
+                io.Combo.Input("gate_input", options=list(GATE_INPUTS), default="input",
                                tooltip="What the gate looks at: input (pooled block input), experts (pooled "
-                                       "outputs of the experts, paper Eq. 9-10) or prompt (the prompt's "
+                                       "outputs of the experts, paper Eq. 9-10), prompt (the prompt's "
                                        "conditioning, max-pooled over tokens: routes by the concepts the prompt "
-                                       "names; best on held-out loss for concept LoRAs)."),
+                                       "names), router (a router in the text encoder decides per prompt) or "
+                                       "trigger (each LoRA on when the prompt names the word its file is named "
+                                       "after). router and trigger also gate and train the LoRAs' text-encoder "
+                                       "parts: the job re-encodes prompts through its own copy of the CLIP."),
                 io.Combo.Input("objective", options=list(OBJECTIVES), default="denoise",
                                tooltip="denoise: the model's own denoising loss on the references. denoise + clip: "
                                        "plus CLIP image/text similarity of the denoised estimate (needs clip_guide). "
@@ -327,6 +369,15 @@ class MoleTrainGates(io.ComfyNode):
                 io.String.Input("concepts", default="", optional=True,
                                 tooltip="objective compose: the LoRAs' trigger words, comma-separated. Each "
                                         "reference prompt names one of them (that image is its reference)."),
+                io.Combo.Input("recipe", options=list(RECIPE_CHOICES), default=CUSTOM, optional=True,
+                               tooltip="custom: the inputs above decide. compose: the recipe the composition "
+                                       "benchmark measures best (as `mole-train train --recipe compose`): sigmoid "
+                                       "trigger gates on the UNet and text encoder, objective compose, then the "
+                                       "block search; it sets objective, gate_family, gate_input, granularity and "
+                                       "alpha (those inputs are ignored). Needs clip_guide, concepts, "
+                                       "composition_prompts, and each LoRA file named after its trigger word "
+                                       "(purple.safetensors ↔ purple). The search takes a while after the last "
+                                       "step (the panel counts its candidates)."),
             ],
             outputs=[GatesIO.Output(display_name="gates",
                                     tooltip="wait: the trained gates (with their statistics on the references). "
@@ -349,13 +400,14 @@ class MoleTrainGates(io.ComfyNode):
                 steps: int, lr: float, alpha: float, granularity: str, gate_input: str, objective: str, seed: int,
                 name: str, run: str, resolution: int, batch_size: int, clip_guide: str = NONE,
                 clip_guide_arch: str = "ViT-B-32", gate_family: str = "softmax", composition_prompts: str = "",
-                base_prompts: str = "", concepts: str = "") -> io.NodeOutput:
-        if run not in RUN_MODES or objective not in OBJECTIVES:
-            raise mole_core.MoleError(f"`run` must be one of {RUN_MODES} and `objective` one of {list(OBJECTIVES)}")
-        cfg = TrainConfig(steps=steps, lr=lr, alpha=alpha, granularity=granularity, gate_input=gate_input,
+                base_prompts: str = "", concepts: str = "", recipe: str = CUSTOM) -> io.NodeOutput:
+        for field, value, options in (("run", run, RUN_MODES), ("objective", objective, tuple(OBJECTIVES)),
+                                      ("recipe", recipe, RECIPE_CHOICES)):
+            if value not in options:
+                raise mole_core.MoleError(f"`{field}` must be one of {list(options)}, got {value!r}")
+        cfg = node_config(recipe, steps=steps, lr=lr, alpha=alpha, granularity=granularity, gate_input=gate_input,
                           gate_family=gate_family, objective=OBJECTIVES[objective], seed=seed, resolution=resolution,
-                          batch_size=batch_size, warmup_steps=min(10, steps // 10),
-                          checkpoint_every=max(1, steps // 20), center_features=objective == "compose")
+                          batch_size=batch_size)
         guide = (folder_paths.get_full_path_or_raise(CLIP_FOLDER, clip_guide), clip_guide_arch) \
             if clip_guide not in (NONE, "", None) else None
         spec, start = prepare(model, clip, vae, experts, images, prompts, cfg, name, run, node_id(cls), guide,
@@ -368,6 +420,8 @@ class MoleTrainGates(io.ComfyNode):
         wait_for(job, steps)
         trained = outcome(job)
         gates = MoleGates(trained, experts.names, source=f"MoLE Train Gates → {spec.file}")
-        text = f"trained {spec.file}: {job.progress.get('step', steps)} steps, loss {job.progress.get('loss', 0):.4g}"
+        last = job.history[-1] if job.history else {}
+        text = f"trained {spec.file}: {last.get('step', steps)} steps, loss {last.get('loss', 0):.4g}"
+        text += " + block search" if spec.cfg.block_search else ""
         return io.NodeOutput(gates, curves_image(job.history),
                              ui={"mole_job": [jobs.view(job)], **ui.PreviewText(text).as_dict()})

@@ -169,3 +169,39 @@ def base_out(tiny, mole):
 
     with torch.inference_mode():
         return sample(tiny[0])
+
+
+@pytest.fixture(scope="session")
+def clip_guide(comfy_dirs) -> dict:
+    """A tiny open_clip (random weights) in ``models/mole_clip`` with its architecture as a config JSON."""
+    import json
+
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from tests.train.test_engine import tiny_clip
+
+    folder = comfy_dirs["mole_gates"].parent / "mole_clip"
+    folder.mkdir(exist_ok=True)
+    model, _, cfg = tiny_clip()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "tiny_guide.safetensors")
+    (folder / "tiny-guide.json").write_text(json.dumps(cfg))
+    folder_paths.add_model_folder_path("mole_clip", str(folder))
+    return {"clip_guide": "tiny_guide.safetensors", "clip_guide_arch": str(folder / "tiny-guide.json")}
+
+
+@pytest.fixture(scope="session")
+def vae():
+    """A tiny real ``comfy.sd.VAE`` (built under inference mode, as ComfyUI loads one)."""
+    from tests.nodes.testing_pack.tiny_comfy import tiny_vae
+
+    with torch.inference_mode():
+        return tiny_vae(2)
+
+
+@pytest.fixture(scope="session")
+def images() -> torch.Tensor:
+    """Four 64² reference images (coloured blobs)."""
+    from tests.nodes.testing_pack.tiny_comfy import blob_images
+
+    return blob_images(4, 64, seed=3)

@@ -13,21 +13,10 @@ import torch
 
 from tests.nodes._helpers import comfyui_nodes, lora_loader, sample
 from tests.nodes._nodes import apply, load_gates, rel, train_and_measure
-from tests.nodes.testing_pack.tiny_comfy import blob_images, tiny_model, tiny_vae
+from tests.nodes.testing_pack.tiny_comfy import tiny_model
 from train.backend import add_noise
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def vae():
-    with torch.inference_mode():
-        return tiny_vae(2)
-
-
-@pytest.fixture(scope="module")
-def images() -> torch.Tensor:
-    return blob_images(4, 64, seed=3)
 
 
 def train_node(mole, tiny, vae, experts, images, name, run="wait", **kw):
@@ -378,25 +367,6 @@ def test_apply_with_clip_mixes_text_parts_uniformly_for_unet_only_gates(mole, ti
 COMPOSE = dict(objective="compose", gate_family="sigmoid", gate_input="prompt", alpha=0.0, granularity="network",
                prompts="a red ball\na red ball\na blue ball\na blue ball", concepts="red, blue",
                composition_prompts="a red blue ball\na blue red ball on grass", base_prompts="a ball\na cube")
-
-
-@pytest.fixture(scope="module")
-def clip_guide(comfy_dirs) -> dict:
-    """A tiny open_clip (random weights) in ``models/mole_clip`` with its architecture as a config JSON."""
-    import json
-
-    import folder_paths
-    from safetensors.torch import save_file
-
-    from tests.train.test_engine import tiny_clip
-
-    folder = comfy_dirs["mole_gates"].parent / "mole_clip"
-    folder.mkdir(exist_ok=True)
-    model, _, cfg = tiny_clip()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "tiny_guide.safetensors")
-    (folder / "tiny-guide.json").write_text(json.dumps(cfg))
-    folder_paths.add_model_folder_path("mole_clip", str(folder))
-    return {"clip_guide": "tiny_guide.safetensors", "clip_guide_arch": str(folder / "tiny-guide.json")}
 
 
 def test_prompt_table_equals_clip_text_encode_with_and_without_the_loras(mole, tiny, vae, experts, files):

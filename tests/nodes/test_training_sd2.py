@@ -13,7 +13,7 @@ import torch
 
 from tests.nodes._helpers import sample_text
 from tests.nodes._nodes import apply, load, load_gates, train_and_measure
-from tests.nodes.test_training import images, last_job, train_node, vae, wait_done  # noqa: F401 (fixtures)
+from tests.nodes.test_training import last_job, train_node, wait_done
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
@@ -74,7 +74,7 @@ def test_sd2_static_and_nla_equal_chained_lora_loaders(mole, sd2, sd2_experts, c
         assert (ours - base).abs().max() > 1e-2, mode  # the experts act
 
 
-def test_sd2_v_gates_train_and_lower_the_denoise_loss(mole, sd2, vae, sd2_experts, images):  # noqa: F811
+def test_sd2_v_gates_train_and_lower_the_denoise_loss(mole, sd2, vae, sd2_experts, images):
     model, clip = sd2
     before, after, _ = train_and_measure(mole, model, clip, vae, sd2_experts, images)
     print(f"\nSD2.x-v denoise loss on the references: uniform gates {before:.5f} → trained {after:.5f}")
@@ -82,7 +82,7 @@ def test_sd2_v_gates_train_and_lower_the_denoise_loss(mole, sd2, vae, sd2_expert
 
 
 @pytest.mark.parametrize("run", ["wait", "background"])
-def test_sd2_train_node_writes_gates_that_load_and_sample(mole, sd2, vae, sd2_experts, images, run):  # noqa: F811
+def test_sd2_train_node_writes_gates_that_load_and_sample(mole, sd2, vae, sd2_experts, images, run):
     name = f"sd2/{run}"
     train_node(mole, sd2, vae, sd2_experts, images, name, run=run, steps=4)
     job = last_job(mole)
@@ -100,7 +100,7 @@ def test_sd2_train_node_writes_gates_that_load_and_sample(mole, sd2, vae, sd2_ex
     assert torch.isfinite(mixed).all() and (mixed - base).abs().max() > 1e-4  # the experts act
 
 
-def test_sd2_gate_file_from_the_train_node_runs_the_same_in_the_cli(mole, sd2, vae, sd2_experts, images,  # noqa: F811
+def test_sd2_gate_file_from_the_train_node_runs_the_same_in_the_cli(mole, sd2, vae, sd2_experts, images,
                                                                     comfy_dirs):
     """A gate file MoLE Train Gates wrote on SD2.x loads in the CLI's engine on a diffusers UNet with the same weights
     (linear projections), and both mixtures give the same output, ≤ 1e-4."""

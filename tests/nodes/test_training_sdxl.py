@@ -11,7 +11,7 @@ import torch
 
 from tests.nodes._helpers import comfy_unet, diffusers_twin, sample_text
 from tests.nodes._nodes import apply, load, load_gates, train_and_measure
-from tests.nodes.test_training import images, last_job, train_node, vae, wait_done  # noqa: F401 (fixtures)
+from tests.nodes.test_training import last_job, train_node, wait_done
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def sdxl_experts(mole, sdxl, comfy_dirs):
     return load(mole, model, None, ("xl_a.safetensors", 1.0, True), ("xl_b.safetensors", 1.0, True))
 
 
-def test_sdxl_gates_train_and_lower_the_denoise_loss(mole, sdxl, vae, sdxl_experts, images):  # noqa: F811
+def test_sdxl_gates_train_and_lower_the_denoise_loss(mole, sdxl, vae, sdxl_experts, images):
     model, clip = sdxl
     before, after, cache = train_and_measure(mole, model, clip, vae, sdxl_experts, images)
     assert all(c["y"].shape[-1] == 32 + 6 * 256 for c in cache.conds)  # ADM: pooled CLIP-G + 6 size embeddings
@@ -49,8 +49,8 @@ def test_sdxl_gates_train_and_lower_the_denoise_loss(mole, sdxl, vae, sdxl_exper
 
 
 @pytest.mark.parametrize("run", ["wait", "background"])
-def test_sdxl_train_node_writes_gates_that_load_and_sample_at_two_sizes(mole, sdxl, vae, sdxl_experts,  # noqa: F811
-                                                                        images, run):  # noqa: F811
+def test_sdxl_train_node_writes_gates_that_load_and_sample_at_two_sizes(mole, sdxl, vae, sdxl_experts,
+                                                                        images, run):
     train_node(mole, sdxl, vae, sdxl_experts, images, f"sdxl/{run}", run=run, steps=4)
     job = last_job(mole)
     if run == "background":
@@ -162,7 +162,7 @@ def _diffusers_sdxl_forward(unet, inp: dict) -> torch.Tensor:
                     added_cond_kwargs={"text_embeds": inp["pooled"], "time_ids": inp["time_ids"]}).sample
 
 
-def test_sdxl_gate_file_from_the_train_node_runs_the_same_in_the_cli(mole, sdxl, vae, sdxl_experts, images,  # noqa: F811
+def test_sdxl_gate_file_from_the_train_node_runs_the_same_in_the_cli(mole, sdxl, vae, sdxl_experts, images,
                                                                      comfy_dirs, diffusers_sdxl_unet):
     """A gate file MoLE Train Gates wrote on SDXL loads in the CLI's engine on a diffusers SDXL UNet with the same
     weights, and both mixtures give the same output (ADM conditioning included), ≤ 1e-4."""
@@ -185,3 +185,29 @@ def test_sdxl_gate_file_from_the_train_node_runs_the_same_in_the_cli(mole, sdxl,
           f"{rel(reference, bare):.2e}")
     assert rel(ours, reference) <= 1e-4
     assert rel(reference, bare) > 1e-3  # the gated experts act
+
+
+def test_sdxl_trigger_gates_train_through_the_clip_copy_and_sample(mole, sdxl, vae, images, comfy_dirs):
+    """gate_input trigger on SDXL: the job re-encodes the prompts through its copy of both text encoders (the
+    pooled CLIP-G output feeds the ADM vector), the router in CLIP-L trains, and the file samples in MoLE Apply."""
+    from tests.nodes import _loras
+
+    model, clip = sdxl
+    for i, word in enumerate(("crimson", "azure")):
+        lora = _loras.random_lora(model, clip, seed=30 + i, rank=4, alpha=2.0, conv=False)
+        _loras.write_kohya(lora, comfy_dirs["loras"] / f"{word}.safetensors")
+    experts = load(mole, model, clip, ("crimson.safetensors", 1.0, True), ("azure.safetensors", 1.0, True))
+    out = train_node(mole, sdxl, vae, experts, images, "sdxl/trigger", steps=3, gate_input="trigger",
+                     gate_family="sigmoid", prompts="a crimson ball\na crimson ball\na azure cube\na azure cube",
+                     concepts="crimson, azure")
+    job = last_job(mole)
+    assert job.status == "done", job.error
+    gate_file = out.args[0].gate_file
+    assert {"unet", "te", "te2"} <= set(gate_file.components())
+    start = mole.train_node.initial_gates(model, experts, mole.train_node.node_config(
+        "custom", steps=3, lr=0.05, alpha=0.5, granularity="block", gate_input="trigger", gate_family="sigmoid",
+        objective="denoise", seed=0, resolution=64, batch_size=2), clip)
+    assert not torch.equal(gate_file.tensors["router.bias"], start.tensors["router.bias"])
+    m, c, _ = apply(mole, model, experts, "gated", gates=load_gates(mole, "sdxl/trigger.safetensors"), clip=clip)
+    with torch.inference_mode():
+        assert torch.isfinite(sample_sdxl(m, c, 64, 64)).all()

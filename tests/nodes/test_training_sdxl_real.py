@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.nodes._nodes import load, load_gates
-from tests.nodes.test_training import images, last_job, train_node, vae  # noqa: F401 (fixtures)
+from tests.nodes.test_training import last_job, train_node
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def test_one_real_size_sdxl_training_step_fits_in_memory(mole, vae, images, comfy_dirs):  # noqa: F811
+def test_one_real_size_sdxl_training_step_fits_in_memory(mole, vae, images, comfy_dirs):
     from tests.nodes import _loras
     from tests.nodes.testing_pack.real_size import real_sdxl_clip, real_sdxl_model
 
