@@ -99,6 +99,8 @@ def test_panel_reattaches_after_reload_and_its_buttons_control_the_job(results):
     assert r["beforeReload"]["status"] == "running" and r["afterReload"]["job"] == r["beforeReload"]["job"]
     after = r["afterReload"]
     assert after["step"] > r["beforeReload"]["step"] and after["history"] >= after["step"] - 1  # history refetched
+    search = r["search"]  # a block-search record: shown after the step's figures, not a point of the curves
+    assert "· block search 3/10" in search["text"] and search["text"].startswith("step ") and search["historyKept"]
     assert r["cancelled"]["status"] == "cancelled" and r["finished"]["status"] == "done"
     stale = r["staleIgnored"]  # an older reply/event arriving late does not undo "cancelled"
     assert stale["before"] > 0 and stale["status"] == "cancelled" and stale["revision"] == stale["before"]

@@ -215,6 +215,14 @@ async function check() {
     return now > step && p.history.length >= now - 1;
   }, beforeReload.step + 1, LONG);
   const afterReload = await panelState(page);
+  // a block-search record (after the last step of recipe compose) is shown, not drawn as a step of the curves
+  const search = await page.evaluate(() => {
+    const p = window.app.graph.nodes.find((n) => n.type === "MoLE_TrainGates").molePanel;
+    const history = p.history.length;
+    p.onProgress({ phase: "block_search", candidate: 3, candidates: 10, job: p.job.id, node: p.nodeId, revision: p.job.revision });
+    p.render();
+    return { text: p.step.textContent, historyKept: p.history.length === history };
+  });
   await focus(page, "MoLE_TrainGates");
   await page.locator(".mole-panel").first().screenshot({ path: path.join(outDir, "panel_reattached.png") });
   const waitStatus = (status) => page.waitForFunction((s) => window.app.graph.nodes.find((n) => n.type === "MoLE_TrainGates").molePanel.job.status === s, status, LONG);
@@ -236,7 +244,7 @@ async function check() {
   }, cancelled.step, LONG);
   await page.locator(".mole-panel .mole-finish").first().click();
   await waitStatus("done");
-  results.reattach = { beforeReload, afterReload, cancelled, staleIgnored, finished: await panelState(page) };
+  results.reattach = { beforeReload, afterReload, search, cancelled, staleIgnored, finished: await panelState(page) };
   await page.locator(".mole-panel").first().screenshot({ path: path.join(outDir, "panel_finished.png") });
   results.errors = ours(log);
   fs.writeFileSync(path.join(outDir, "results.json"), JSON.stringify(results, null, 2));

@@ -1,5 +1,5 @@
 // Live training panel on MoLE Train Gates: loss and gate-entropy curves, mean gate per expert,
-// step/ETA, Cancel / Stop & save / Resume. Fed by mole.progress and mole.job events; after a page
+// step/ETA (then the block search's candidates), Cancel / Stop & save / Resume. Fed by mole.progress and mole.job events; after a page
 // reload (or a websocket reconnect) it reattaches to the newest job its node started.
 import { app } from "../../scripts/app.js";
 import { moleApi } from "./mole_api.js";
@@ -125,6 +125,10 @@ class TrainingPanel {
     this.job.status = "running";
     this.job.revision = p.revision ?? this.job.revision;
     this.job.progress = p;
+    if (p.phase) { // the block search after the last step: progress to show, not a point of the curves
+      this.schedule();
+      return;
+    }
     this.history = this.history.filter((h) => h.step < p.step);
     this.history.push(flat({ step: p.step, loss: p.loss, terms: p.terms, gate_entropy: p.gate_entropy,
       mean_gates: p.mean_gates, mean_gate_entropy: p.mean_gate_entropy }));
@@ -155,13 +159,15 @@ class TrainingPanel {
 
   render() {
     const job = this.job;
-    const p = job?.progress || {};
+    const latest = job?.progress || {};
+    const p = latest.phase ? this.history.at(-1) || {} : latest; // during the search: the last step's figures
     const status = job?.status;
     if (job) {
       this.status.textContent = `${status}: ${job.file ?? job.name}`;
       this.status.dataset.status = status;
       const terms = Object.entries(p.terms || {}).map(([k, v]) => ` · ${k} ${fmt(v, 3)}`).join("");
-      this.step.textContent = `step ${p.step ?? 0}/${job.steps ?? p.steps ?? "?"} · loss ${fmt(p.loss)}${terms}`;
+      const search = latest.phase === "block_search" ? ` · block search ${latest.candidate}/${latest.candidates}` : "";
+      this.step.textContent = `step ${p.step ?? 0}/${job.steps ?? p.steps ?? "?"} · loss ${fmt(p.loss)}${terms}${search}`;
       this.eta.textContent = status === "running" && p.eta_s != null ? `ETA ${duration(p.eta_s)}` : "";
       this.error.textContent = job.error || (status === "cancelled" ? "cancelled: the checkpoint is kept" : "");
     }
