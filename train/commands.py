@@ -288,7 +288,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     t0 = time.time()
-    summary = run_demo(Path(args.out), steps=args.steps, rebuild=args.rebuild)
+    summary = run_demo(Path(args.out), steps=args.steps, rebuild=args.rebuild, search=args.search)
     print(json.dumps(summary, indent=1))
     print(f"demo finished in {time.time() - t0:.0f} s → {args.out}/")
     return 0

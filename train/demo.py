@@ -33,17 +33,17 @@ from .data import scan_folder
 from .diffusers_backend import DiffusersBackend, quiet_libraries
 from .engine import gate_statistics, reference_cache, train
 from .plots import training_curves
+from .recipes import recipe_fields
 from .sampling import attach_mixture, image_grid, save_png
 
 DEMO_CONCEPTS = ["purple", "striped", "star"]
 DEMO_STEPS = 150
-# the recipe of bench/composition.py's best row: sigmoid gates, each LoRA switched on by the word its file is
-# named after (gate_input 'trigger', the threshold trained by the naming term) at its own strength in every
-# block (the magnitudes are not trained: the guide moves them the wrong way), trained on sampled compositions
-# (objective 'compose', toy CLIP guide) with twin and base prompts as prior
-RECIPE = dict(objective="compose", gate_family="sigmoid", granularity="block", gate_input="trigger",
-              route_weight=1.0, train_text_gates=True, center_features=True, alpha=0.0, prior_weight=0.5,
-              local_weight=1.0, base_share=0.25, train_magnitudes=False)
+# the compose recipe (train/recipes.py = bench/composition.py's best row: trigger routing on UNet and text encoder,
+# objective compose, then the block search) at the demo's scale. By default without its block search (the search
+# alone takes minutes here: 351 candidates); ``--search`` runs it with a smaller judge (prompts per set, DDIM steps)
+DEMO_SEARCH = dict(search_prompts=4, search_steps=6)
+SEARCH_ONLY = {k: v for k, v in recipe_fields("compose").items() if k == "block_search" or k.startswith("search_")}
+RECIPE = {k: v for k, v in recipe_fields("compose").items() if k not in SEARCH_ONLY}
 TRAIN_PROMPTS, BASE_PROMPTS = 16, 24
 PROMPTS, IMAGES, SAMPLE_STEPS, CFG, BASE_EVAL = 4, 4, 20, 5.0, 16
 METHODS = ("mole", "nla", "stack")  # learned gates, every LoRA at 1/N, every LoRA at 1
@@ -77,6 +77,21 @@ def _sample(world, pipe, experts, method: str, gates, prompts: list[str], seed: 
     return images, stats
 
 
+def demo_config(steps: int, size: int, search: bool) -> TrainConfig:
+    """The compose recipe at the demo's scale; its block search (with the demo's smaller judge) only if ``search``."""
+    return TrainConfig(steps=steps, lr=3e-2, resolution=size, batch_size=8, checkpoint_every=0, seed=0, **RECIPE,
+                       **({**SEARCH_ONLY, **DEMO_SEARCH} if search else {}))
+
+
+def _report(p: dict, log) -> None:  # noqa: ANN001
+    """Every 20th step, and every 50th candidate of the block search."""
+    if p.get("phase") == "block_search":
+        if p["candidate"] % 50 == 0 or p["candidate"] == p["candidates"]:
+            log(f"  block search {p['candidate']}/{p['candidates']}")
+    elif p["step"] % 20 == 0:
+        log(f"  step {p['step']:4d}/{p['steps']} loss {p['loss']:.4f} gate entropy {p['gate_entropy']:.3f}")
+
+
 def training_prompts(world) -> ComposePrompts:  # noqa: ANN001
     """Every 1-, 2- and 3-concept composition of the demo's concepts (prompt seeds apart from the evaluation's)
     and base prompts naming no concept."""
@@ -86,8 +101,10 @@ def training_prompts(world) -> ComposePrompts:  # noqa: ANN001
     return ComposePrompts(comps, base)
 
 
-def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=print) -> dict:  # noqa: ANN001
-    """Train gates on the toy world, sample MoLE vs NLA, score; returns the metrics (also in metrics.json)."""
+def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=print,  # noqa: ANN001
+             search: bool = False) -> dict:
+    """Train gates on the toy world (``search``: then the recipe's block search), sample MoLE vs NLA vs stacking,
+    score; returns the metrics (also in metrics.json)."""
     t0 = time.perf_counter()
     quiet_libraries()
     world = _world(rebuild)
@@ -99,18 +116,16 @@ def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=pri
     backend = DiffusersBackend(pipe, resolution=size)
     experts = mole.load_experts(world.expert_paths(DEMO_CONCEPTS))
     refs = scan_folder(refs_dir)
-    cfg = TrainConfig(steps=steps or DEMO_STEPS, lr=3e-2, resolution=size, batch_size=8, checkpoint_every=0, seed=0,
-                      **RECIPE)
+    cfg = demo_config(steps or DEMO_STEPS, size, search)
     cache = reference_cache(backend, experts, refs, cfg)
     prompts_in = training_prompts(world)
-    log(f"training gates on {len(prompts_in.compositions)} composition prompts of {', '.join(DEMO_CONCEPTS)} and "
-        f"{len(prompts_in.base)} base prompts, guided by the toy CLIP and {len(refs)} reference images "
-        f"({cfg.steps} steps)…")
+    log(f"training gates (recipe compose: {cfg.steps} steps{', then the block search' if search else ''}) on "
+        f"{len(prompts_in.compositions)} composition prompts of {', '.join(DEMO_CONCEPTS)} and "
+        f"{len(prompts_in.base)} base prompts, guided by the toy CLIP and {len(refs)} reference images…")
     t_train = time.perf_counter()
     res = train(cfg, backend, experts, refs, cache=cache, out_path=str(out / "gates.safetensors"),
                 compose_prompts=prompts_in, guide=load_toy_guide(world.clip_path),
-                progress=lambda p: log(f"  step {p['step']:4d}/{p['steps']} loss {p['loss']:.4f} "
-                                       f"gate entropy {p['gate_entropy']:.3f}") if p["step"] % 20 == 0 else None)
+                progress=lambda p: _report(p, log))
     train_s = time.perf_counter() - t_train
     training_curves(res.history).save(out / "curves.png")
     stats = gate_statistics(backend, experts, res.gates, cache)
@@ -120,6 +135,7 @@ def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=pri
     prompts = [c.prompt for c in comps for _ in range(IMAGES)]
     wanted = [c.wanted for c in comps for _ in range(IMAGES)]
     metrics: dict = {"concepts": DEMO_CONCEPTS, "prompts": [c.prompt for c in comps], "gate_steps": cfg.steps,
+                     "block_search": cfg.block_search,
                      "train_seconds": round(train_s, 1), "final_training": res.metrics}
     concept_attrs = [W.concept(c).attribute for c in DEMO_CONCEPTS]
     base_specs = [sp.attributes for sp in W.sample_specs(BASE_EVAL, 3000, W.BASE_VALUES)]

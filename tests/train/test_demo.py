@@ -30,3 +30,21 @@ def test_demo_writes_every_output(tmp_path: Path, capsys) -> None:  # noqa: ANN0
                                                                                    "background"}
     assert len(metrics["mole"]["mean_gates"]) == 3
     assert sorted(p.name for p in (out / "refs").iterdir()) == ["purple", "star", "striped"]
+
+
+def test_the_demo_trains_the_compose_recipe_with_its_search_on_request() -> None:
+    """`make demo` = the benchmark's best recipe (train/recipes.py) at the demo's scale: without the block search
+    by default (it does not fit the demo's minutes), with it and a smaller judge under `--search`."""
+    import dataclasses
+
+    from train.config import TrainConfig
+    from train.demo import DEMO_SEARCH, SEARCH_ONLY, demo_config
+    from train.recipes import recipe_config
+
+    run = dict(steps=10, lr=3e-2, resolution=32, batch_size=8, checkpoint_every=0, seed=0)
+    searched = recipe_config("compose", **run, **DEMO_SEARCH)
+    assert demo_config(10, 32, search=True) == searched and searched.block_search
+    defaults = TrainConfig()
+    plain = dataclasses.replace(searched, **{k: getattr(defaults, k) for k in {*SEARCH_ONLY, *DEMO_SEARCH}})
+    assert demo_config(10, 32, search=False) == plain and not plain.block_search
+    assert plain.gate_input == "trigger" and plain.objective == "compose" and plain.train_text_gates
