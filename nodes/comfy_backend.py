@@ -174,13 +174,13 @@ def own_weights(module: nn.Module, device: torch.device) -> bool:
     return True
 
 
-def private_module(module: nn.Module, patcher: Any | None = None, share_weights: bool = False) -> nn.Module:
-    """A normalised deep copy of any module (the VAE decoder for the CLIP objective, a CLIP's text encoders),
-    made after ``patcher`` is loaded in full (its patches applied); ``share_weights`` as in :func:`private_copy`."""
+def private_module(module: nn.Module, patcher: Any | None = None) -> nn.Module:
+    """A normalised deep copy of any module with its own weights (the VAE decoder for the CLIP objective, a CLIP's
+    text encoders), made after ``patcher`` is loaded in full (its patches applied)."""
     if patcher is not None:
         mm.load_models_gpu([patcher], force_full_load=True)
     memo: dict[int, Any] = {id(patcher): None} if patcher is not None else {}
-    return normalize_copy_(_deep_copy(module, memo, share_weights)).requires_grad_(False)
+    return normalize_copy_(_deep_copy(module, memo, share_weights=False)).requires_grad_(False)
 
 
 # ----- prompt thread: encoding -----

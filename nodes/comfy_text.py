@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .comfy_backend import own_weights, private_module
+from .comfy_backend import private_module
 
 
 def _own_copy(t: torch.Tensor) -> torch.Tensor:
@@ -31,18 +31,19 @@ def _as_is(t: torch.Tensor) -> torch.Tensor:
 class PrivateTextEncoder:
     """A private copy of ``clip``'s text encoders and tokenizer, made in the prompt thread.
 
-    ``share_weights``: the copy runs on the loaded CLIP's weights (the node's ``wait`` mode, as
-    :func:`.comfy_backend.private_copy`); :meth:`own_weights` gives it its own before a stopped job is kept.
+    The copy owns its weights, in every run mode: loading the UNet or the VAE next may unload the CLIP, and
+    ComfyUI restores an unloaded model's unpatched weights in place — a copy on shared memory would lose the
+    connected CLIP's own LoRA patches mid-training. (A text encoder is small next to the UNet, whose copy
+    shares the loaded weights in ``wait`` mode.)
     """
 
-    def __init__(self, clip: Any, share_weights: bool = False):
-        self.model = private_module(clip.cond_stage_model, clip.patcher, share_weights)
+    def __init__(self, clip: Any):
+        self.model = private_module(clip.cond_stage_model, clip.patcher)
         self.tokenizer = copy.deepcopy(clip.tokenizer)  # a tokenizer is not safe to share between threads
         self.tokenizer_options = dict(getattr(clip, "tokenizer_options", {}) or {})
         self.layer_idx = clip.layer_idx
         self.load_device = clip.patcher.load_device
         self.offload_device = clip.patcher.offload_device
-        self.shares_weights = share_weights
 
     def encode(self, text: str) -> dict[str, torch.Tensor]:
         """``{"cond": (1, L, D), "pooled_output": ..., ...}`` for one prompt, with whatever gates are attached
@@ -60,9 +61,3 @@ class PrivateTextEncoder:
         """Move the copy (a job parked on the offload device, or resumed on the load device)."""
         self.model.to(device)
         return self
-
-    def own_weights(self) -> bool:
-        """Own weights on the offload device for a copy that shares the loaded CLIP's (False when memory is short)."""
-        if self.shares_weights and own_weights(self.model, self.offload_device):
-            self.shares_weights = False
-        return not self.shares_weights

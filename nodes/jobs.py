@@ -369,17 +369,16 @@ def _park(spec: TrainingSpec) -> None:
     or is released when memory is short for that (its checkpoint stays: running the node again continues it)."""
     if spec.model is None:
         return
-    text = spec.text_encoder
-    if (spec.shares_weights and not own_weights(spec.model, spec.offload_device)) or \
-            (text is not None and not text.own_weights()):
-        log.warning("MoLE: %s stopped; no memory to keep its model copy for a resume (run the node again to "
-                    "continue from its checkpoint)", spec.file)
-        _release(spec)
-        return
-    spec.shares_weights = False
+    if spec.shares_weights:
+        if not own_weights(spec.model, spec.offload_device):
+            log.warning("MoLE: %s stopped; no memory to keep its model copy for a resume (run the node again to "
+                        "continue from its checkpoint)", spec.file)
+            _release(spec)
+            return
+        spec.shares_weights = False
     spec.model.to(spec.offload_device)
-    if text is not None:
-        text.to(text.offload_device)
+    if spec.text_encoder is not None:
+        spec.text_encoder.to(spec.text_encoder.offload_device)
     with _lock:
         if spec not in _parked:
             _parked.append(spec)

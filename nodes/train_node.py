@@ -220,7 +220,7 @@ def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch
     table = (PromptTable.encode(encoder, ComfyEncoder(model.model, vae, clip, cfg.resolution), everything)
              .to(model.load_device) if compose_prompts else None)
     shared = mode == "wait"  # nothing else runs until the job ends: train on the loaded weights, no second copy
-    text = PrivateTextEncoder(clip, shared) if cfg.train_text_gates else None
+    text = PrivateTextEncoder(clip) if cfg.train_text_gates else None  # its own weights (see the class)
     copy_ = private_copy(model, training_memory(model, cfg.resolution, cfg.batch_size, not shared), shared)
     vae_model = private_module(vae.first_stage_model, vae.patcher) if needs_guide else None
     normal = normal_experts(experts)

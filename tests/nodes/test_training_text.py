@@ -53,10 +53,7 @@ def test_the_private_copy_encodes_as_comfyuis_clip(mole, kind):
                 torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-6, msg=f"{prompt!r} {key}")
     params = [(p, q) for p, q in zip(text.model.parameters(), clip.cond_stage_model.parameters())]
     assert all(not p.is_inference() and not p.requires_grad for p, _ in params)
-    assert all(p.data_ptr() != q.data_ptr() for p, q in params)
-    shared = mole.comfy_text.PrivateTextEncoder(clip, share_weights=True)
-    assert all(p.data_ptr() == q.data_ptr() for p, q in zip(shared.model.parameters(),
-                                                            clip.cond_stage_model.parameters()))
+    assert all(p.data_ptr() != q.data_ptr() for p, q in params)  # its own weights
 
 
 def test_text_gates_train_through_the_private_copy(mole, tiny, vae, named_experts, monkeypatch):
