@@ -301,7 +301,8 @@ class MoleTrainGates(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x or SDXL). Training uses a private "
                                                 "copy; this model is not changed."),
                 io.Clip.Input("clip", tooltip="Encodes the prompts (the experts' text-encoder parts are applied at "
-                                              "uniform weights, once)."),
+                                              "uniform weights, once; with gate_input router or trigger they are "
+                                              "gated and trained through the job's own copy of this CLIP)."),
                 io.Vae.Input("vae", tooltip="Encodes the reference images into latents (the model's own VAE)."),
                 ExpertsIO.Input("experts", tooltip="The LoRA experts from MoLE Load Experts (their order is the gate "
                                                    "order)."),
@@ -367,8 +368,9 @@ class MoleTrainGates(io.ComfyNode):
                                         "model must draw them as the model without LoRAs does. Optional: the "
                                         "composition prompts without their trigger words serve too."),
                 io.String.Input("concepts", default="", optional=True,
-                                tooltip="objective compose: the LoRAs' trigger words, comma-separated. Each "
-                                        "reference prompt names one of them (that image is its reference)."),
+                                tooltip="objective compose and gate_input trigger: the LoRAs' trigger words, "
+                                        "comma-separated (each LoRA file named after its word). Each reference "
+                                        "prompt names one of them (that image is its reference)."),
                 io.Combo.Input("recipe", options=list(RECIPE_CHOICES), default=CUSTOM, optional=True,
                                tooltip="custom: the inputs above decide. compose: the recipe the composition "
                                        "benchmark measures best (as `mole-train train --recipe compose`): sigmoid "
