@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -39,9 +39,6 @@ import mole_core
 from ..train.data import CachedSet
 from .comfy_index import build_index, unet_key_map
 from .injection import holder_of
-
-if TYPE_CHECKING:
-    from .comfy_text import PrivateTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -297,13 +294,22 @@ def cache_to(cache: CachedSet, device: torch.device) -> CachedSet:
 
 
 # ----- training thread: the denoiser -----
+class TextEncoder(Protocol):
+    """What the backend needs of a text-encoder copy (:class:`.comfy_text.PrivateTextEncoder`)."""
+
+    model: nn.Module  # the text encoders (``cond_stage_model``), indexed for the mixture
+
+    def encode(self, text: str) -> dict[str, Any]:
+        """One prompt → ``CLIP.encode_from_tokens(..., return_dict=True)``'s dict."""
+
+
 class ComfyBackend:
     """:class:`train.backend.Backend` over a private ``BaseModel`` copy (see the module docstring)."""
 
     prediction_type = "epsilon"
 
     def __init__(self, model: Any, vae_model: nn.Module | None = None, vae_scale_factor: int = 8,
-                 prompts: PromptTable | None = None, text: PrivateTextEncoder | None = None, resolution: int = 512):
+                 prompts: PromptTable | None = None, text: TextEncoder | None = None, resolution: int = 512):
         self.model = model
         self.vae_model = vae_model
         self.vae_scale_factor = vae_scale_factor
