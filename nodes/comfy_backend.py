@@ -258,9 +258,11 @@ class PromptTable:
     base: dict[str, dict[str, torch.Tensor]]
 
     @classmethod
-    def encode(cls, lora: ComfyEncoder, base: ComfyEncoder, prompts: list[str]) -> PromptTable:
+    def encode(cls, lora: ComfyEncoder | None, base: ComfyEncoder, prompts: list[str]) -> PromptTable:
+        """Both halves; ``lora`` None leaves that half empty (a job that encodes through its own CLIP copy)."""
         texts = sorted(set(prompts))
-        rows = {"lora": [lora.encode_prompts([t]) for t in texts], "base": [base.encode_prompts([t]) for t in texts]}
+        rows = {"lora": [lora.encode_prompts([t]) for t in texts] if lora is not None else [],
+                "base": [base.encode_prompts([t]) for t in texts]}
         unify_lengths_(rows["lora"] + rows["base"])
         return cls(dict(zip(texts, rows["lora"])), dict(zip(texts, rows["base"])))
 

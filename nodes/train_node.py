@@ -35,7 +35,7 @@ from ..train.config import TrainConfig
 from ..train.data import Reference, references_from_images
 from ..train.engine import prepare_references
 from ..train.plots import training_curves
-from ..train.recipes import recipe_config
+from ..train.recipes import recipe_config, recipe_fields
 from . import jobs, saved_states
 from .apply import TE, static_clip, static_vector
 from .comfy_backend import (
@@ -73,7 +73,6 @@ def register_clip_folder() -> None:
 
 CUSTOM = "custom"
 RECIPE_CHOICES = (CUSTOM, "compose")
-RECIPE_SETS = ("objective", "gate_family", "gate_input", "granularity", "alpha")  # what a named recipe decides
 
 
 def node_config(recipe: str, **inputs: Any) -> TrainConfig:
@@ -83,7 +82,8 @@ def node_config(recipe: str, **inputs: Any) -> TrainConfig:
     steps = inputs["steps"]
     run = {"warmup_steps": min(10, steps // 10), "checkpoint_every": max(1, steps // 20)}
     if recipe != CUSTOM:
-        return recipe_config(recipe, **{k: v for k, v in inputs.items() if k not in RECIPE_SETS}, **run)
+        decided = recipe_fields(recipe)  # explicit fields would win over the recipe's: pass only the others
+        return recipe_config(recipe, **{k: v for k, v in inputs.items() if k not in decided}, **run)
     return TrainConfig(**inputs, **run, center_features=inputs["objective"] == "compose",
                        train_text_gates=inputs["gate_input"] in ROUTED_INPUTS)
 
@@ -217,7 +217,8 @@ def prepare(model: Any, clip: Any, vae: Any, experts: MoleExperts, images: torch
     start = initial_gates(model, experts, cfg, clip)
     encoder = ComfyEncoder(model.model, vae, nla_clip(clip, experts), cfg.resolution)
     cache = unify_context(prepare_references(encoder, refs, cfg))
-    table = (PromptTable.encode(encoder, ComfyEncoder(model.model, vae, clip, cfg.resolution), everything)
+    lora = None if cfg.train_text_gates else encoder  # text-gated jobs encode through their CLIP copy instead
+    table = (PromptTable.encode(lora, ComfyEncoder(model.model, vae, clip, cfg.resolution), everything)
              .to(model.load_device) if compose_prompts else None)
     shared = mode == "wait"  # nothing else runs until the job ends: train on the loaded weights, no second copy
     text = PrivateTextEncoder(clip) if cfg.train_text_gates else None  # its own weights (see the class)
