@@ -11,7 +11,8 @@ removes every hook so outputs are bit-identical to the bare model.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,8 @@ class Mixture:
         self._rows: torch.Tensor | None = None
         self._single: int | None = None  # the one expert of one-hot row gates (LoRA Switch's fast path)
         self._single_scale: float | None = None
+        self._sample_factors: torch.Tensor | None = None  # sample_scales(): (V, S, N) factors, (b,) variants
+        self._sample_variant: torch.Tensor | None = None
         self.set_mode(mode, weights)
         self.set_mask(mask)
         self.strength = strength
@@ -226,7 +229,7 @@ class Mixture:
         for scope_i, scope in enumerate(self.scopes.values()):
             gate = self.gates[f"s{scope_i}"]
             for t in scope.targets:
-                hook = self._target_hook(self.banks[t], scope, gate, t == scope.lead)
+                hook = self._target_hook(self.banks[t], scope, gate, t == scope.lead, scope_i)
                 self._handles.append(self.index.modules[t].register_forward_hook(hook))
 
     def _root_hook(self, comp: str, reads_prompt: bool):
@@ -326,7 +329,7 @@ class Mixture:
             route = route.expand(batch, -1)
         return route
 
-    def _target_hook(self, bank: ExpertBank, scope: _Scope, gate: ScopeGate, is_lead: bool):
+    def _target_hook(self, bank: ExpertBank, scope: _Scope, gate: ScopeGate, is_lead: bool, scope_i: int):
         is_conv = bank.is_conv
         experts_input = self.config.gate_input == "experts"
         prompt_input = self._reads_prompt(scope.component)
@@ -375,6 +378,8 @@ class Mixture:
                     if feats.dtype != torch.float32 or feats.device != gate.weight.device:
                         feats = feats.to(gate.weight.device, torch.float32)
                     g = gate(feats, self._mask_dev(feats.device))  # the mask is data: no guard, no recompile
+                    if self._sample_factors is not None and scope.component == "unet":
+                        g = g * self._sample_factor(scope_i, g.shape[0], g.device)
                     scope.gate = g
                     self.live_gates[scope.name] = g
                     if not scope.recorded:  # a gradient-checkpoint recompute re-runs this hook
@@ -525,6 +530,38 @@ class Mixture:
     def balance_loss(self) -> torch.Tensor:
         """Eq. 14–15 over the gates of the last forward pass (α applied by the caller)."""
         return balance_loss(list(self.live_gates.values()), self._mask.bool())
+
+    @contextmanager
+    def sample_scales(self, factors: torch.Tensor, variant: torch.Tensor) -> Iterator[None]:
+        """Within the block, scale each sample's UNet gates by factors of its own (gated mode): ``factors``
+        ``(V, S, N)`` — variant ``v``'s factor per scope (in :attr:`scope_names` order) and expert —, ``variant``
+        ``(b,)`` the variant of each of ``b`` prompts; a UNet forward of ``k·b`` rows (``[negative; positive]``
+        under classifier-free guidance) gives row ``r`` the variant ``variant[r % b]``. Text-encoder scopes must
+        have factor 1 (a host may encode prompt by prompt; set their state on the gates). Lets a search score many
+        gate settings in one batch."""
+        if self._mode != "gated" or self._rows is not None:
+            raise MoleError("sample_scales needs a mixture in gated mode")
+        if factors.dim() != 3 or tuple(factors.shape[1:]) != (len(self.scope_names), self.n):
+            raise MoleError(f"sample_scales: factors must be (V, {len(self.scope_names)}, {self.n}), "
+                            f"got {tuple(factors.shape)}")
+        text = [i for i, name in enumerate(self.scope_names) if self.scopes[name].component != "unet"]
+        if text and not bool((factors[:, text] == 1).all()):
+            raise MoleError("sample_scales: text-encoder scopes must have factor 1 (set their magnitudes instead)")
+        if variant.dim() != 1 or not variant.numel() or not 0 <= variant.min() <= variant.max() < len(factors):
+            raise MoleError(f"sample_scales: variant must be a non-empty (b,) tensor of indices below {len(factors)}")
+        previous = self._sample_factors, self._sample_variant
+        self._sample_factors, self._sample_variant = factors.float(), variant.long()
+        try:
+            yield
+        finally:
+            self._sample_factors, self._sample_variant = previous
+
+    def _sample_factor(self, scope_i: int, batch: int, device: torch.device) -> torch.Tensor:
+        """The ``(batch, N)`` factors of :meth:`sample_scales` for scope ``scope_i``."""
+        b = self._sample_variant.numel()
+        if batch % b:
+            raise MoleError(f"sample_scales: a UNet forward of {batch} rows for {b} prompts")
+        return self._sample_factors[self._sample_variant.repeat(batch // b), scope_i].to(device)
 
     def clear_live_gates(self) -> None:
         self.live_gates.clear()
