@@ -72,6 +72,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -82,8 +83,6 @@ from .compose import ComposeObjective
 from .greedy import (
     GAINS,
     SHARE_STEPS,
-    Samples,
-    Score,
     Strengths,
     Switches,
     greedy_additions,
@@ -94,6 +93,7 @@ from .greedy import (
     share_moves,
     share_steps_up_to,
 )
+from .search_rollouts import Change, Rollouts, StateScore
 
 log = logging.getLogger("mole.train")
 OFF_LOGIT = -40.0  # magnitude m_max · σ(−40) ≈ 1e-17: the LoRA does nothing in that scope
@@ -402,26 +402,29 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         gen = torch.Generator().manual_seed(seed)
         return [torch.randn((n, *compose.latent_shape), generator=gen) for _ in range(draws)]
 
-    def score_on(draw: int) -> Score:
-        """The guide's score of each of a set's prompts, sampled from the ``draw``-th noise of the seeded
-        generator."""
-        def score(named: frozenset[int], off: dict[int, frozenset[str]], zero: Switches | None = None,
-                  need: Needs | None = None) -> torch.Tensor:
-            undo = switch_off(mix, stages, off, min_strength if need is None else need, zero)
-            undo_text = set_text_strengths(mix, te, set_levels.get(named, {}))
-            try:
-                mix.clear_live_gates()
-                mix.routes.clear()
-                prompts = by_named[named]
-                noise = noise_of(len(prompts))[draw]
-                return torch.cat([compose.guidance(prompts[i:i + batch], noise[i:i + batch], steps)
-                                  for i in range(0, len(prompts), batch)]).cpu()
-            finally:
-                undo_text()
-                undo()
-        return score
+    def state(named: frozenset[int], off: Switches, zero: Switches | None = None, need: Needs | None = None,
+              levels: Strengths | None = None) -> Change:
+        """What set ``named`` is scored under: its switched-off stages ``off`` (at their floors, ``zero`` at 0), the
+        set's text levels of ``text_by_set`` and, for the text pass, the candidate ``levels`` under them."""
+        def apply() -> Callable[[], None]:
+            undos = [set_text_strengths(mix, te, levels or {}),
+                     switch_off(mix, stages, off, min_strength if need is None else need, zero),
+                     set_text_strengths(mix, te, set_levels.get(named, {}))]
 
-    score, held = score_on(0), [score_on(d) for d in range(1, draws)]
+            def undo_all() -> None:
+                for undo in reversed(undos):
+                    undo()
+            return undo_all
+        return apply
+
+    judges = [Rollouts(compose, mix, by_named, lambda n, d=d: noise_of(n)[d], steps, batch, should_stop)
+              for d in range(draws)]
+
+    def scores(change: Callable[[frozenset[int], Any], Change]) -> tuple[StateScore, list[StateScore]]:
+        """A pass's score on the first noise draw and on the held-back ones, a set's state read by ``change``."""
+        return StateScore(judges[0], change), [StateScore(j, change) for j in judges[1:]]
+
+    score, held = scores(state)
 
     per_expert = len(stages) * (2 if windows else 1)  # candidates of one expert's stage pass
     n_pass = sum(len(es) for es, _ in groups) * per_expert
@@ -463,15 +466,13 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         """The floor placement pass (``place_floors``), per entry of ``offs`` over its own experts, each set keeping
         its ``needs`` (``share_floors``; else ``min_strength``): the zeroed stages per entry, the total score after
         it, completeness."""
-        def zero_score(draw_score: Score) -> Score:
-            return lambda named, zero: draw_score(named, off_of(offs, named), zero, needs.get(named))
+        zero_score, zero_held = scores(lambda named, zero: state(named, off_of(offs, named), zero, needs.get(named)))
 
         out: list[Switches] = []
         for off, (es, group_sets) in zip(offs, placed_groups):
             need = needs.get(group_sets[0], {}) if len(group_sets) == 1 else {}  # shared: one need for every set
             placed, s0, s1, complete = greedy_additions(
-                es, list(stages), group_sets, zero_score(score), progress_from(done), should_stop,
-                [zero_score(h) for h in held], compare,
+                es, list(stages), group_sets, zero_score, progress_from(done), should_stop, zero_held, compare,
                 allowed=lambda e, zs, off=off, need=need: can_zero(mix, stages, e, off.get(e, frozenset()), zs,
                                                                    need.get(e, min_strength)))
             out.append(placed)
@@ -484,29 +485,21 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
     undo_off = (lambda: None) if groups is own else switch_off(mix, stages, offs[0], min_strength)
     chosen: Strengths = {}
     if text_strengths and complete:
-        def text_score(draw_score: Score) -> Callable[[frozenset[int], Strengths], float]:
-            def one(named: frozenset[int], levels: Strengths) -> torch.Tensor:
-                undo = set_text_strengths(mix, te, levels)
-                try:
-                    return draw_score(named, off_of(offs, named))
-                finally:
-                    undo()
-            return one
+        text_score, text_held = scores(lambda named, levels: state(named, off_of(offs, named), levels=levels))
 
         if text_by_set:  # each set its own levels, over its own experts
             done = n_pass
             for named in sets:
                 levels, set_start, set_total, complete = greedy_strengths(
-                    sorted(named), list(text_strengths), [named], text_score(score), progress_from(done),
-                    should_stop, [text_score(h) for h in held], compare)
+                    sorted(named), list(text_strengths), [named], text_score, progress_from(done), should_stop,
+                    text_held, compare)
                 total, done = total + set_total - set_start, done + len(named) * len(text_strengths)
                 set_levels[named] = {e: lv for e, lv in levels.items() if lv != 1.0}
                 if not complete:
                     break
         else:
-            chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), sets, text_score(score),
-                                                          progress_from(n_pass), should_stop,
-                                                          [text_score(h) for h in held], compare)
+            chosen, _, total, complete = greedy_strengths(experts, list(text_strengths), sets, text_score,
+                                                          progress_from(n_pass), should_stop, text_held, compare)
             set_text_strengths(mix, te, chosen)
     for r in range(1, rounds):
         if not complete:
@@ -519,15 +512,14 @@ def search_blocks(compose: ComposeObjective, mix: Mixture, *, per_set: int, step
         offs, _, total, complete = stage_pass(own, n_pass * rounds + n_text, [off_of(offs, s) for s in sets])
     needs: dict[frozenset[int], dict[int, float]] = {}  # share_floors: each set's own floor needs
     if share_floors and complete:  # before the placement, which then places each set's own share
-        def share_score(draw_score: Score) -> Callable[[frozenset[int], dict[int, float]], Samples]:
-            return lambda named, need: draw_score(named, off_of(offs, named), None, need)
+        share_score, share_held = scores(lambda named, need: state(named, off_of(offs, named), None, need))
 
         def feasible(named: frozenset[int], e: int, need: float) -> bool:
             return can_carry(mix, stages, e, off_of(offs, named)[e], frozenset(), need)
 
-        needs, s0, s1, complete = greedy_shares(experts, compositions, min_strength, share_score(score), feasible,
-                                                progress_from(n_all - n_place - n_share), should_stop,
-                                                [share_score(h) for h in held], compare, share_steps)
+        needs, s0, s1, complete = greedy_shares(experts, compositions, min_strength, share_score, feasible,
+                                                progress_from(n_all - n_place - n_share), should_stop, share_held,
+                                                compare, share_steps)
         total += s1 - s0
     zeros: list[Switches] = [{} for _ in offs]  # place_floors: per entry of offs, the stages run at 0
     if place_floors and complete:

@@ -229,12 +229,14 @@ class ComposeObjective:
         return terms
 
     @torch.no_grad()
-    def guidance(self, prompts: list[str], noise: torch.Tensor, steps: int) -> torch.Tensor:
+    def guidance(self, prompts: list[str], noise: torch.Tensor, steps: int,
+                 conditioning: tuple[dict, dict] | None = None) -> torch.Tensor:
         """Per composition prompt, the guidance this objective maximises (:meth:`score_images`) of the image a
-        ``steps``-step DDIM rollout samples from ``noise`` (one latent per prompt); with ``search_dark_view`` the
-        worse of that image's score and its dark view's (:mod:`train.dark_view`); with ``search_texture_weight``
-        plus that weight × the image's texture term (:func:`train.texture.texture_scores`)."""
-        images = self.rollout_images(prompts, noise, steps)
+        ``steps``-step DDIM rollout samples from ``noise`` (one latent per prompt; ``conditioning``: the prompts'
+        from :meth:`conditioning`, else encoded now); with ``search_dark_view`` the worse of that image's score and
+        its dark view's (:mod:`train.dark_view`); with ``search_texture_weight`` plus that weight × the image's
+        texture term (:func:`train.texture.texture_scores`)."""
+        images = self.rollout_images(prompts, noise, steps, conditioning)
         dark = self.cfg.search_dark_view
         views = [images] + ([dark_to_background(images, dark)] if dark else [])
         score = torch.stack([self.score_images(view, prompts) for view in views]).amin(0)
@@ -244,10 +246,18 @@ class ComposeObjective:
         return score
 
     @torch.no_grad()
-    def rollout_images(self, prompts: list[str], noise: torch.Tensor, steps: int) -> torch.Tensor:
-        """The decoded x0 (``(B, 3, H, W)`` in [-1, 1]) of a ``steps``-step DDIM rollout from ``noise`` (with CFG)."""
+    def conditioning(self, prompts: list[str]) -> tuple[dict, dict]:
+        """The conditioning of ``prompts`` and of as many empty prompts, through the text encoders as they are now
+        (rows in prompt order: a caller may slice them)."""
+        return self._encode(prompts)
+
+    @torch.no_grad()
+    def rollout_images(self, prompts: list[str], noise: torch.Tensor, steps: int,
+                       conditioning: tuple[dict, dict] | None = None) -> torch.Tensor:
+        """The decoded x0 (``(B, 3, H, W)`` in [-1, 1]) of a ``steps``-step DDIM rollout from ``noise`` (with CFG;
+        ``conditioning`` as in :meth:`guidance`)."""
         kind, alphas = self.backend.prediction_type, self.backend.alphas_cumprod.to(self.backend.device)
-        cond, uncond = self._encode(prompts)
+        cond, uncond = conditioning if conditioning is not None else self._encode(prompts)
         timesteps = rollout_timesteps(len(alphas), steps)
         x = self._ddim(noise.to(self.backend.device), timesteps, cond, uncond)
         x0, _ = x0_and_eps(kind, alphas, x, self._guided(x, timesteps[-1], cond, uncond), timesteps[-1])

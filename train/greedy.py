@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -48,16 +49,49 @@ GAINS: dict[str, Compare] = {"mean": mean_gain, "wins": win_gain}
 Switches = dict[int, frozenset[str]]
 
 
-def _cached(score: Callable[[frozenset[int], dict], Samples]) -> Callable[[frozenset[int], dict], Samples]:
-    """``score`` called once per set and state of the set's own experts (the others' state does not matter)."""
-    cache: dict[tuple, Samples] = {}
+class _Cached:
+    """``score`` called once per set and state of the set's own experts (the others' state does not matter);
+    :meth:`prefetch` scores many at once when ``score`` has a ``many`` method (:class:`BatchScore`)."""
 
-    def one(named: frozenset[int], state: dict) -> Samples:
-        key = (named, tuple((e, state[e]) for e in sorted(named)))
-        if key not in cache:
-            cache[key] = score(named, {e: state[e] for e in named})
-        return cache[key]
-    return one
+    def __init__(self, score: Score):
+        self.score = score
+        self.cache: dict[tuple, Samples] = {}
+
+    @staticmethod
+    def _key(named: frozenset[int], state: dict) -> tuple:
+        return named, tuple((e, state[e]) for e in sorted(named))
+
+    def __call__(self, named: frozenset[int], state: dict) -> Samples:
+        key = self._key(named, state)
+        if key not in self.cache:
+            self.cache[key] = self.score(named, {e: state[e] for e in named})
+        return self.cache[key]
+
+    def prefetch(self, requests: Sequence[tuple[frozenset[int], dict]]) -> None:
+        """Score every ``(set, state)`` of ``requests`` not scored yet, in one :meth:`BatchScore.many` call when the
+        score has one (the candidates of one phase are independent: one batched rollout serves them all)."""
+        many = getattr(self.score, "many", None)
+        todo: dict[tuple, tuple[frozenset[int], dict]] = {}
+        for named, state in requests:
+            key = self._key(named, state)
+            if key not in self.cache:
+                todo[key] = (named, {e: state[e] for e in named})
+        if many is not None and len(todo) > 1:  # a stop may leave some unscored (None): scored when asked for
+            self.cache.update((key, r) for key, r in zip(todo, many(list(todo.values()))) if r is not None)
+
+
+class BatchScore(Protocol):
+    """A score that can also score many ``(set, state)`` requests at once (one batched rollout)."""
+
+    def __call__(self, named: frozenset[int], state: dict) -> Samples: ...
+
+    def many(self, requests: list[tuple[frozenset[int], dict]]) -> list[Samples | None]:
+        """Each request's score, in order (None: left unscored by a stop)."""
+
+
+def _prefetch(one: _Cached, sets: Sequence[frozenset[int]], e: int | None, states: Sequence[dict]) -> None:
+    """Score at once each set naming ``e`` (every set: None) under each of ``states``."""
+    one.prefetch([(s, st) for st in states for s in sets if e is None or e in s])
 
 
 def _gain(one: Callable[[frozenset[int], dict], Samples], sets: Sequence[frozenset[int]], e: int, trial: dict,
@@ -90,8 +124,9 @@ def greedy_search(experts: Sequence[int], stages: Sequence[str], sets: Sequence[
     switched-off stages per expert, the start and the final total mean score (of ``score``), and whether every
     candidate was tried (``should_stop`` ends the pass early, keeping the switches made so far)."""
     off: Switches = {e: frozenset((start_off or {}).get(e, ())) for e in experts}
-    one = _cached(score)
-    held = [_cached(c) for c in confirm]
+    one = _Cached(score)
+    held = [_Cached(c) for c in confirm]
+    _prefetch(one, sets, None, [off])
     total = start = sum(_mean(one(s, off)) for s in sets)
     todo = [(e, st) for e in experts for st in stages]
     for i, (e, st) in enumerate(todo):
@@ -119,7 +154,8 @@ def greedy_additions(experts: Sequence[int], stages: Sequence[str], sets: Sequen
     :func:`greedy_search`'s first improvement, the result does not depend on the order of ``stages``. ``progress``
     counts one step per possible round (``stages`` per expert). Returns as :func:`greedy_search`."""
     chosen: Switches = {e: frozenset() for e in experts}
-    one, held = _cached(score), [_cached(c) for c in confirm]
+    one, held = _Cached(score), [_Cached(c) for c in confirm]
+    _prefetch(one, sets, None, [chosen])
     total = start = sum(_mean(one(s, chosen)) for s in sets)
     n = len(stages)
     for k, e in enumerate(experts):
@@ -127,6 +163,8 @@ def greedy_additions(experts: Sequence[int], stages: Sequence[str], sets: Sequen
             if progress is not None:
                 progress(k * n + r, n * len(experts))
             best: tuple[float, Switches] | None = None
+            _prefetch(one, sets, e, [chosen] + [{**chosen, e: chosen[e] | {st}} for st in stages if st not in chosen[e]
+                                                and (allowed is None or allowed(e, chosen[e] | {st}))])
             for st in stages:
                 if should_stop is not None and should_stop():
                     return chosen, start, total, False
@@ -163,13 +201,16 @@ def greedy_windows(experts: Sequence[int], stages: Sequence[str], sets: Sequence
     ``up0``, ``up1``). Candidates: 2 × stages per expert (an end before the start is skipped). Returns as
     :func:`greedy_search`."""
     off: Switches = {e: frozenset((start_off or {}).get(e, ())) for e in experts}
-    one, held = _cached(score), [_cached(c) for c in confirm]
+    one, held = _Cached(score), [_Cached(c) for c in confirm]
+    _prefetch(one, sets, None, [off])
     total = start = sum(_mean(one(s, off)) for s in sets)
     n, i = len(stages), 0
     for e in experts:
         for phase in ("start", "end"):
             on = [k for k, st in enumerate(stages) if st not in off[e]] or list(range(n))
             best: tuple[float, Switches] | None = None
+            spans = [(k, on[-1]) if phase == "start" else (on[0], k) for k in range(n)]
+            _prefetch(one, sets, e, [off] + [{**off, e: _window(stages, a, b)} for a, b in spans if a <= b])
             for k in range(n):
                 if should_stop is not None and should_stop():
                     return off, start, total, False
@@ -204,8 +245,9 @@ def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequ
     unchanged), the start and final total mean score (of ``score``), and whether every candidate was tried
     (``should_stop`` ends the pass early, keeping the levels chosen so far)."""
     chosen: Strengths = {e: 1.0 for e in experts}
-    one = _cached(score)
-    held = [_cached(c) for c in confirm]
+    one = _Cached(score)
+    held = [_Cached(c) for c in confirm]
+    _prefetch(one, sets, None, [chosen])
     total = start = sum(_mean(one(s, chosen)) for s in sets)
     todo = [(e, lv) for e in experts for lv in levels]
     best: tuple[float, float] | None = None  # (gain, level) of the current expert
@@ -214,6 +256,8 @@ def greedy_strengths(experts: Sequence[int], levels: Sequence[float], sets: Sequ
             return chosen, start, total, False
         if progress is not None:
             progress(i, len(todo))
+        if i == 0 or todo[i - 1][0] != e:  # the expert's first level: every level at once
+            _prefetch(one, sets, e, [chosen] + [{**chosen, e: level} for level in levels])
         trial = {**chosen, e: lv}
         gain = _gain(one, sets, e, trial, chosen, compare)
         if gain > 0 and (best is None or gain > best[0]) and _holds(held, sets, e, trial, chosen, compare):
@@ -262,12 +306,21 @@ def greedy_shares(experts: Sequence[int], sets: Sequence[frozenset[int]], base: 
     ``confirm``, only when it raises each held-back scorer's too; ``compare`` as in :func:`greedy_search`), or
     none. Returns each set's needs, the start and final total mean score, and whether every candidate was tried."""
     needs = {s: {e: base for e in s} for s in sets}
-    one, held = _cached(score), [_cached(c) for c in confirm]
+    one, held = _Cached(score), [_Cached(c) for c in confirm]
+    one.prefetch([(s, needs[s]) for s in sets])
     total = start = sum(_mean(one(s, needs[s])) for s in sets)
     todo = share_moves(experts, sets, steps)
 
     def gain(scorer: Callable[[frozenset[int], dict], Samples], trial: dict, how: Compare = compare) -> float:
         return sum(how(scorer(s, trial[s]), scorer(s, needs[s])) for s in trial)
+
+    def move(e: int, donor: frozenset[int], step: float) -> dict | None:
+        """The needs of the sets naming ``e`` after the move, or None when a raised need is not feasible."""
+        others = [s for s in sets if e in s and s != donor]
+        low, high = base - step, base + step / len(others)
+        if low >= 0 and high <= 1 and all(feasible(s, e, high) for s in others):
+            return {s: {**needs[s], e: low if s == donor else high} for s in [donor, *others]}
+        return None
 
     best: tuple[float, dict] | None = None  # (gain, trial) of the current expert
     for i, (e, donor, step) in enumerate(todo):
@@ -275,10 +328,11 @@ def greedy_shares(experts: Sequence[int], sets: Sequence[frozenset[int]], base: 
             return needs, start, total, False
         if progress is not None:
             progress(i, len(todo))
-        others = [s for s in sets if e in s and s != donor]
-        low, high = base - step, base + step / len(others)
-        if low >= 0 and high <= 1 and all(feasible(s, e, high) for s in others):
-            trial = {s: {**needs[s], e: low if s == donor else high} for s in [donor, *others]}
+        if i == 0 or todo[i - 1][0] != e:  # the expert's first move: every move's sets at once
+            trials = [t for m in todo if m[0] == e for t in (move(*m),) if t is not None]
+            one.prefetch([(s, needs[s]) for s in sets if e in s] + [(s, t[s]) for t in trials for s in t])
+        trial = move(e, donor, step)
+        if trial is not None:
             g = gain(one, trial)
             if g > 0 and (best is None or g > best[0]):
                 if all(gain(h, trial) > 0 for h in held):

@@ -899,9 +899,9 @@ def test_held_back_draws_score_the_same_prompts_on_the_generators_next_noise(toy
     calls = []
     real = ComposeObjective.guidance
 
-    def spy(self, prompts, noise, steps):  # noqa: ANN001, ANN202 — records the call, then runs the real guidance
+    def spy(self, prompts, noise, steps, conditioning=None):  # noqa: ANN001, ANN202 — records, then runs the real one
         calls.append((tuple(prompts), noise.clone()))
-        return real(self, prompts, noise, steps)
+        return real(self, prompts, noise, steps, conditioning)
 
     monkeypatch.setattr(ComposeObjective, "guidance", spy)
     cfg = TrainConfig(**RECIPE, steps=1, block_search=True, search_prompts=2, search_steps=2, search_batch=2,
@@ -933,9 +933,9 @@ def test_compositions_only_scores_and_writes_the_sets_of_two_or_more_loras_only(
     sampled: set[str] = set()
     real = ComposeObjective.guidance
 
-    def spy(self, ps, noise, steps):  # noqa: ANN001, ANN202 — records the prompts, then runs the real guidance
+    def spy(self, ps, noise, steps, conditioning=None):  # noqa: ANN001, ANN202 — records the prompts, then runs it
         sampled.update(ps)
-        return real(self, ps, noise, steps)
+        return real(self, ps, noise, steps, conditioning)
 
     monkeypatch.setattr(ComposeObjective, "guidance", spy)
     record, _, scopes, seen = _search_taking_every_change(toy, tmp_path, monkeypatch, search_by_set="refine",
@@ -1072,18 +1072,25 @@ def test_a_stop_during_the_block_search_keeps_the_gates_partial_and_the_checkpoi
     assert state.step == 1 and all(bool((p > OFF_LOGIT).all()) for p in state.params)
 
 
+def _objective(toy, cfg: TrainConfig, gated: mole.Mixture, static: mole.Mixture | None  # noqa: ANN001
+               ) -> tuple[ComposeObjective, tuple[int, ...]]:
+    """The compose objective of the toy world's references and prompts on ``gated``, and the latent shape."""
+    from train.compose import latent_shape, reference_embeddings
+    from train.data import load_image, to_tensor
+
+    backend, _, refs, prompts, guide = toy
+    emb = reference_embeddings(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
+    shape = latent_shape(backend, 32)
+    return ComposeObjective(cfg, backend, [gated, static], guide, prompts, emb, shape), shape
+
+
 def test_guidance_scores_the_same_images_in_any_batch_split(toy):
     """``search_batch`` only bounds memory: scoring two prompts together or one at a time from the same noise gives
     the same guidance; other noise gives another."""
-    from train.compose import ComposeObjective, latent_shape, reference_embeddings
-    from train.data import load_image, to_tensor
-
-    backend, experts, refs, prompts, guide = toy
+    backend, experts, _, prompts, _ = toy
     cfg = TrainConfig(**RECIPE)
     with attached(backend, experts, cfg) as (gated, static):
-        emb = reference_embeddings(guide, [to_tensor(load_image(r), 32) for r in refs], [r.concept for r in refs])
-        shape = latent_shape(backend, 32)
-        objective = ComposeObjective(cfg, backend, [gated, static], guide, prompts, emb, shape)
+        objective, shape = _objective(toy, cfg, gated, static)
         pair = prompts.compositions[:2]
         noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(3))
         whole = objective.guidance(pair, noise, 3)
@@ -1172,3 +1179,48 @@ def test_training_with_the_texture_weight_scores_the_search_with_the_references_
         train(cfg, backend, experts, refs, compose_prompts=prompts, guide=object(),
               progress=steps.append)
     assert steps == []
+
+
+def test_batched_rollouts_score_each_candidate_as_scoring_it_alone_would(toy, monkeypatch):
+    """:class:`train.search_rollouts.Rollouts` samples many candidates in one batch (per-sample UNet factors, each
+    candidate's conditioning encoded under its text-encoder magnitudes, batches that cut across candidates): every
+    candidate's scores equal scoring it alone with its change written into the gates; the gates are left as they
+    were; a state already scored is not sampled again."""
+    from train.block_search import prompt_sets
+    from train.search_rollouts import Rollouts
+
+    backend, experts, _, _, _ = toy
+    cfg = TrainConfig(**RECIPE)
+    with attached(backend, experts, cfg) as (gated, static):
+        objective, shape = _objective(toy, cfg, gated, static)
+        by_named = prompt_sets(objective, gated.experts, 2, compositions_only=True)
+        pair, other = list(by_named)[:2]
+        stages, te = unet_stages(gated), text_scopes(gated)
+        first, *_, last = sorted(stages)
+        e, f = sorted(pair)
+
+        def noise(n: int) -> torch.Tensor:
+            return torch.randn((n, *shape), generator=torch.Generator().manual_seed(5))
+
+        def change(off: dict, levels: dict | None = None) -> Callable[[], Callable[[], None]]:
+            def apply() -> Callable[[], None]:
+                undo_text, undo = set_text_strengths(gated, te, levels or {}), switch_off(gated, stages, off)
+                return lambda: (undo(), undo_text())[0]
+            return apply
+
+        requests = [(pair, change({e: frozenset({first})})), (pair, change({f: frozenset({first, last})})),
+                    (pair, change({e: frozenset({last})}, {f: 1.5})), (other, change({})),
+                    (pair, change({e: frozenset({first})}))]
+        before = {k: v.clone() for k, v in gated.gates.state_dict().items()}
+        judge = Rollouts(objective, gated, by_named, noise, 2, batch=3)
+        got = judge.run(requests)
+        assert all(torch.equal(v, before[k]) for k, v in gated.gates.state_dict().items())
+        for (named, apply), scores in zip(requests, got):
+            undo = apply()
+            gated.routes.clear()
+            want = objective.guidance(by_named[named], noise(len(by_named[named])), 2)
+            undo()
+            torch.testing.assert_close(scores, want, atol=1e-5, rtol=0)
+        assert (got[0] - got[1]).abs().max() > 1e-4 and (got[0] - got[2]).abs().max() > 1e-4
+        monkeypatch.setattr(ComposeObjective, "guidance", lambda *a, **k: pytest.fail("sampled a scored state"))
+        assert all(torch.equal(a, b) for a, b in zip(judge.run(requests[::-1]), got[::-1]))
