@@ -471,6 +471,9 @@ def evaluate_denoise(backend: Backend, cache: CachedSet, *, draws: int = 8, seed
     return {c: sum(v) / len(v) for c, v in sums.items()}
 
 
+STATS_BATCH = 8  # references per UNet call of gate_statistics
+
+
 @torch.no_grad()
 def gate_statistics(backend: Backend, experts: list[mole.Expert], gates: GateFile, cache: CachedSet, *,
                     fractions: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3, 0.1), seed: int = 0) -> dict:
@@ -485,14 +488,17 @@ def gate_statistics(backend: Backend, experts: list[mole.Expert], gates: GateFil
         T = len(backend.alphas_cumprod)
         for b, frac in enumerate(fractions):
             mix.stats.bucket = b
-            for i in range(len(cache)):
-                x0 = _crop(cache.latents[i], cache.crop, gen, False)[None]
-                t = torch.full((1,), int(frac * (T - 1)), device=backend.device)
-                noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-                x_t = add_noise(backend.alphas_cumprod, x0, noise, t)
-                cond = backend.encode_prompts([cache.captions[i]]) if mix.router_lead is not None else \
-                    _batch_cond(cache, torch.tensor([i]))
-                backend.predict(x_t, t, cond)
+            for lo in range(0, len(cache), STATS_BATCH):  # the statistics are sums over rows: batches change nothing
+                rows = list(range(lo, min(lo + STATS_BATCH, len(cache))))
+                t = torch.full((len(rows),), int(frac * (T - 1)), device=backend.device)
+                x_t = []
+                for i, ti in zip(rows, t):
+                    x0 = _crop(cache.latents[i], cache.crop, gen, False)[None]
+                    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+                    x_t.append(add_noise(backend.alphas_cumprod, x0, noise, ti[None]))
+                cond = backend.encode_prompts([cache.captions[i] for i in rows]) if mix.router_lead is not None \
+                    else _batch_cond(cache, torch.tensor(rows))
+                backend.predict(torch.cat(x_t), t, cond)
         return mix.stats.summary()
     finally:
         mix.detach()
