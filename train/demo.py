@@ -39,9 +39,9 @@ from .sampling import attach_mixture, image_grid, save_png
 DEMO_CONCEPTS = ["purple", "striped", "star"]
 DEMO_STEPS = 150
 # the compose recipe (train/recipes.py = bench/composition.py's best row: trigger routing on UNet and text encoder,
-# objective compose, then the block search) at the demo's scale. By default without its block search (the search
-# alone takes minutes here: 351 candidates); ``--search`` runs it with a smaller judge (prompts per set, DDIM steps)
-DEMO_SEARCH = dict(search_prompts=4, search_steps=6)
+# objective compose, then the block search) at the demo's scale: the search with a smaller judge (prompts per set,
+# DDIM steps; 351 candidates, their rollouts 48 images at a time); ``--no-search`` skips it
+DEMO_SEARCH = dict(search_prompts=4, search_steps=6, search_batch=48)
 SEARCH_ONLY = {k: v for k, v in recipe_fields("compose").items() if k == "block_search" or k.startswith("search_")}
 RECIPE = {k: v for k, v in recipe_fields("compose").items() if k not in SEARCH_ONLY}
 TRAIN_PROMPTS, BASE_PROMPTS = 16, 24
@@ -102,7 +102,7 @@ def training_prompts(world) -> ComposePrompts:  # noqa: ANN001
 
 
 def run_demo(out: Path, steps: int | None = None, rebuild: bool = False, log=print,  # noqa: ANN001
-             search: bool = False) -> dict:
+             search: bool = True) -> dict:
     """Train gates on the toy world (``search``: then the recipe's block search), sample MoLE vs NLA vs stacking,
     score; returns the metrics (also in metrics.json)."""
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from train.cli import main
 
 def test_demo_writes_every_output(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     out = tmp_path / "demo_out"
-    assert main(["demo", "--out", str(out), "--steps", "4"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "4", "--no-search"]) == 0  # the search: test_block_search
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.index("\n{") + 1: printed.index("demo finished")])
     assert summary["concepts"] == ["purple", "striped", "star"]
@@ -33,8 +33,8 @@ def test_demo_writes_every_output(tmp_path: Path, capsys) -> None:  # noqa: ANN0
 
 
 def test_the_demo_trains_the_compose_recipe_with_its_search_on_request() -> None:
-    """`make demo` = the benchmark's best recipe (train/recipes.py) at the demo's scale: without the block search
-    by default (it does not fit the demo's minutes), with it and a smaller judge under `--search`."""
+    """`make demo` = the benchmark's best recipe (train/recipes.py) at the demo's scale: with its block search and a
+    smaller judge by default, without it under `--no-search`."""
     import dataclasses
 
     from train.config import TrainConfig
@@ -48,3 +48,6 @@ def test_the_demo_trains_the_compose_recipe_with_its_search_on_request() -> None
     plain = dataclasses.replace(searched, **{k: getattr(defaults, k) for k in {*SEARCH_ONLY, *DEMO_SEARCH}})
     assert demo_config(10, 32, search=False) == plain and not plain.block_search
     assert plain.gate_input == "trigger" and plain.objective == "compose" and plain.train_text_gates
+    from train.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).search and not build_parser().parse_args(["demo", "--no-search"]).search
