@@ -27,7 +27,7 @@ Change = Callable[[], Callable[[], None]]
 
 def magnitudes(mix: Mixture) -> torch.Tensor:
     """Every scope's per-expert magnitude ``(S, N)`` (trigger gates), in :attr:`Mixture.scope_names` order."""
-    return torch.stack([mix.scope_gate(s).magnitude.detach().float().cpu() for s in mix.scope_names])
+    return torch.stack([mix.scope_gate(s).magnitude.detach().float() for s in mix.scope_names]).cpu()
 
 
 class Rollouts:
@@ -83,21 +83,21 @@ class Rollouts:
         prompts = [p for c in todo for p in self.prompts[c.named]]
         noise = torch.cat([self.noise(n) for n in sizes])
         variant = torch.repeat_interleave(torch.arange(len(todo)), torch.tensor(sizes))
-        self.mix.routes.clear()
-        conds = []
-        for group in groups:
-            undo = group[0].change()
-            try:
-                conds.append(self.compose.conditioning([p for c in group for p in self.prompts[c.named]]))
-            finally:
-                undo()
-        cond, uncond = ({k: torch.cat([c[i][k] for c in conds]) for k in conds[0][i]} for i in (0, 1))
+        group_of = torch.tensor([g for g, group in enumerate(groups) for _ in group])[variant]  # per image
         scores: list[torch.Tensor] = []
         for lo in range(0, len(prompts), self.batch):
             if stoppable and lo and self.should_stop is not None and self.should_stop():
                 break
-            hi = lo + self.batch
-            rows = ({k: v[lo:hi] for k, v in cond.items()}, {k: v[lo:hi] for k, v in uncond.items()})
+            hi = min(lo + self.batch, len(prompts))
+            self.mix.routes.clear()  # a batch's prompts only: the route table holds a bounded number
+            conds = []
+            for g in group_of[lo:hi].unique_consecutive().tolist():  # each group's rows under its text state
+                undo = groups[g][0].change()
+                try:
+                    conds.append(self.compose.conditioning([prompts[r] for r in range(lo, hi) if group_of[r] == g]))
+                finally:
+                    undo()
+            rows = tuple({k: torch.cat([c[i][k] for c in conds]) for k in conds[0][i]} for i in (0, 1))
             with self.mix.sample_scales(factors, variant[lo:hi]):
                 self.mix.clear_live_gates()
                 scores.append(self.compose.guidance(prompts[lo:hi], noise[lo:hi], self.steps, rows).cpu())

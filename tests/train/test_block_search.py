@@ -1212,7 +1212,7 @@ def test_batched_rollouts_score_each_candidate_as_scoring_it_alone_would(toy, mo
                     (pair, change({e: frozenset({last})}, {f: 1.5})), (other, change({})),
                     (pair, change({e: frozenset({first})}))]
         before = {k: v.clone() for k, v in gated.gates.state_dict().items()}
-        judge = Rollouts(objective, gated, by_named, noise, 2, batch=3)
+        judge = Rollouts(objective, gated, by_named, noise, 2, batch=5)  # a batch spans two text states
         got = judge.run(requests)
         assert all(torch.equal(v, before[k]) for k, v in gated.gates.state_dict().items())
         for (named, apply), scores in zip(requests, got):
