@@ -4,7 +4,8 @@ The toy world (``mole_toy/assets``, built by ``python -m mole_toy build``) is a 
 model that draws coloured shapes, plus concept LoRAs that each teach one thing it has never seen
 (a colour, a texture, a shape). The demo trains MoLE gates for three concepts
 with the composition objective (sampled compositions scored by the toy CLIP, reference images of each
-concept, base prompts kept as the base model draws them), then samples prompts that ask for all three at
+concept, base prompts kept as the base model draws them) and the block search (``--no-search``: without
+it), then samples prompts that ask for all three at
 once — and prompts that ask for none — with MoLE, with NLA (every LoRA at 1/N) and with plain stacking
 (every LoRA at 1), same seeds, scores every image with the toy world's exact attribute probes
 (composition accuracy = every requested concept present; base preservation = a base prompt drawn right)
